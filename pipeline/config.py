@@ -1,0 +1,335 @@
+"""Recipes: one YAML file per stage run, dotted overrides, typed and validated before any work.
+
+A recipe names its stage (`stage: generate`), and the stage's config class (pydantic, unknown
+keys forbidden) validates it. Errors are `ConfigError`s that name the file and the key; the CLI
+turns them into one line and exit code 2. The resolved recipe is saved next to the stage output
+with anything secret-looking redacted.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A recipe or input problem the user must fix; reported as one line, exit code 2."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- shared sections -------------------------------------------------------------------------
+
+
+class RunSection(Strict):
+    name: str = Field(description="Run name: outputs go to <root>/<name>/<stage>/")
+    root: str = Field("data/runs", description="Folder holding all runs")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("use letters, digits, '_', '.', '-' (it becomes a folder name)")
+        return value
+
+
+class StageRef(Strict):
+    """An explicit input: the output of `stage` in `run` (default: this recipe's run)."""
+
+    stage: str
+    run: str | None = None
+
+
+class LaunchSection(Strict):
+    launcher: Literal["local"] = "local"
+    num_shards: int = Field(1, ge=1, description="Shards of a data stage (each a separate job)")
+
+
+class ModelSpec(Strict):
+    """One model: an in-process transformers model or a model behind an OpenAI-compatible API."""
+
+    name: str = Field(description="Name recorded in outputs (the `model` field of a completion)")
+    backend: Literal["hf", "openai"]
+    # hf
+    path: str | None = Field(None, description="hf: local model folder")
+    batch_size: int = Field(8, ge=1, description="hf: prompts per generate() call")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="hf: 'auto' (cuda when present), 'cpu', 'cuda:0'")
+    system_role: Literal["auto", "system", "fold"] = Field(
+        "auto",
+        description="Where the principle goes: a system turn, folded into the first user turn, "
+        "or auto (system when the chat template accepts one)",
+    )
+    # openai
+    model: str | None = Field(None, description="openai: model id at the server (default: name)")
+    base_url: str | None = Field(None, description="openai: server URL; None = api.openai.com")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: env variable holding the key")
+    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
+    timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout (client's own)")
+    max_retries: int = Field(3, ge=0, description="openai: client's own retries (5xx, 429, timeouts)")
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> "ModelSpec":
+        if self.backend == "hf" and not self.path:
+            raise ValueError(f"model {self.name!r}: backend 'hf' needs `path` (a local model folder)")
+        return self
+
+
+# --- stage configs ---------------------------------------------------------------------------
+
+SOURCE_FORMATS = ("evol_instruct", "false_qa", "flan", "sharegpt", "truthful_qa", "ultrachat", "generic")
+
+
+class SourceSpec(Strict):
+    name: str = Field(description="Source label written to each prompt's `source`")
+    path: str | None = Field(None, description="Local JSONL, parquet or `datasets` folder")
+    hub: str | None = Field(None, description="Hub dataset name (only when online)")
+    split: str = "train"
+    format: Literal[SOURCE_FORMATS] | None = Field(  # type: ignore[valid-type]
+        None, description="Row shape; default: the source name when it is a known shape"
+    )
+    sample: int | None = Field(None, ge=1, description="Keep this many (seeded); None = all")
+    max_words: int | None = Field(None, ge=1, description="Drop instructions longer than this")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "SourceSpec":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError(f"source {self.name!r}: give exactly one of `path` or `hub`")
+        if self.format is None and self.name not in SOURCE_FORMATS:
+            raise ValueError(
+                f"source {self.name!r}: set `format` (one of {', '.join(SOURCE_FORMATS)})"
+            )
+        return self
+
+    @property
+    def row_format(self) -> str:
+        return self.format or self.name
+
+
+class EvalSetSpec(Strict):
+    path: str
+    fields: list[str] = Field(default_factory=lambda: ["question"], description="Text fields to index")
+
+
+class PromptsInputs(Strict):
+    sources: list[SourceSpec] = Field(min_length=1)
+    eval_sets: list[EvalSetSpec] = Field(default_factory=list)
+
+
+class PromptsData(Strict):
+    seed: int = 0
+    dedupe: bool = True
+    decontaminate_ngram: int = Field(13, ge=1, description="n of the n-gram overlap filter")
+
+
+class PromptsRecipe(Strict):
+    stage: Literal["prompts"]
+    run: RunSection
+    inputs: PromptsInputs
+    data: PromptsData = PromptsData()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        files = [(f"inputs.sources[{i}].path", s.path) for i, s in enumerate(self.inputs.sources) if s.path]
+        files += [(f"inputs.eval_sets[{i}].path", e.path) for i, e in enumerate(self.inputs.eval_sets)]
+        return files
+
+
+class GenerateInputs(Strict):
+    prompts: StageRef | str = Field(description="The prompts stage output, or a dataset path")
+
+
+class GenerationSection(Strict):
+    pool: list[ModelSpec] = Field(min_length=1)
+    models_per_prompt: int = Field(4, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    seed: int = 0
+    principle_mix: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Per-source principle weights; overrides the defaults"
+    )
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _pool_fits(self) -> "GenerationSection":
+        names = [m.name for m in self.pool]
+        if len(set(names)) != len(names):
+            raise ValueError("pool: model names must be unique")
+        if self.models_per_prompt > len(self.pool):
+            raise ValueError(
+                f"models_per_prompt={self.models_per_prompt} but the pool has {len(self.pool)} models"
+            )
+        from pipeline.principles import validate_mix
+
+        for source, mix in self.principle_mix.items():
+            try:
+                validate_mix(mix)
+            except ValueError as err:
+                raise ValueError(f"principle_mix.{source}: {err}") from None
+        return self
+
+
+class GenerateRecipe(Strict):
+    stage: Literal["generate"]
+    run: RunSection
+    inputs: GenerateInputs
+    generation: GenerationSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        files = [
+            (f"generation.pool[{i}].path", m.path) for i, m in enumerate(self.generation.pool) if m.path
+        ]
+        if isinstance(self.inputs.prompts, str):
+            files.append(("inputs.prompts", self.inputs.prompts))
+        return files
+
+
+class TinyModelsRecipe(Strict):
+    stage: Literal["tiny-models"]
+    run: RunSection
+    count: int = Field(4, ge=1, le=8, description="Models in the pool")
+    seed: int = 0
+
+
+STAGE_RECIPES: dict[str, type[Strict]] = {
+    "prompts": PromptsRecipe,
+    "generate": GenerateRecipe,
+    "tiny-models": TinyModelsRecipe,
+}
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{origin}: `{dotted}`: {'.'.join(parts[:i]) or 'recipe'} is a list; "
+                                  f"use an index below {len(node)}")
+            part = int(part)  # type: ignore[assignment]
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{origin}: `{dotted}`: {'.'.join(parts[:i])} is not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value (e.g. generation.temperature=0.7)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _error_location(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "StageRef", "function-after[_one_location(), SourceSpec]"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "recipe"
+
+
+def format_validation_error(origin: str, err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        loc = _error_location(item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+        elif item["type"] == "missing":
+            lines.append(f"{loc}: required key is missing")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg} (got {item.get('input')!r})" if "input" in item and not isinstance(item.get("input"), dict) else f"{loc}: {msg}")
+    # pydantic reports each union branch separately; keep each message once, in order
+    unique = list(dict.fromkeys(lines))
+    return f"{origin}: " + "; ".join(unique)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None,
+                check_inputs: bool = True):
+    """Read, override, validate. `check_inputs=False` skips the input-files check (used to
+    validate every shipped recipe, whose inputs may be produced by earlier stages)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping with a `stage:` key")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, str(path))
+    recipe_stage = tree.get("stage")
+    if stage is not None and recipe_stage is not None and recipe_stage != stage:
+        raise ConfigError(f"{path}: this recipe is for stage {recipe_stage!r}, not {stage!r}")
+    recipe_stage = recipe_stage or stage
+    if recipe_stage not in STAGE_RECIPES:
+        raise ConfigError(
+            f"{path}: stage: {recipe_stage!r} is not a stage (one of {', '.join(STAGE_RECIPES)})"
+        )
+    tree["stage"] = recipe_stage
+    try:
+        recipe = STAGE_RECIPES[recipe_stage].model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(str(path), err)) from None
+    if check_inputs:
+        for key, file in getattr(recipe, "input_files", lambda: [])():
+            if not Path(file).exists():
+                raise ConfigError(f"{path}: {key}: no such file or folder: {file}")
+    return recipe
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)$", re.IGNORECASE)
+# Keys that *name* where a secret lives are not secrets themselves.
+_SECRET_NAME_KEY = re.compile(r"_env$", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
+
+
+def redact(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {
+            k: ("<redacted>" if _SECRET_KEY.search(str(k)) and not _SECRET_NAME_KEY.search(str(k)) and v
+                else redact(v))
+            for k, v in tree.items()
+        }
+    if isinstance(tree, list):
+        return [redact(v) for v in tree]
+    if isinstance(tree, str):
+        return _SECRET_VALUE.sub("<redacted>", tree)
+    return tree
+
+
+def dump_recipe(recipe: BaseModel) -> str:
+    return yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False)

@@ -1,0 +1,128 @@
+"""Resumable request ledger: every expensive call's outcome, recorded durably by key.
+
+A key is a hash of what determines the answer (model identity, template version, messages,
+sampling parameters) and nothing else: batch size and concurrency never enter it, so a rerun
+with other settings still finds its paid-for results.
+
+Storage is an append-only JSON-lines file, one record per completed call, flushed and fsynced
+before the next outcome is accepted. A kill -9 can tear only the last line; reading tolerates
+that (the torn record is dropped and the file truncated to the last whole line), so that call is
+simply made again. Later records win: a success after a failure clears it.
+
+Several shards of a stage each append to their own file, and every shard reads all of them,
+so a stage re-sharded between runs still never pays twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+LEDGER_VERSION = 1
+
+
+def request_key(identity: dict, template_version: str, messages, params: dict) -> str:
+    """Hash of everything that decides a response. Keep batch size/concurrency out of `params`."""
+    payload = {
+        "v": LEDGER_VERSION,
+        "identity": identity,
+        "template": template_version,
+        "messages": list(messages),
+        "params": params,
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _read_records(path: Path, repair: bool) -> list[dict]:
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    records, good_end, start = [], 0, 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        if end == -1:  # torn tail: no newline, the write did not finish
+            break
+        line = data[start:end]
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a damaged whole line: its call is simply made again
+        good_end = end + 1
+        start = end + 1
+    if repair and good_end < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(good_end)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return records
+
+
+class Ledger:
+    """Outcomes by key, from `path` (written) and `also_read` (other shards' files, read only)."""
+
+    def __init__(self, path: Path, also_read: Iterable[Path] = ()):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._ok: dict[str, dict] = {}
+        self._failed: dict[str, dict] = {}
+        for other in also_read:
+            if Path(other) != self.path:
+                self._load(_read_records(Path(other), repair=False))
+        self._load(_read_records(self.path, repair=True))
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def _load(self, records: list[dict]) -> None:
+        for rec in records:
+            self._apply(rec)
+
+    def _apply(self, rec: dict) -> None:
+        key = rec["key"]
+        if rec["status"] == "ok":
+            self._ok[key] = rec
+            self._failed.pop(key, None)
+        elif key not in self._ok:  # a recorded success is never undone by a later failure
+            self._failed[key] = rec
+
+    def _append(self, rec: dict) -> None:
+        self._handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._apply(rec)
+
+    def record_ok(self, key: str, result: dict, **meta) -> None:
+        self._append({"key": key, "status": "ok", "time": time.time(), "result": result, **meta})
+
+    def record_failure(self, key: str, reason: str, **meta) -> None:
+        self._append({"key": key, "status": "failed", "time": time.time(), "reason": reason, **meta})
+
+    def result(self, key: str) -> dict | None:
+        rec = self._ok.get(key)
+        return rec["result"] if rec else None
+
+    def is_ok(self, key: str) -> bool:
+        return key in self._ok
+
+    def failure(self, key: str) -> dict | None:
+        return self._failed.get(key)
+
+    @property
+    def failed_keys(self) -> set[str]:
+        return set(self._failed)
+
+    def __len__(self) -> int:
+        return len(self._ok)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,99 @@
+"""The run layout: the only place where paths of stage outputs are built.
+
+    <root>/<run>/<stage>/config.yaml          resolved recipe (secrets redacted)
+    <root>/<run>/<stage>/shard-<i>-of-<n>/    per-shard work and its own _SUCCESS
+    <root>/<run>/<stage>/dataset/             final artifact (written under a temporary name, renamed)
+    <root>/<run>/<stage>/_SUCCESS             written last; a stage with it is skipped unless forced
+
+Inputs are named explicitly (a run and stage, or a path); nothing looks for "the latest".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.config import ConfigError, StageRef, dump_recipe
+
+SUCCESS = "_SUCCESS"
+DATASET = "dataset"
+
+
+def stage_dir(recipe, stage: str | None = None, run: str | None = None) -> Path:
+    return Path(recipe.run.root) / (run or recipe.run.name) / (stage or recipe.stage)
+
+
+def shard_dir(stage_path: Path, shard: int, num_shards: int) -> Path:
+    return stage_path / f"shard-{shard}-of-{num_shards}"
+
+
+def is_done(path: Path) -> bool:
+    return (path / SUCCESS).is_file()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def mark_done(path: Path, info: dict | None = None) -> None:
+    """Write the completion marker; call it only after every output of `path` is in place."""
+    write_json(path / SUCCESS, {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})})
+
+
+def clear_done(path: Path) -> None:
+    (path / SUCCESS).unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_config(path: Path, recipe) -> None:
+    atomic_write_text(path / "config.yaml", dump_recipe(recipe))
+
+
+def resolve_input(recipe, ref: StageRef | str, key: str) -> Path:
+    """The dataset folder an input names; the named stage must have finished."""
+    if isinstance(ref, str):
+        path = Path(ref)
+        if not path.exists():
+            raise ConfigError(f"{key}: no such file or folder: {path}")
+        return path
+    path = stage_dir(recipe, ref.stage, ref.run)
+    if not is_done(path):
+        raise ConfigError(
+            f"{key}: stage {ref.stage!r} of run {ref.run or recipe.run.name!r} has not finished "
+            f"(no {path / SUCCESS}); run it first"
+        )
+    return path / DATASET
