@@ -3,7 +3,8 @@
 - prompt: `source`, `instruction`, `correct_answers`, `incorrect_answers`, `prompt_id`
   (+ `reference`: a reference answer such as FLAN's target, used later by the judge's
   truthfulness aspect; empty when the source has none).
-- completion set: the `openbmb/UltraFeedback` row shape, plus `prompt_id`.
+- completion set: the `openbmb/UltraFeedback` row shape, plus `prompt_id` and `reference` (the
+  judge's truthfulness aspect needs the reference answer; loaders treat a missing one as empty).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ COMPLETION_SET_FEATURES = Features(
         "completions": List(COMPLETION_FEATURES),
         "correct_answers": List(Value("string")),
         "incorrect_answers": List(Value("string")),
+        "reference": Value("string"),
     }
 )
 

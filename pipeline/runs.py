@@ -24,6 +24,10 @@ SUCCESS = "_SUCCESS"
 DATASET = "dataset"
 
 
+class StageFailed(Exception):
+    """The stage ran but its result is not good enough to mark done (CLI exit code 1)."""
+
+
 def stage_dir(recipe, stage: str | None = None, run: str | None = None) -> Path:
     return Path(recipe.run.root) / (run or recipe.run.name) / (stage or recipe.stage)
 

@@ -1,0 +1,103 @@
+"""`rlhf <stage> RECIPE [key=value ...]`: the one entry point (also `python -m pipeline`).
+
+Exit codes: 0 done (or skipped: already done), 1 the stage ran and failed (too many failed
+requests, say), 2 bad input (recipe, data files, options), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from pipeline.config import STAGE_RECIPES, ConfigError, load_recipe
+
+# Stage name -> module with `run(recipe, ...)`. Each is imported only when asked for, so the CLI
+# starts fast and a job re-imports its stage by name.
+STAGE_MODULES = {
+    "tiny-models": "pipeline.stages.tiny_models",
+    "prompts": "pipeline.stages.prompts",
+    "generate": "pipeline.stages.generate",
+}
+SHARDED_STAGES = {"generate"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf", description="Preference data and RLHF pipeline: run one stage from a YAML recipe.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGE_MODULES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        p.add_argument("recipe", help="YAML recipe")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides, e.g. generation.temperature=0.7 run.name=try2")
+        p.add_argument("--force", action="store_true",
+                       help="run even if the stage is marked done (the ledger still serves paid results)")
+        if stage in SHARDED_STAGES:
+            p.add_argument("--shard", type=int, help="run only this shard (0-based); no merge")
+            p.add_argument("--num-shards", type=int, help="number of shards (default: launch.num_shards)")
+            p.add_argument("--merge", action="store_true", help="only merge finished shards")
+            p.add_argument("--retry-failed", action="store_true",
+                           help="send again the requests the ledger records as failed")
+    v = sub.add_parser("validate", help="check recipes without running anything")
+    v.add_argument("recipes", nargs="+", help="YAML recipes")
+    v.add_argument("--no-inputs", action="store_true", help="do not check that input files exist")
+    return parser
+
+
+def _run_stage(args) -> int:
+    from pipeline.runs import clear_done, is_done, stage_dir
+
+    recipe = load_recipe(args.recipe, args.overrides, stage=args.command)
+    path = stage_dir(recipe)
+    sharded = args.command in SHARDED_STAGES
+    if sharded and args.num_shards is not None and args.num_shards < 1:
+        raise ConfigError("--num-shards must be at least 1")
+    if is_done(path) and not args.force and not (sharded and args.retry_failed):
+        print(f"{args.command}: already done ({path}/_SUCCESS); use --force to run it again")
+        return 0
+    if args.force:
+        clear_done(path)
+        for shard in path.glob("shard-*-of-*"):
+            clear_done(shard)
+    module = importlib.import_module(STAGE_MODULES[args.command])
+    if sharded:
+        module.run(recipe, shard=args.shard, num_shards=args.num_shards, merge_only=args.merge,
+                   retry_failed=args.retry_failed)
+    else:
+        module.run(recipe)
+    return 0
+
+
+def _validate(args) -> int:
+    for recipe in args.recipes:
+        load_recipe(recipe, check_inputs=not args.no_inputs)
+        print(f"ok  {recipe}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("RLHF_LOG", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = _parser().parse_args(argv)
+    assert set(STAGE_MODULES) <= set(STAGE_RECIPES)
+    from pipeline.runs import StageFailed
+
+    try:
+        return _validate(args) if args.command == "validate" else _run_stage(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except StageFailed as err:
+        print(f"failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

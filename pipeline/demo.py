@@ -1,0 +1,60 @@
+"""`make demo`: the whole chain built so far, offline, on tiny models and the stand-in server.
+
+Runs each demo recipe through the normal CLI (so a finished stage is skipped on a rerun) and
+starts the stand-in server for the stages that call an OpenAI-compatible API. The stand-in is
+not a real model: its outputs are labelled as such wherever they appear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline.cli import main as rlhf
+
+RECIPES = Path("recipes/demo")
+
+
+def _show_rows(run_root: Path, run: str) -> None:
+    from datasets import load_from_disk
+
+    path = run_root / run / "generate" / "dataset"
+    rows = load_from_disk(str(path))
+    print(f"\nDemo output: {path}  ({len(rows)} rows; `datasets.load_from_disk` reads it)")
+    for row in rows.select(range(min(2, len(rows)))):
+        print(f"\n[{row['source']}] {row['instruction'][:100]}")
+        for c in row["completions"]:
+            label = " (stand-in server, not a real model)" if c["model"].startswith("standin") else ""
+            print(f"  - {c['model']}{label} / {c['principle']}: {c['response'][:80]!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo")
+    parser.add_argument("--run", default="demo", help="run name (outputs under data/runs/<run>/)")
+    parser.add_argument("--force", action="store_true", help="run every stage again")
+    args = parser.parse_args(argv)
+    common = [f"run.name={args.run}"] + (["--force"] if args.force else [])
+
+    for stage in ("tiny-models", "prompts"):
+        code = rlhf([stage, str(RECIPES / f"{stage}.yaml"), *common])
+        if code:
+            return code
+
+    from pipeline.standin import start_standin
+
+    models = f"data/runs/{args.run}/tiny-models"
+    with tempfile.TemporaryDirectory() as tmp, start_standin(tmp) as standin:
+        print(f"stand-in server (an offline stand-in for a real API) at {standin.base_url}")
+        pool = [f"generation.pool.{i}.path={models}/tiny-{c}" for i, c in enumerate("abcd")]
+        code = rlhf(["generate", str(RECIPES / "generate.yaml"), *common, *pool,
+                     f"generation.pool.4.base_url={standin.base_url}"])
+        if code:
+            return code
+    _show_rows(Path("data/runs"), args.run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

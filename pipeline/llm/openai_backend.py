@@ -1,0 +1,118 @@
+"""Generation through any OpenAI-compatible chat API (`backend: openai` in a pool or a judge).
+
+`OpenAIBackend(spec)` follows `pipeline.llm.base.Backend`. It works against api.openai.com and
+against local servers (vLLM, SGLang, TGI, Ollama, our stand-in): set `base_url`.
+
+- Concurrency is bounded by `spec.max_concurrency`: that many workers pull requests from one
+  queue, so a million-request run never holds a million tasks.
+- Retries and timeouts are the client's own (`max_retries`, `timeout_s`): it backs off on 429,
+  5xx and connection errors and honours Retry-After. A request that still fails is reported
+  through `on_error` with a one-line reason; the others go on.
+- The API key comes from the environment variable `spec.api_key_env`. Without a `base_url`
+  (the real OpenAI API) a missing key is a configuration error; a local server gets "EMPTY".
+- Each request carries its ledger key in an `X-Request-Key` header, so a server-side log (the
+  stand-in's, in tests) can tell a repeated request from a new one.
+
+Request params: `temperature`, `top_p`, `max_new_tokens` (sent as `max_tokens`), `seed`, and,
+for the judge, `response_format` and `stop`. `base_url` is not part of `identity()`: the same
+served model behind another host or port (a new Slurm job) must still find its ledger entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Sequence
+
+from pipeline.config import ConfigError, redact
+from pipeline.llm.base import GenRequest, GenResult, OnDone, OnError
+
+_PASSED_PARAMS = {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_tokens",
+                  "seed": "seed", "response_format": "response_format", "stop": "stop"}
+
+
+def _reason(err: BaseException) -> str:
+    """One line, status code first when there is one, with anything key-like blanked out."""
+    status = getattr(err, "status_code", None)
+    text = " ".join(str(err).split()) or type(err).__name__
+    head = f"{type(err).__name__}" + (f" (HTTP {status})" if status else "")
+    return redact(f"{head}: {text}")[:500]
+
+
+class OpenAIBackend:
+    def __init__(self, spec):
+        self.spec = spec
+        self.model = spec.model or spec.name
+        key = os.environ.get(spec.api_key_env)
+        if not key:
+            if spec.base_url is None:
+                raise ConfigError(
+                    f"model {spec.name!r}: no API key: set the environment variable {spec.api_key_env} "
+                    "(or give `base_url` for a local server)"
+                )
+            key = "EMPTY"  # local servers ignore it, but the client insists on one
+        self._api_key = key
+
+    def identity(self) -> dict:
+        return {"backend": "openai", "model": self.model}
+
+    def close(self) -> None:
+        pass  # one client per generate() call, closed there
+
+    def _client(self):
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(api_key=self._api_key, base_url=self.spec.base_url,
+                           max_retries=self.spec.max_retries, timeout=self.spec.timeout_s)
+
+    def generate(self, requests: Sequence[GenRequest], on_done: OnDone, on_error: OnError) -> None:
+        if requests:
+            asyncio.run(self._run_all(list(requests), on_done, on_error))
+
+    async def _run_all(self, requests: list[GenRequest], on_done: OnDone, on_error: OnError) -> None:
+        queue: asyncio.Queue[GenRequest] = asyncio.Queue()
+        for req in requests:
+            queue.put_nowait(req)
+        async with self._client() as client:
+            workers = [asyncio.create_task(self._worker(client, queue, on_done, on_error))
+                       for _ in range(min(self.spec.max_concurrency, len(requests)))]
+            try:
+                # A callback that raises (the ledger cannot write) stops everything: results
+                # that cannot be recorded must not keep being bought.
+                done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    if task.exception() is not None:
+                        raise task.exception()
+            finally:
+                for task in workers:
+                    task.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _worker(self, client, queue: asyncio.Queue, on_done: OnDone, on_error: OnError) -> None:
+        from openai import OpenAIError
+
+        while True:
+            try:
+                req = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            kwargs = {out: req.params[name] for name, out in _PASSED_PARAMS.items() if name in req.params}
+            try:
+                response = await client.chat.completions.create(
+                    model=self.model, messages=list(req.messages),
+                    extra_headers={"X-Request-Key": req.key}, **kwargs,
+                )
+                choice = response.choices[0]
+                text = choice.message.content
+                if text is None:
+                    raise ValueError(f"the server returned no text (finish_reason={choice.finish_reason})")
+            except (OpenAIError, ValueError, IndexError) as err:
+                on_error(req, _reason(err))
+                continue
+            usage = response.usage
+            on_done(req, GenResult(
+                text=text,
+                prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                finish_reason=str(choice.finish_reason or "stop"),
+            ))

@@ -1,0 +1,334 @@
+"""Stage `generate`: K completions per prompt from a pool of models, each under a principle.
+
+The plan (which models answer which prompt, under which principle text, with which seed) is a
+pure function of the prompts dataset and the recipe, so every shard, every rerun and every
+launcher computes the same one:
+
+- models: prompts are visited in a seeded order and each takes the K least-used models so far,
+  ties broken at random; every model therefore gets an equal share of completions (+-1), and
+  the pairs of models that meet vary;
+- principles: per source, the completions are split over principles by largest remainder on the
+  source's mix (recipe `generation.principle_mix`, else `pipeline.principles` defaults), then
+  shuffled; a principle's text variant is drawn at random;
+- each completion gets its own sampling seed, derived from the recipe seed, prompt and model.
+
+Prompts are sharded by position (`index % num_shards`). A shard sends only requests whose key is
+not yet in the ledger (every shard reads all shards' ledgers), one model at a time (an `hf`
+model stays loaded until its work is done; `openai` work runs concurrently), and records each
+outcome as it arrives. A shard is done when every planned request has an outcome and failures
+stay under `max_failure_fraction`; `--retry-failed` sends the failed ones again. The merge
+builds the dataset in the `openbmb/UltraFeedback` row shape from the ledgers once every shard is
+done. A completion that failed is left out of its row (never an empty response); a prompt with no
+completion at all is left out and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import ConfigError, GenerateRecipe
+from pipeline.ledger import Ledger, request_key
+from pipeline.llm.base import GenRequest, GenResult, make_backend
+from pipeline.principles import (DEFAULT_PRINCIPLE_MIX, FALLBACK_PRINCIPLE_MIX, PRINCIPLE_PROMPTS,
+                                 PRINCIPLES_VERSION)
+from pipeline.records import COMPLETION_SET_FEATURES, unannotated_completion
+from pipeline.runs import (DATASET, StageFailed, atomic_dir, atomic_write_text, clear_done, is_done, mark_done,
+                           resolve_input, save_config, shard_dir, stage_dir, write_json)
+
+log = logging.getLogger(__name__)
+
+LEDGER = "ledger.jsonl"
+FAILURES = "failures.jsonl"
+
+
+@dataclass(frozen=True)
+class PlannedCompletion:
+    prompt_index: int
+    slot: int  # position of the completion in its row
+    model: str
+    principle: str
+    system_prompt: str
+    seed: int
+
+
+def _rng(*parts) -> random.Random:
+    return random.Random(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest())
+
+
+def assign_models(num_prompts: int, pool: list[str], k: int, seed: int) -> list[list[str]]:
+    """K distinct models per prompt, every model used floor or ceil of num_prompts*K/len(pool)."""
+    rng = _rng("models", seed)
+    order = list(range(num_prompts))
+    rng.shuffle(order)
+    used = Counter({name: 0 for name in pool})
+    chosen: list[list[str]] = [[] for _ in range(num_prompts)]
+    for index in order:
+        ranked = sorted(pool, key=lambda name: (used[name], rng.random()))
+        picked = set(ranked[:k])
+        chosen[index] = [name for name in pool if name in picked]  # pool order within a row
+        used.update(picked)
+    return chosen
+
+
+def split_by_mix(count: int, mix: dict[str, float], rng: random.Random) -> list[str]:
+    """`count` principle names in the proportions of `mix` (largest remainder), shuffled."""
+    exact = {name: weight * count for name, weight in mix.items()}
+    quota = {name: int(value) for name, value in exact.items()}
+    by_remainder = sorted(mix, key=lambda name: (exact[name] - quota[name], rng.random()), reverse=True)
+    for name in by_remainder[: count - sum(quota.values())]:
+        quota[name] += 1
+    names = [name for name in mix for _ in range(quota[name])]
+    rng.shuffle(names)
+    return names
+
+
+def principle_mix_for(source: str, recipe: GenerateRecipe) -> dict[str, float]:
+    overrides = recipe.generation.principle_mix
+    return overrides.get(source) or DEFAULT_PRINCIPLE_MIX.get(source) or FALLBACK_PRINCIPLE_MIX
+
+
+def make_plan(prompts: list[dict], recipe: GenerateRecipe) -> list[list[PlannedCompletion]]:
+    gen = recipe.generation
+    pool = [m.name for m in gen.pool]
+    models = assign_models(len(prompts), pool, gen.models_per_prompt, gen.seed)
+    slots_by_source: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for index, row in enumerate(prompts):
+        slots_by_source[row["source"]].extend((index, slot) for slot in range(len(models[index])))
+    principle_of: dict[tuple[int, int], str] = {}
+    for source, slots in slots_by_source.items():
+        names = split_by_mix(len(slots), principle_mix_for(source, recipe), _rng("principles", gen.seed, source))
+        principle_of.update(zip(slots, names))
+    plan = []
+    for index, row in enumerate(prompts):
+        entries = []
+        for slot, model in enumerate(models[index]):
+            principle = principle_of[(index, slot)]
+            rng = _rng("variant", gen.seed, row["prompt_id"], model)
+            entries.append(PlannedCompletion(
+                prompt_index=index, slot=slot, model=model, principle=principle,
+                system_prompt=rng.choice(PRINCIPLE_PROMPTS[principle]),
+                seed=rng.randrange(2**31),
+            ))
+        plan.append(entries)
+    return plan
+
+
+def _request(item: PlannedCompletion, prompt: dict, recipe: GenerateRecipe, identity: dict) -> GenRequest:
+    gen = recipe.generation
+    messages = ({"role": "system", "content": item.system_prompt},
+                {"role": "user", "content": prompt["instruction"]})
+    params = {"temperature": gen.temperature, "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens,
+              "seed": item.seed}
+    key = request_key(identity, PRINCIPLES_VERSION, messages, params)
+    return GenRequest(key=key, messages=messages, params=params)
+
+
+def _load_prompts(recipe: GenerateRecipe) -> list[dict]:
+    from datasets import load_from_disk
+
+    path = resolve_input(recipe, recipe.inputs.prompts, "inputs.prompts")
+    try:
+        dataset = load_from_disk(str(path))
+    except Exception as err:  # a folder that is not a saved dataset
+        raise ConfigError(f"inputs.prompts: cannot read a dataset at {path}: {err}") from None
+    missing = {"prompt_id", "source", "instruction"} - set(dataset.column_names)
+    if missing:
+        raise ConfigError(f"inputs.prompts: {path} lacks column(s) {sorted(missing)}")
+    if len(dataset) == 0:
+        raise ConfigError(f"inputs.prompts: {path} holds no prompts")
+    return dataset.to_list()
+
+
+class _Work:
+    """Everything a shard or the merge needs: prompts, plan, backends, request per completion."""
+
+    def __init__(self, recipe: GenerateRecipe):
+        self.recipe = recipe
+        self.prompts = _load_prompts(recipe)
+        self.plan = make_plan(self.prompts, recipe)
+        self.backends = {}
+        for spec in recipe.generation.pool:
+            try:
+                self.backends[spec.name] = make_backend(spec)
+            except ValueError as err:  # a model path that does not exist, and such
+                raise ConfigError(f"generation.pool: {err}") from None
+        self.requests = {
+            (item.prompt_index, item.slot): _request(item, self.prompts[item.prompt_index], recipe,
+                                                     self.backends[item.model].identity())
+            for row in self.plan for item in row
+        }
+
+
+def _open_ledger(stage_path: Path, own: Path) -> Ledger:
+    others = [p for p in sorted(stage_path.glob(f"shard-*-of-*/{LEDGER}")) if p != own]
+    return Ledger(own, also_read=others)
+
+
+def run_shard(work: _Work, shard: int, num_shards: int, retry_failed: bool = False) -> dict:
+    from tqdm import tqdm
+
+    recipe = work.recipe
+    stage_path = stage_dir(recipe)
+    path = shard_dir(stage_path, shard, num_shards)
+    if is_done(path) and not retry_failed:
+        log.info("shard %d of %d is done; skipping", shard, num_shards)
+        return json.loads((path / "_SUCCESS").read_text())
+    path.mkdir(parents=True, exist_ok=True)
+    clear_done(path)
+    mine = [item for row in work.plan if row and row[0].prompt_index % num_shards == shard for item in row]
+    with _open_ledger(stage_path, path / LEDGER) as ledger:
+        for spec in recipe.generation.pool:
+            todo = []
+            for item in mine:
+                if item.model != spec.name:
+                    continue
+                req = work.requests[(item.prompt_index, item.slot)]
+                if ledger.is_ok(req.key) or (ledger.failure(req.key) and not retry_failed):
+                    continue
+                todo.append((req, item))
+            if not todo:
+                continue
+            by_key = {req.key: item for req, item in todo}
+            bar = tqdm(total=len(todo), desc=f"shard {shard}/{num_shards} {spec.name}", unit="req",
+                       dynamic_ncols=True, mininterval=0.5)
+            tally = {"failed": 0, "tokens": 0}
+            started = time.monotonic()
+
+            def on_done(req: GenRequest, result: GenResult, _name=spec.name) -> None:
+                item = by_key[req.key]
+                ledger.record_ok(req.key, {"text": result.text, "prompt_tokens": result.prompt_tokens,
+                                           "completion_tokens": result.completion_tokens,
+                                           "finish_reason": result.finish_reason},
+                                 model=_name, prompt_id=work.prompts[item.prompt_index]["prompt_id"])
+                tally["tokens"] += result.completion_tokens
+                bar.set_postfix(failed=tally["failed"],
+                                tok_s=f"{tally['tokens'] / max(time.monotonic() - started, 1e-9):.0f}")
+                bar.update()
+
+            def on_error(req: GenRequest, reason: str, _name=spec.name) -> None:
+                item = by_key[req.key]
+                ledger.record_failure(req.key, reason, model=_name,
+                                      prompt_id=work.prompts[item.prompt_index]["prompt_id"])
+                tally["failed"] += 1
+                bar.set_postfix(failed=tally["failed"])
+                bar.update()
+
+            backend = work.backends[spec.name]
+            try:
+                backend.generate([req for req, _ in todo], on_done, on_error)
+            finally:
+                backend.close()  # one hf model in memory at a time
+                bar.close()
+
+        failures = []
+        for item in mine:
+            req = work.requests[(item.prompt_index, item.slot)]
+            if not ledger.is_ok(req.key):
+                failure = ledger.failure(req.key) or {"reason": "no outcome recorded"}
+                failures.append({"key": req.key, "model": item.model,
+                                 "prompt_id": work.prompts[item.prompt_index]["prompt_id"],
+                                 "reason": failure.get("reason")})
+    atomic_write_text(path / FAILURES, "".join(json.dumps(f) + "\n" for f in failures))
+    info = {"shard": shard, "num_shards": num_shards, "planned": len(mine), "failed": len(failures)}
+    limit = recipe.generation.max_failure_fraction
+    if mine and len(failures) / len(mine) > limit:
+        reasons = Counter(f["reason"] for f in failures).most_common(3)
+        raise StageFailed(
+            f"generate shard {shard} of {num_shards}: {len(failures)} of {len(mine)} requests failed "
+            f"(more than max_failure_fraction={limit}); see {path / FAILURES}; commonest reasons: "
+            + "; ".join(f"{n}x {r}" for r, n in reasons)
+            + ". Fix the cause and rerun with --retry-failed."
+        )
+    mark_done(path, info)
+    return info
+
+
+def merge(work: _Work, num_shards: int) -> dict:
+    from datasets import Dataset
+
+    recipe = work.recipe
+    stage_path = stage_dir(recipe)
+    missing = [i for i in range(num_shards) if not is_done(shard_dir(stage_path, i, num_shards))]
+    if missing:
+        raise StageFailed(f"generate: cannot merge, shard(s) {missing} of {num_shards} are not done")
+    ledger_files = sorted(stage_path.glob(f"shard-*-of-*/{LEDGER}"))  # every shard opened one
+    with Ledger(ledger_files[0], also_read=ledger_files[1:]) as ledger:
+        rows, failed, dropped = [], 0, 0
+        per_model: Counter = Counter()
+        per_principle: dict[str, Counter] = defaultdict(Counter)
+        tokens = Counter()
+        for index, prompt in enumerate(work.prompts):
+            completions = []
+            for item in work.plan[index]:
+                result = ledger.result(work.requests[(index, item.slot)].key)
+                if result is None:
+                    failed += 1
+                    continue
+                completions.append(unannotated_completion(item.model, item.principle, item.system_prompt,
+                                                          result["text"]))
+                per_model[item.model] += 1
+                per_principle[prompt["source"]][item.principle] += 1
+                tokens["prompt"] += result.get("prompt_tokens", 0)
+                tokens["completion"] += result.get("completion_tokens", 0)
+            if not completions:
+                dropped += 1
+                continue
+            rows.append({
+                "prompt_id": prompt["prompt_id"], "source": prompt["source"],
+                "instruction": prompt["instruction"], "models": [c["model"] for c in completions],
+                "completions": completions,
+                "correct_answers": prompt.get("correct_answers") or [],
+                "incorrect_answers": prompt.get("incorrect_answers") or [],
+                "reference": prompt.get("reference") or "",
+            })
+    if not rows:
+        raise StageFailed("generate: no completion succeeded; nothing to write")
+    with atomic_dir(stage_path / DATASET) as tmp:
+        Dataset.from_list(rows, features=COMPLETION_SET_FEATURES).save_to_disk(str(tmp))
+    summary = {
+        "prompts": len(work.prompts), "rows": len(rows), "prompts_without_completions": dropped,
+        "completions": sum(per_model.values()), "failed_completions": failed,
+        "completions_per_model": dict(sorted(per_model.items())),
+        "principles_per_source": {s: dict(sorted(c.items())) for s, c in sorted(per_principle.items())},
+        "tokens": dict(tokens), "num_shards": num_shards,
+    }
+    write_json(stage_path / "summary.json", summary)
+    mark_done(stage_path, {"rows": len(rows), "completions": summary["completions"]})
+    return summary
+
+
+def print_summary(summary: dict, stage_path: Path) -> None:
+    print(f"generate: {summary['rows']} rows, {summary['completions']} completions "
+          f"({summary['failed_completions']} failed) -> {stage_path / DATASET}")
+    for model, count in summary["completions_per_model"].items():
+        print(f"  {model:<24} {count:>7}")
+    for source, mix in summary["principles_per_source"].items():
+        print(f"  {source:<24} " + ", ".join(f"{p} {n}" for p, n in mix.items()))
+
+
+def run(recipe: GenerateRecipe, shard: int | None = None, num_shards: int | None = None,
+        merge_only: bool = False, retry_failed: bool = False) -> dict | None:
+    """Local run: every shard then the merge; `shard=i` runs one shard; `merge_only` merges."""
+    num_shards = num_shards or recipe.launch.num_shards
+    if shard is not None and not 0 <= shard < num_shards:
+        raise ConfigError(f"--shard {shard}: must be between 0 and {num_shards - 1} (--num-shards {num_shards})")
+    work = _Work(recipe)
+    stage_path = stage_dir(recipe)
+    stage_path.mkdir(parents=True, exist_ok=True)
+    clear_done(stage_path)
+    save_config(stage_path, recipe)
+    if not merge_only:
+        for index in ([shard] if shard is not None else range(num_shards)):
+            run_shard(work, index, num_shards, retry_failed=retry_failed)
+    if shard is not None:
+        return None  # array tasks: the merge is its own job, after all shards
+    summary = merge(work, num_shards)
+    print_summary(summary, stage_path)
+    return summary

@@ -1,0 +1,22 @@
+"""Stage `tiny-models`: a pool of tiny untrained chat models for offline demos and tests.
+
+Writes `<run>/tiny-models/tiny-a`, `tiny-b`, ... (see `pipeline.tiny`); recipes of later stages
+point their `path`s there.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import TinyModelsRecipe
+from pipeline.runs import clear_done, mark_done, save_config, stage_dir
+from pipeline.tiny import build_tiny_pool
+
+
+def run(recipe: TinyModelsRecipe) -> list:
+    path = stage_dir(recipe)
+    path.mkdir(parents=True, exist_ok=True)
+    clear_done(path)
+    save_config(path, recipe)
+    models = build_tiny_pool(path, count=recipe.count, seed=recipe.seed)
+    mark_done(path, {"models": [p.name for p in models]})
+    print("tiny-models: " + ", ".join(str(p) for p in models) + "  (untrained: their text is noise)")
+    return models
