@@ -82,6 +82,8 @@ def _validate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("RLHF_LOG", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per request drowns the progress bar
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     assert set(STAGE_MODULES) <= set(STAGE_RECIPES)
     from pipeline.runs import StageFailed
