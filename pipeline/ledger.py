@@ -8,6 +8,8 @@ Storage is an append-only JSON-lines file, one record per completed call, flushe
 before the next outcome is accepted. A kill -9 can tear only the last line; reading tolerates
 that (the torn record is dropped and the file truncated to the last whole line), so that call is
 simply made again. Later records win: a success after a failure clears it.
+A damaged whole line elsewhere (not JSON, not UTF-8, not a record) is skipped and left in
+place; the records around it still count.
 
 Several shards of a stage each append to their own file, and every shard reads all of them,
 so a stage re-sharded between runs still never pays twice.
@@ -38,6 +40,12 @@ def request_key(identity: dict, template_version: str, messages, params: dict) -
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _is_record(rec) -> bool:
+    """A line we wrote: a key, a known status, and a result when it is a success."""
+    return (isinstance(rec, dict) and isinstance(rec.get("key"), str)
+            and (rec.get("status") == "failed" or (rec.get("status") == "ok" and "result" in rec)))
+
+
 def _read_records(path: Path, repair: bool) -> list[dict]:
     if not path.is_file():
         return []
@@ -50,9 +58,12 @@ def _read_records(path: Path, repair: bool) -> list[dict]:
         line = data[start:end]
         if line.strip():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a damaged whole line: its call is simply made again
+                rec = json.loads(line)
+            except ValueError:  # JSONDecodeError, or bytes that are not UTF-8 (UnicodeDecodeError)
+                rec = None
+            if _is_record(rec):
+                records.append(rec)
+            # else a damaged whole line: skipped, its call is simply made again
         good_end = end + 1
         start = end + 1
     if repair and good_end < len(data):
