@@ -63,6 +63,9 @@ def _run_stage(args) -> int:
         clear_done(path)
         for shard in path.glob("shard-*-of-*"):
             clear_done(shard)
+    import datasets
+
+    datasets.disable_progress_bars()  # "Saving the dataset" bars would bury the stage's own output
     module = importlib.import_module(STAGE_MODULES[args.command])
     if sharded:
         module.run(recipe, shard=args.shard, num_shards=args.num_shards, merge_only=args.merge,

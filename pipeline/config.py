@@ -210,7 +210,8 @@ STAGE_RECIPES: dict[str, type[Strict]] = {
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
-    parts = dotted.split(".")
+    # `sources[0].path` (the form error messages print) and `sources.0.path` are the same key
+    parts = re.sub(r"\[(\d+)\]", r".\1", dotted).split(".")
     node: Any = tree
     for i, part in enumerate(parts):
         last = i == len(parts) - 1

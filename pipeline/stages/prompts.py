@@ -1,0 +1,361 @@
+"""Stage `prompts`: collect instructions from several sources into one prompt dataset.
+
+Order of work, each step counted per source:
+  1. read every source and map its rows to prompt records (any bad row stops the stage before
+     anything is written, naming file:line);
+  2. `max_words`: drop instructions longer than the source's limit;
+  3. `sample`: keep a seeded random subset of the source;
+  4. de-duplication across all sources, in recipe order (the first occurrence wins): exact text,
+     then normalised text (Unicode NFKC, case-folded, punctuation dropped, spacing collapsed);
+  5. decontamination: drop an instruction sharing any run of `decontaminate_ngram` normalised
+     words with a text of the evaluation sets (or, when shorter than that, equal to one).
+
+Output: `dataset/` (PROMPT_FEATURES), `summary.json` (counts per source and filter, and the
+file:line of every dropped prompt), `_SUCCESS` last.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import ConfigError, PromptsRecipe, SourceSpec
+from pipeline.records import PROMPT_FEATURES, prompt_id
+from pipeline.runs import DATASET, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
+
+
+@dataclass
+class Prompt:
+    record: dict
+    where: str  # "file:line" (or "file:row N" for tables), for error messages and the summary
+
+
+@dataclass
+class SourceCounts:
+    read: int = 0
+    too_long: int = 0
+    not_sampled: int = 0
+    exact_duplicate: int = 0
+    near_duplicate: int = 0
+    contaminated: int = 0
+    kept: int = 0
+    removed: dict[str, list[str]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- reading rows
+
+
+def _jsonl_rows(path: Path):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError as err:  # bad JSON or bytes that are not UTF-8
+                raise ConfigError(f"{path}:{number}: not valid JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            yield f"{path}:{number}", row
+
+
+def _table_rows(dataset, label: str):
+    for index, row in enumerate(dataset):
+        yield f"{label}:row {index + 1}", row
+
+
+def _read_source(spec: SourceSpec):
+    """Yield (where, raw row) for a source; the reader is chosen by what the path is."""
+    if spec.hub:
+        from datasets import load_dataset
+
+        try:
+            dataset = load_dataset(spec.hub, split=spec.split)
+        except Exception as err:
+            raise ConfigError(f"source {spec.name!r}: cannot load hub dataset {spec.hub!r} "
+                              f"(split {spec.split!r}): {str(err).splitlines()[0]}") from None
+        yield from _table_rows(dataset, f"hub:{spec.hub}")
+        return
+    path = Path(spec.path)
+    if path.is_dir():
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            dataset = load_from_disk(str(path))
+        except Exception as err:
+            raise ConfigError(f"{path}: not a saved `datasets` folder ({str(err).splitlines()[0]})") from None
+        if isinstance(dataset, DatasetDict):
+            if spec.split not in dataset:
+                raise ConfigError(f"{path}: no split {spec.split!r} (has {', '.join(dataset)})")
+            dataset = dataset[spec.split]
+        yield from _table_rows(dataset, str(path))
+    elif path.suffix == ".parquet":
+        from datasets import Dataset
+
+        try:
+            dataset = Dataset.from_parquet(str(path))
+        except Exception as err:
+            raise ConfigError(f"{path}: cannot read parquet ({str(err).splitlines()[0]})") from None
+        yield from _table_rows(dataset, str(path))
+    elif path.suffix in (".jsonl", ".json"):
+        yield from _jsonl_rows(path)
+    else:
+        raise ConfigError(f"{path}: unknown file type (use .jsonl, .parquet or a `datasets` folder)")
+
+
+# ---------------------------------------------------------------- mapping shapes
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    if key not in row:
+        raise ConfigError(f"{where}: missing field {key!r} (has {', '.join(sorted(row)) or 'none'})")
+    value = row[key]
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ConfigError(f"{where}: field {key!r} is empty")
+    return value.strip()
+
+
+def _answers(row: dict, key: str, where: str) -> list[str]:
+    value = row.get(key) or []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: field {key!r} must be a list of strings")
+    return [v.strip() for v in value if v.strip()]
+
+
+def _optional_text(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value.strip()
+
+
+def _first_user_turn(row: dict, where: str) -> str:
+    turns = row.get("conversations")
+    if turns is None:
+        raise ConfigError(f"{where}: missing field 'conversations'")
+    if not isinstance(turns, list):
+        raise ConfigError(f"{where}: field 'conversations' must be a list of turns")
+    for turn in turns:
+        if isinstance(turn, dict) and turn.get("from", turn.get("role")) in ("human", "user"):
+            return _text(turn, "value" if "value" in turn else "content", f"{where} (first user turn)")
+    raise ConfigError(f"{where}: 'conversations' has no human/user turn")
+
+
+def _first_of_dialogue(row: dict, where: str) -> str:
+    data = row.get("data")
+    if data is None:
+        raise ConfigError(f"{where}: missing field 'data'")
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{where}: field 'data' must be a non-empty list of turns")
+    return _text({"data[0]": data[0]}, "data[0]", where)
+
+
+def _generic(row: dict, where: str) -> str:
+    for key in ("instruction", "prompt", "question"):
+        if key in row:
+            return _text(row, key, where)
+    raise ConfigError(f"{where}: missing field: one of 'instruction', 'prompt', 'question'")
+
+
+def to_prompt(shape: str, source: str, row: dict, where: str) -> dict:
+    """Map one raw row of a known shape to a prompt record."""
+    correct, incorrect, reference = [], [], ""
+    if shape == "evol_instruct":
+        instruction = _text(row, "instruction", where)
+    elif shape == "false_qa":
+        instruction = _text(row, "question", where)
+        reference = _optional_text(row, "answer", where)
+    elif shape == "flan":
+        instruction = _text(row, "inputs", where)
+        reference = _optional_text(row, "targets", where)
+    elif shape == "sharegpt":
+        instruction = _first_user_turn(row, where)
+    elif shape == "truthful_qa":
+        instruction = _text(row, "question", where)
+        correct = _answers(row, "correct_answers", where)
+        incorrect = _answers(row, "incorrect_answers", where)
+        reference = _optional_text(row, "best_answer", where)
+    elif shape == "ultrachat":
+        instruction = _first_of_dialogue(row, where)
+    elif shape == "generic":
+        instruction = _generic(row, where)
+        correct = _answers(row, "correct_answers", where)
+        incorrect = _answers(row, "incorrect_answers", where)
+        reference = _optional_text(row, "reference", where)
+    else:  # the recipe validator allows only known shapes
+        raise ConfigError(f"source {source!r}: unknown format {shape!r}")
+    return {"prompt_id": prompt_id(instruction), "source": source, "instruction": instruction,
+            "correct_answers": correct, "incorrect_answers": incorrect, "reference": reference}
+
+
+def load_source(spec: SourceSpec) -> list[Prompt]:
+    prompts = [Prompt(to_prompt(spec.row_format, spec.name, row, where), where)
+               for where, row in _read_source(spec)]
+    if not prompts:
+        raise ConfigError(f"{spec.path or spec.hub}: source {spec.name!r} holds no rows")
+    return prompts
+
+
+# ---------------------------------------------------------------- filters
+
+_NOT_WORD = re.compile(r"[^\w\s]")
+
+
+def normalise(text: str) -> str:
+    """Compare texts by words only: NFKC, case-folded, punctuation dropped, spacing collapsed."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = _NOT_WORD.sub(" ", text).replace("_", " ")
+    return " ".join(text.split())
+
+
+def ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+class Contamination:
+    """Index of evaluation texts; `hits(text)` is True when the text overlaps one of them."""
+
+    def __init__(self, texts: list[str], n: int):
+        self.n = n
+        self.grams: set[tuple[str, ...]] = set()
+        self.short: set[str] = set()
+        self.texts: list[str] = []
+        for text in texts:
+            norm = normalise(text)
+            self.texts.append(norm)
+            self.grams |= ngrams(norm.split(), n)
+
+    def hits(self, text: str) -> bool:
+        words = normalise(text).split()
+        if len(words) >= self.n:
+            return not self.grams.isdisjoint(ngrams(words, self.n))
+        # Too short for an n-gram: contaminated only when it is a whole evaluation text.
+        return " ".join(words) in self.texts
+
+
+def load_eval_texts(recipe: PromptsRecipe) -> list[str]:
+    texts = []
+    for index, spec in enumerate(recipe.inputs.eval_sets):
+        found = 0
+        for where, row in _read_source(SourceSpec(name="eval", path=spec.path, format="generic")):
+            for key in spec.fields:
+                value = row.get(key)
+                if isinstance(value, str) and value.strip():
+                    texts.append(value)
+                    found += 1
+                elif isinstance(value, list):
+                    texts += [v for v in value if isinstance(v, str) and v.strip()]
+                    found += len(value)
+        if not found:
+            raise ConfigError(f"inputs.eval_sets[{index}]: {spec.path} has no text in field(s) "
+                              f"{', '.join(spec.fields)}")
+    return texts
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def select(recipe: PromptsRecipe, by_source: list[list[Prompt]], eval_texts: list[str]
+           ) -> tuple[list[dict], dict[str, SourceCounts]]:
+    """Apply the filters in order; return the kept records and the counts per source."""
+    counts: dict[str, SourceCounts] = {}
+    candidates: list[tuple[SourceCounts, Prompt]] = []
+    for spec, prompts in zip(recipe.inputs.sources, by_source):
+        count = counts.setdefault(spec.name, SourceCounts())
+        count.read += len(prompts)
+        if spec.max_words:
+            long = [p for p in prompts if len(p.record["instruction"].split()) > spec.max_words]
+            count.too_long += len(long)
+            count.removed.setdefault("too_long", []).extend(p.where for p in long)
+            prompts = [p for p in prompts if len(p.record["instruction"].split()) <= spec.max_words]
+        if spec.sample is not None and spec.sample < len(prompts):
+            # One generator per source, seeded by the run seed and the source name, so adding or
+            # reordering sources does not change what another source keeps.
+            rng = random.Random(f"{recipe.data.seed}:{spec.name}")
+            chosen = sorted(rng.sample(range(len(prompts)), spec.sample))
+            count.not_sampled += len(prompts) - spec.sample
+            prompts = [prompts[i] for i in chosen]
+        candidates += [(count, p) for p in prompts]
+
+    contamination = Contamination(eval_texts, recipe.data.decontaminate_ngram) if eval_texts else None
+    seen_exact: set[str] = set()
+    seen_norm: set[str] = set()
+    kept = []
+    for count, prompt in candidates:
+        text = prompt.record["instruction"]
+        reason = None
+        if recipe.data.dedupe:
+            norm = normalise(text)
+            if text in seen_exact:
+                reason = "exact_duplicate"
+            elif norm in seen_norm:
+                reason = "near_duplicate"
+            seen_exact.add(text)
+            seen_norm.add(norm)
+        if reason is None and contamination is not None and contamination.hits(text):
+            reason = "contaminated"
+        if reason:
+            setattr(count, reason, getattr(count, reason) + 1)
+            count.removed.setdefault(reason, []).append(prompt.where)
+            continue
+        count.kept += 1
+        kept.append(prompt.record)
+    return kept, counts
+
+
+FILTERS = ("too_long", "not_sampled", "exact_duplicate", "near_duplicate", "contaminated")
+
+
+_LABELS = {"too_long": "long", "not_sampled": "unsampled", "exact_duplicate": "dup",
+           "near_duplicate": "near-dup", "contaminated": "contam"}
+
+
+def print_counts(counts: dict[str, SourceCounts], total: int, path: Path) -> None:
+    print(f"prompts: {total} kept -> {path}")
+    print(f"  {'source':<16}{'read':>6}" + "".join(f"{_LABELS[f]:>10}" for f in FILTERS) + f"{'kept':>7}")
+    for name, c in counts.items():
+        print(f"  {name:<16}{c.read:>6}" + "".join(f"{getattr(c, f):>10}" for f in FILTERS) + f"{c.kept:>7}")
+
+
+def run(recipe: PromptsRecipe) -> dict:
+    from datasets import Dataset
+
+    path = stage_dir(recipe)
+    # Read and check everything before touching the output: a bad row leaves nothing behind.
+    by_source = [load_source(spec) for spec in recipe.inputs.sources]
+    eval_texts = load_eval_texts(recipe)
+    kept, counts = select(recipe, by_source, eval_texts)
+    if not kept:
+        raise ConfigError("prompts: every instruction was filtered out; nothing to write")
+
+    path.mkdir(parents=True, exist_ok=True)
+    clear_done(path)
+    save_config(path, recipe)
+    with atomic_dir(path / DATASET) as tmp:
+        Dataset.from_list(kept, features=PROMPT_FEATURES).save_to_disk(str(tmp))
+    summary = {
+        "kept": len(kept),
+        "read": sum(c.read for c in counts.values()),
+        "removed": {f: sum(getattr(c, f) for c in counts.values()) for f in FILTERS},
+        "decontaminate_ngram": recipe.data.decontaminate_ngram,
+        "eval_texts": len(eval_texts),
+        "per_source": {
+            name: {"read": c.read, **{f: getattr(c, f) for f in FILTERS}, "kept": c.kept,
+                   "removed": {reason: where for reason, where in c.removed.items() if where}}
+            for name, c in counts.items()
+        },
+    }
+    write_json(path / "summary.json", summary)
+    mark_done(path, {"prompts": len(kept)})
+    print_counts(counts, len(kept), path / DATASET)
+    return summary
