@@ -76,9 +76,18 @@ def _run_stage(args) -> int:
 
 
 def _validate(args) -> int:
+    """Check every recipe given, report each, and fail (exit 2) if any is bad."""
+    bad = 0
     for recipe in args.recipes:
-        load_recipe(recipe, check_inputs=not args.no_inputs)
-        print(f"ok  {recipe}")
+        try:
+            load_recipe(recipe, check_inputs=not args.no_inputs)
+            print(f"ok     {recipe}")
+        except ConfigError as err:
+            bad += 1
+            print(f"error: {err}", file=sys.stderr)
+    if bad:
+        print(f"{bad} of {len(args.recipes)} recipe(s) invalid", file=sys.stderr)
+        return 2
     return 0
 
 
