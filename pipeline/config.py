@@ -192,6 +192,101 @@ class GenerateRecipe(Strict):
         return files
 
 
+class PriceSpec(Strict):
+    """Dollars per million tokens, as price lists state them."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class AnnotateInputs(Strict):
+    completions: StageRef | str = Field(
+        description="The generate stage output, or a dataset folder / JSONL / parquet in the "
+        "openbmb/UltraFeedback row shape"
+    )
+
+
+class AnnotationSection(Strict):
+    judge: ModelSpec = Field(description="The judge: an `openai`-backend model")
+    mode: Literal["faithful", "structured", "compact"] = Field(
+        "faithful", description="faithful: a call per aspect (UltraFeedback); structured: the same "
+        "calls answered as JSON with a schema; compact: one call for all four aspects"
+    )
+    critique: bool = Field(True, description="One critique call per completion (overall score 1-10)")
+    temperature: float = Field(0.0, ge=0, le=2)
+    aspect_max_tokens: int = Field(1024, ge=16)
+    critique_max_tokens: int = Field(1024, ge=16)
+    seed: int = Field(0, description="Seeds the order in which completions are shown to the judge")
+    max_reasks: int = Field(2, ge=0, description="Re-asks (with a corrective message) after an unusable answer")
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+    requests_per_minute: float | None = Field(None, gt=0, description="Client-side request throttle")
+    tokens_per_minute: float | None = Field(None, gt=0, description="Client-side token throttle")
+    budget_usd: float | None = Field(None, gt=0, description="Stop cleanly once this much is spent")
+    prices: dict[str, PriceSpec] = Field(
+        default_factory=dict, description="Judge model id -> price; needed for cost and budget"
+    )
+    batch_max_requests: int = Field(50_000, ge=1, description="Batch API: requests per input file")
+    batch_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Batch API: bytes per input file")
+
+    @model_validator(mode="after")
+    def _judge_is_remote(self) -> "AnnotationSection":
+        if self.judge.backend != "openai":
+            raise ValueError("judge: the judge must use backend 'openai' (any OpenAI-compatible server)")
+        if self.budget_usd is not None and self.price is None:
+            raise ValueError(f"budget_usd is set but `prices` has no entry for judge model "
+                             f"{self.judge_model!r}: the spend cannot be counted")
+        return self
+
+    @property
+    def judge_model(self) -> str:
+        return self.judge.model or self.judge.name
+
+    @property
+    def price(self) -> PriceSpec | None:
+        return self.prices.get(self.judge_model)
+
+
+class AnnotateRecipe(Strict):
+    stage: Literal["annotate"]
+    run: RunSection
+    inputs: AnnotateInputs
+    annotation: AnnotationSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return [("inputs.completions", self.inputs.completions)] if isinstance(self.inputs.completions, str) else []
+
+
+class PairsInputs(Strict):
+    annotations: StageRef | str = Field(
+        description="The annotate stage output, or a dataset folder / JSONL / parquet in the "
+        "openbmb/UltraFeedback row shape"
+    )
+
+
+class PairsSection(Strict):
+    strategy: Literal["h4", "argilla", "all"] = Field(
+        "h4", description="h4: best vs a random other; argilla: best vs a random strictly lower "
+        "(ties dropped); all: every pair with a score gap"
+    )
+    score: Literal["overall", "fine-grained"] = "overall"
+    remove_truthful_qa: bool = Field(False, description="Drop prompts from TruthfulQA (it is also an eval set)")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of prompts held out for test_* splits")
+    seed: int = 0
+    critique_export: bool = Field(True, description="Also write the critique SFT data (for UltraCM)")
+
+
+class PairsRecipe(Strict):
+    stage: Literal["pairs"]
+    run: RunSection
+    inputs: PairsInputs
+    pairs: PairsSection = PairsSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return [("inputs.annotations", self.inputs.annotations)] if isinstance(self.inputs.annotations, str) else []
+
+
 class TinyModelsRecipe(Strict):
     stage: Literal["tiny-models"]
     run: RunSection
@@ -202,6 +297,8 @@ class TinyModelsRecipe(Strict):
 STAGE_RECIPES: dict[str, type[Strict]] = {
     "prompts": PromptsRecipe,
     "generate": GenerateRecipe,
+    "annotate": AnnotateRecipe,
+    "pairs": PairsRecipe,
     "tiny-models": TinyModelsRecipe,
 }
 
