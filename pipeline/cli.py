@@ -20,6 +20,8 @@ STAGE_MODULES = {
     "tiny-models": "pipeline.stages.tiny_models",
     "prompts": "pipeline.stages.prompts",
     "generate": "pipeline.stages.generate",
+    "annotate": "pipeline.stages.annotate",
+    "pairs": "pipeline.stages.pairs",
 }
 SHARDED_STAGES = {"generate"}
 
@@ -42,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--merge", action="store_true", help="only merge finished shards")
             p.add_argument("--retry-failed", action="store_true",
                            help="send again the requests the ledger records as failed")
+        if stage == "annotate":
+            p.add_argument("--retry-failed", action="store_true",
+                           help="send failed requests again and give unusable answers new re-asks")
+            p.add_argument("--dry-run", action="store_true",
+                           help="print the calls, tokens and cost still to pay; send nothing")
+            p.add_argument("--batch", choices=("submit", "collect"),
+                           help="OpenAI Batch API: submit pending requests, or collect finished batches")
     v = sub.add_parser("validate", help="check recipes without running anything")
     v.add_argument("recipes", nargs="+", help="YAML recipes")
     v.add_argument("--no-inputs", action="store_true", help="do not check that input files exist")
@@ -56,7 +65,11 @@ def _run_stage(args) -> int:
     sharded = args.command in SHARDED_STAGES
     if sharded and args.num_shards is not None and args.num_shards < 1:
         raise ConfigError("--num-shards must be at least 1")
-    if is_done(path) and not args.force and not (sharded and args.retry_failed):
+    retry = getattr(args, "retry_failed", False)
+    if getattr(args, "dry_run", False):
+        importlib.import_module(STAGE_MODULES[args.command]).run(recipe, dry=True)
+        return 0
+    if is_done(path) and not args.force and not retry and not getattr(args, "batch", None):
         print(f"{args.command}: already done ({path}/_SUCCESS); use --force to run it again")
         return 0
     if args.force:
@@ -70,6 +83,8 @@ def _run_stage(args) -> int:
     if sharded:
         module.run(recipe, shard=args.shard, num_shards=args.num_shards, merge_only=args.merge,
                    retry_failed=args.retry_failed)
+    elif args.command == "annotate":
+        module.run(recipe, retry_failed=args.retry_failed, batch=args.batch)
     else:
         module.run(recipe)
     return 0

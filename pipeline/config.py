@@ -225,6 +225,8 @@ class AnnotationSection(Strict):
     prices: dict[str, PriceSpec] = Field(
         default_factory=dict, description="Judge model id -> price; needed for cost and budget"
     )
+    allow_unknown_sources: bool = Field(False, description="Accept sources other than UltraFeedback's")
+    batch_poll_s: float = Field(30.0, gt=0, description="Batch API: seconds between status checks")
     batch_max_requests: int = Field(50_000, ge=1, description="Batch API: requests per input file")
     batch_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Batch API: bytes per input file")
 

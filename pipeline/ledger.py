@@ -4,8 +4,9 @@ A key is a hash of what determines the answer (model identity, template version,
 sampling parameters) and nothing else: batch size and concurrency never enter it, so a rerun
 with other settings still finds its paid-for results.
 
-Storage is an append-only JSON-lines file, one record per completed call, flushed and fsynced
-before the next outcome is accepted. A kill -9 can tear only the last line; reading tolerates
+Storage is an append-only JSON-lines file, one record per completed call, flushed to the OS
+before the next outcome is accepted (so a killed process loses nothing written) and fsynced at
+least once a second and on close (so a power cut loses at most the last second). A kill -9 can tear only the last line; reading tolerates
 that (the torn record is dropped and the file truncated to the last whole line), so that call is
 simply made again. Later records win: a success after a failure clears it.
 A damaged whole line elsewhere (not JSON, not UTF-8, not a record) is skipped and left in
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Iterable
 
 LEDGER_VERSION = 1
+
+
+FSYNC_EVERY_S = 1.0
 
 
 def request_key(identity: dict, template_version: str, messages, params: dict) -> str:
@@ -87,6 +91,7 @@ class Ledger:
                 self._load(_read_records(Path(other), repair=False))
         self._load(_read_records(self.path, repair=True))
         self._handle = open(self.path, "a", encoding="utf-8")
+        self._synced = 0.0
 
     def _load(self, records: list[dict]) -> None:
         for rec in records:
@@ -101,9 +106,14 @@ class Ledger:
             self._failed[key] = rec
 
     def _append(self, rec: dict) -> None:
+        # flush() hands the line to the OS at once, which is all a killed process needs; fsync
+        # (against power loss) costs milliseconds, so it runs at most every FSYNC_EVERY_S.
         self._handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self._handle.flush()
-        os.fsync(self._handle.fileno())
+        now = time.monotonic()
+        if now - self._synced >= FSYNC_EVERY_S:
+            os.fsync(self._handle.fileno())
+            self._synced = now
         self._apply(rec)
 
     def record_ok(self, key: str, result: dict, **meta) -> None:
@@ -115,6 +125,10 @@ class Ledger:
     def result(self, key: str) -> dict | None:
         rec = self._ok.get(key)
         return rec["result"] if rec else None
+
+    def ok_records(self):
+        """Every successful record (key, result and the caller's metadata)."""
+        return self._ok.values()
 
     def is_ok(self, key: str) -> bool:
         return key in self._ok
@@ -130,7 +144,10 @@ class Ledger:
         return len(self._ok)
 
     def close(self) -> None:
-        self._handle.close()
+        if not self._handle.closed:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
 
     def __enter__(self) -> "Ledger":
         return self
