@@ -30,6 +30,20 @@ def _show_rows(run_root: Path, run: str) -> None:
             print(f"  - {c['model']}{label} / {c['principle']}: {c['response'][:80]!r}")
 
 
+def _show_judging(run_root: Path, run: str) -> None:
+    import json
+
+    annotate = run_root / run / "annotate"
+    summary = json.loads((annotate / "summary.json").read_text())
+    pairs = json.loads((run_root / run / "pairs" / "summary.json").read_text())
+    print(f"\nJudge (the stand-in server's rule, not a model): {summary['completions_annotated']} completions, "
+          f"{summary['tokens']['total']:,} tokens, ${summary['cost_usd_all_runs'] or 0:.4f} at the recipe's "
+          "illustrative price")
+    print(f"  report: {annotate / 'report'} ({', '.join(summary['report']['plots'])})")
+    print(f"Pairs: {run_root / run / 'pairs' / 'dataset'}; summary {run_root / run / 'pairs' / 'summary.json'}")
+    print("  " + json.dumps({k: v for k, v in pairs.items() if isinstance(v, (int, float, str))})[:300])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo")
     parser.add_argument("--run", default="demo", help="run name (outputs under data/runs/<run>/)")
@@ -52,7 +66,17 @@ def main(argv: list[str] | None = None) -> int:
                      f"generation.pool.4.base_url={standin.base_url}"])
         if code:
             return code
+        # The judge is the stand-in too: the base_url is not part of a request's ledger key, so
+        # a rerun on another port still finds every answer already paid for.
+        code = rlhf(["annotate", str(RECIPES / "annotate.yaml"), *common,
+                     f"annotation.judge.base_url={standin.base_url}"])
+        if code:
+            return code
+    code = rlhf(["pairs", str(RECIPES / "pairs.yaml"), *common])
+    if code:
+        return code
     _show_rows(Path("data/runs"), args.run)
+    _show_judging(Path("data/runs"), args.run)
     return 0
 
 

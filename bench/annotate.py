@@ -1,0 +1,210 @@
+"""Benchmark: the annotate stage against the stand-in judge. Prints figures; asserts nothing.
+
+1. throughput: `--requests` judge requests (default 20,000) at `--concurrency` (64) against a
+   stand-in answering after `--latency` seconds (0.1). The server-bound ideal is
+   concurrency / latency requests per second; the figure is achieved / ideal (goal >= 0.95).
+2. rerun: a finished run of `--rerun-requests` (100,000) requests, run again with --force:
+   seconds, and requests sent (goal < 10 s, 0 sent). The ledger of that run is filled in-process
+   with the stand-in's own answers, so the bench does not spend minutes making it.
+3. memory: peak resident memory while `--memory-requests` (100,000) requests are really sent
+   (latency 0), sampled at each quarter (goal flat, < 1 GiB).
+4. tokens per annotated prompt in each mode (faithful, structured, compact) on 40 prompts.
+
+    python bench/annotate.py                  # everything, about ten minutes on 2 cores
+    python bench/annotate.py --only throughput,modes --requests 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ANSWERS = [
+    "Light is caught by chlorophyll, water is split, and carbon dioxide is fixed into sugar. I am fairly confident.",
+    "Sugar.",
+    "Basically plants sort of use light and stuff, I guess.",
+    "Plants convert light energy into chemical energy stored in glucose, releasing oxygen as a by-product.\n\n"
+    "1. Light reactions.\n2. The Calvin cycle.",
+]
+
+
+def write_sets(path: Path, prompts: int) -> Path:
+    with open(path, "w") as handle:
+        for i in range(prompts):
+            handle.write(json.dumps({
+                "source": "evol_instruct", "instruction": f"Question {i}: explain photosynthesis step {i % 97}.",
+                "completions": [{"model": f"m{j}", "principle": "helpfulness", "custom_system_prompt": "",
+                                 "response": f"{a} (variant {i})"} for j, a in enumerate(ANSWERS)],
+            }) + "\n")
+    return path
+
+
+def recipe(tmp: Path, sets: Path, base_url: str, run: str, concurrency: int, **annotation):
+    from pipeline.config import load_recipe
+    import yaml
+
+    data = {"stage": "annotate", "run": {"name": run, "root": str(tmp / "runs")},
+            "inputs": {"completions": str(sets)},
+            "annotation": {"judge": {"name": "standin-judge", "backend": "openai", "base_url": base_url,
+                                     "max_concurrency": concurrency, "timeout_s": 60, "max_retries": 3},
+                           "prices": {"standin-judge": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}},
+                           **annotation}}
+    path = tmp / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_recipe(path)
+
+
+def quiet(fn, *args, **kwargs):
+    """Run a stage with its per-item progress bar and prints sent to /dev/null."""
+    import contextlib
+    import io
+
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+def bench_throughput(tmp: Path, requests: int, concurrency: int, latency: float) -> None:
+    from pipeline.stages import annotate
+    from pipeline.standin import start_standin
+
+    prompts = max(1, requests // 8)
+    sets = write_sets(tmp / "throughput.jsonl", prompts)
+    with start_standin(tmp / "s1", latency_s=latency, max_concurrency=100_000) as server:
+        r = recipe(tmp, sets, server.base_url, "throughput", concurrency)
+        started = time.monotonic()
+        summary = quiet(annotate.run, r)
+        elapsed = time.monotonic() - started
+        sent = server.stats()["requests_total"]
+    ideal = concurrency / latency
+    achieved = sent / elapsed
+    print(f"throughput: {sent} requests in {elapsed:.1f} s = {achieved:.0f} req/s; server-bound ideal "
+          f"{ideal:.0f} req/s (concurrency {concurrency} / latency {latency:g} s) -> {achieved / ideal:.2f} of ideal"
+          f" (stage total incl. load, report: {summary['seconds']:.1f} s in the loop)")
+
+
+def fill_ledger(r, rows_path: Path) -> int:
+    """Write the ledger a finished run would have, answering each request in-process."""
+    from pipeline.ledger import Ledger
+    from pipeline.runs import stage_dir
+    from pipeline.stages import annotate
+    from pipeline.standin import judge as standin_judge
+
+    rows = annotate.load_rows(r)
+    requests = annotate.Requests(rows, r)
+    items = annotate.plan(rows, r)
+    with Ledger(stage_dir(r) / annotate.LEDGER) as ledger:
+        for item in items:
+            messages, params = requests.first(item)
+            prompt = standin_judge.parse_prompt(messages)
+            text = standin_judge.answer(prompt, structured=False)
+            ledger.record_ok(requests.key(messages, params),
+                             {"text": text, "prompt_tokens": 500, "completion_tokens": 100, "finish_reason": "stop"},
+                             prompt_id=rows[item.row]["prompt_id"], kind=item.kind)
+    return len(items)
+
+
+def bench_rerun(tmp: Path, requests: int) -> None:
+    from pipeline.stages import annotate
+    from pipeline.standin import start_standin
+
+    sets = write_sets(tmp / "rerun.jsonl", max(1, requests // 8))
+    with start_standin(tmp / "s2") as server:
+        r = recipe(tmp, sets, server.base_url, "rerun", 64)
+        started = time.monotonic()
+        filled = fill_ledger(r, sets)
+        print(f"rerun: ledger of {filled} requests filled in {time.monotonic() - started:.1f} s (setup, not timed)")
+        started = time.monotonic()
+        summary = quiet(annotate.run, r)
+        elapsed = time.monotonic() - started
+        sent = server.stats()["requests_total"]
+    print(f"rerun: a finished {filled}-request run ran again (--force) in {elapsed:.1f} s; "
+          f"requests sent {sent}; replayed {summary['requests_replayed']}; rows {summary['rows_out']}")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_memory(tmp: Path, requests: int) -> None:
+    from pipeline.stages import annotate
+    from pipeline.standin import start_standin
+
+    sets = write_sets(tmp / "memory.jsonl", max(1, requests // 8))
+    samples = []
+    done = threading.Event()
+    with start_standin(tmp / "s3", max_concurrency=100_000) as server:
+        r = recipe(tmp, sets, server.base_url, "memory", 64)
+
+        def sample():
+            while not done.wait(1.0):
+                samples.append(rss_mib())
+
+        before = rss_mib()
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        quiet(annotate.run, r)
+        elapsed = time.monotonic() - started
+        done.set()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = samples
+    quarters = [rss[min(len(rss) - 1, int(len(rss) * q))] for q in (0.25, 0.5, 0.75, 1.0)] if rss else []
+    print(f"memory: {requests} requests sent in {elapsed:.0f} s; RSS before {before:.0f} MiB, at each quarter "
+          + ", ".join(f"{q:.0f}" for q in quarters) + f" MiB; peak {peak:.0f} MiB")
+
+
+def bench_modes(tmp: Path) -> None:
+    from pipeline.stages import annotate
+    from pipeline.standin import start_standin
+
+    sets = write_sets(tmp / "modes.jsonl", 40)
+    with start_standin(tmp / "s4", max_concurrency=1000) as server:
+        rows = []
+        for mode in ("faithful", "structured", "compact"):
+            summary = quiet(annotate.run, recipe(tmp, sets, server.base_url, f"mode-{mode}", 32, mode=mode))
+            rows.append((mode, summary["requests_sent_this_run"], summary["tokens_per_prompt"],
+                         summary["cost_usd_all_runs"] / 40))
+    print("modes (stand-in token counts are words, 4 completions per prompt, critiques included):")
+    print(f"  {'mode':<11}{'requests':>9}{'tokens/prompt':>15}{'$/prompt at 2.5/10 per Mtok':>30}")
+    for mode, sent, per_prompt, dollars in rows:
+        print(f"  {mode:<11}{sent:>9}{per_prompt:>15,.0f}{dollars:>30.5f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="throughput,rerun,memory,modes")
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--latency", type=float, default=0.1)
+    parser.add_argument("--rerun-requests", type=int, default=100_000)
+    parser.add_argument("--memory-requests", type=int, default=100_000)
+    args = parser.parse_args()
+    parts = args.only.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "throughput" in parts:
+            bench_throughput(tmp, args.requests, args.concurrency, args.latency)
+        if "rerun" in parts:
+            bench_rerun(tmp, args.rerun_requests)
+        if "memory" in parts:
+            bench_memory(tmp, args.memory_requests)
+        if "modes" in parts:
+            bench_modes(tmp)
+
+
+if __name__ == "__main__":
+    main()
