@@ -213,7 +213,12 @@ def _aspects(f: dict) -> dict[str, float]:
 
 def rate(instruction: str, response: str, reference: str | None = None) -> dict:
     """Rate one response; see the module docstring for the rule."""
-    cont = _aspects(features(instruction, response, reference))
+    return rate_features(features(instruction, response, reference))
+
+
+def rate_features(f: dict) -> dict:
+    """The ratings for already measured `features()` (rate() without measuring twice)."""
+    cont = _aspects(f)
     result = {name: 1 + int(round(4 * value)) for name, value in cont.items()}
     mean = (
         0.30 * cont["instruction_following"] + 0.15 * cont["honesty"]

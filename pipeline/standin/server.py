@@ -9,8 +9,14 @@ Endpoints
                                 Honours n, max_tokens / max_completion_tokens (finish_reason
                                 "length"), stop, temperature, seed, and response_format
                                 json_object / json_schema (valid JSON content).
+                                When the first user message is a judge prompt of
+                                `pipeline.judge.rubric`, the answer is a judge's, from the
+                                fixed rating rule (see `judge.py`), in text or JSON form.
     GET  /v1/models             the stand-in model ids.
-    GET  /standin/stats         counters, peak concurrency and a log of every chat request.
+    /v1/files, /v1/batches      OpenAI's Files and Batch API, in memory (see `batches.py`).
+    GET  /standin/stats         counters, peak concurrency and a log of every chat request
+                                and every answered batch line (entry "source": "chat" or
+                                "batch"; a batch line's "request_key" is its custom_id).
     POST /standin/reset         clears counters, the log and the per-body attempt counts.
     GET  /standin/config        current settings.
     POST /standin/config        JSON object of settings to change; unknown field -> 400.
@@ -19,8 +25,12 @@ Token counts (`usage`) are whitespace-separated words, not real tokenizer tokens
 are the words of every message's text, completion tokens the words of every returned choice.
 
 Faults are decided per attempt from (seed, sha256 of the body, attempt number of that body),
-so a test that sends the same bodies in the same order sees the same faults. The Authorization
-header is accepted in any form (or absent) and never read, logged or stored.
+so a test that sends the same bodies in the same order sees the same faults. Judge answers can
+also be deliberately malformed (setting fail_malformed; its own draw, only when no other fault
+hit; log entry "fault": "malformed" and "malformed": <variant>). Batch lines draw the same way
+(body hash = sha256 of the line's body as sorted-key JSON); only first_n, 5xx and malformed
+apply to them. The Authorization header is accepted in any form (or absent) and never read,
+logged or stored.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import time
 
 from aiohttp import web
 
+from pipeline.standin import batches, judge
 from pipeline.standin.settings import FIELD_TYPES, FLAG_FOR_FIELD, StandinSettings, check_value, updated
 from pipeline.standin.textgen import generate_answer, message_text
 
@@ -48,6 +59,7 @@ KNOWN_MODELS = ("standin-strong", "standin-medium", "standin-weak")
 MODEL_PREFIX = "standin-"
 FINGERPRINT = "standin"
 MAX_N = 16
+MAX_BODY_BYTES = 256 * 1024 * 1024  # batch input files can be large (OpenAI allows 200 MB)
 
 STATE = web.AppKey("standin_state", dict)
 
@@ -65,6 +77,7 @@ def _new_state(settings: StandinSettings) -> dict:
         "peak": 0,
         "prompt_tokens": 0,
         "completion_tokens": 0,
+        "store": batches.new_store(),  # uploaded files and batches (kept across reset)
     }
 
 
@@ -105,9 +118,12 @@ def _release(state: dict) -> None:
 # ---------------------------------------------------------------- helpers
 
 
+def _error_body(message: str, err_type: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+
+
 def _error(status: int, message: str, err_type: str, code: str | None = None, headers=None) -> web.Response:
-    body = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(_error_body(message, err_type, code), status=status, headers=headers)
 
 
 def _unit(*parts) -> float:
@@ -215,8 +231,9 @@ def _validate_chat(body) -> str | None:
     return None
 
 
-def _completion(body: dict) -> dict:
-    """Build the chat.completion object for a valid request body."""
+def _completion(body: dict, reply: str | None = None) -> dict:
+    """Build the chat.completion object for a valid request body; `reply` (a judge answer)
+    replaces the generated text of every choice."""
     model = body["model"]
     messages = body["messages"]
     temperature = 1.0 if body.get("temperature") is None else float(body["temperature"])
@@ -230,8 +247,11 @@ def _completion(body: dict) -> dict:
     choices = []
     completion_tokens = 0
     for index in range(n):
-        text = generate_answer(model, messages, temperature, seed, index)
-        if fmt.get("type") in ("json_object", "json_schema"):
+        if reply is not None:
+            text = reply
+        else:
+            text = generate_answer(model, messages, temperature, seed, index)
+        if reply is None and fmt.get("type") in ("json_object", "json_schema"):
             rng = random.Random(hashlib.sha256(f"{text}:{index}".encode()).digest())
             text = _json_content(fmt, text, rng)
         for s in stops:
@@ -270,31 +290,96 @@ def _completion(body: dict) -> dict:
 # ---------------------------------------------------------------- handlers
 
 
+def _new_entry(state: dict, body, sha: str, request_key, source: str) -> dict:
+    """Count one attempt of a body and start its log entry (appended by the caller)."""
+    state["requests_total"] += 1
+    state["attempts"][sha] += 1
+    return {
+        "t": time.time(),
+        "status": None,  # filled in when the answer is sent
+        "model": body.get("model") if isinstance(body, dict) else None,
+        "request_key": request_key,
+        "body_sha256": sha,
+        "attempt": state["attempts"][sha],
+        "fault": None,
+        "source": source,  # "chat" or "batch"
+        "batch": source == "batch",  # marker: answered as a line of a batch
+        "batch_id": None,  # the batch of a batch line
+        "judge": None,  # the judge prompt kind, when the request was one
+    }
+
+
+def _request_problem(body) -> tuple[int, dict] | None:
+    """(status, error body) when a chat request cannot be answered at all, else None."""
+    if body is None:
+        return 400, _error_body("request body is not valid JSON", "invalid_request_error")
+    problem = _validate_chat(body)
+    if problem:
+        return 400, _error_body(problem, "invalid_request_error")
+    if not body["model"].startswith(MODEL_PREFIX):
+        return 404, _error_body(
+            f"model {body['model']!r} is not served here: this is a stand-in server that only "
+            f"answers for ids starting with {MODEL_PREFIX!r} (e.g. {', '.join(KNOWN_MODELS)})",
+            "invalid_request_error",
+            "model_not_found",
+        )
+    return None
+
+
+def _fault_band(s: StandinSettings, sha: str, attempt: int) -> str | None:
+    """The injected fault of this attempt: "first_n", "timeout", "429", "5xx" or None."""
+    if attempt <= s.fail_first_n:
+        return "first_n"
+    u = _unit(s.seed, sha, attempt, "fault")
+    if u < s.fail_timeout:
+        return "timeout"
+    if u < s.fail_timeout + s.fail_429:
+        return "429"
+    if u < s.fail_timeout + s.fail_429 + s.fail_5xx:
+        return "5xx"
+    return None
+
+
+def _first_n_error(s: StandinSettings, attempt: int) -> dict:
+    return _error_body(f"stand-in injected failure: attempt {attempt} of {s.fail_first_n} failing attempts",
+                       "server_error", "standin_injected_fault")
+
+
+def _answer_body(state: dict, s: StandinSettings, body: dict, sha: str, attempt: int, entry: dict) -> dict:
+    """The chat.completion for a valid body: a judge answer (possibly deliberately malformed)
+    when the first user message is a judge prompt, generated text otherwise. Counts usage."""
+    reply = None
+    prompt = judge.parse_prompt(body["messages"])
+    if prompt is not None:
+        fmt = body.get("response_format") or {}
+        structured = fmt.get("type") in ("json_object", "json_schema")
+        entry["judge"] = prompt.label
+        if entry["fault"] is None and s.fail_malformed > 0 and _unit(s.seed, sha, attempt, "malformed") < s.fail_malformed:
+            variant, reply = judge.malformed_answer(prompt, structured, _unit(s.seed, sha, attempt, "malformed-kind"))
+            entry["fault"] = "malformed"
+            entry["malformed"] = variant
+        else:
+            reply = judge.answer(prompt, structured)
+    result = _completion(body, reply)
+    state["prompt_tokens"] += result["usage"]["prompt_tokens"]
+    state["completion_tokens"] += result["usage"]["completion_tokens"]
+    return result
+
+
 async def chat_completions(request: web.Request) -> web.Response:
     state = request.app[STATE]
     raw = await request.read()
     sha = hashlib.sha256(raw).hexdigest()
-    state["requests_total"] += 1
-    state["attempts"][sha] += 1
-    attempt = state["attempts"][sha]
     try:
         body = json.loads(raw)
     except ValueError:
         body = None
-    entry = {
-        "t": time.time(),
-        "status": None,  # filled in when the answer is sent
-        "model": body.get("model") if isinstance(body, dict) else None,
-        "request_key": request.headers.get("X-Request-Key"),
-        "body_sha256": sha,
-        "attempt": attempt,
-        "fault": None,
-    }
+    entry = _new_entry(state, body, sha, request.headers.get("X-Request-Key"), "chat")
     log = state["log"]
     log.append(entry)
     status = 499  # what the log says if the client goes away before an answer
     try:
-        response = await _answer_chat(state, body, raw, sha, attempt, entry)
+        response = await _answer_chat(state, body, sha, entry["attempt"], entry)
         status = response.status
         return response
     except asyncio.CancelledError:
@@ -308,20 +393,10 @@ async def chat_completions(request: web.Request) -> web.Response:
             state["by_status"][str(status)] += 1
 
 
-async def _answer_chat(state: dict, body, raw: bytes, sha: str, attempt: int, entry: dict) -> web.Response:
-    if body is None:
-        return _error(400, "request body is not valid JSON", "invalid_request_error")
-    problem = _validate_chat(body)
-    if problem:
-        return _error(400, problem, "invalid_request_error")
-    if not body["model"].startswith(MODEL_PREFIX):
-        return _error(
-            404,
-            f"model {body['model']!r} is not served here: this is a stand-in server that only "
-            f"answers for ids starting with {MODEL_PREFIX!r} (e.g. {', '.join(KNOWN_MODELS)})",
-            "invalid_request_error",
-            "model_not_found",
-        )
+async def _answer_chat(state: dict, body, sha: str, attempt: int, entry: dict) -> web.Response:
+    refused = _request_problem(body)
+    if refused:
+        return web.json_response(refused[1], status=refused[0])
 
     await _acquire(state)
     try:
@@ -330,33 +405,55 @@ async def _answer_chat(state: dict, body, raw: bytes, sha: str, attempt: int, en
         if delay > 0:
             await asyncio.sleep(delay)
         s = state["settings"]  # a config change during the sleep applies to the fault draw
-        if attempt <= s.fail_first_n:
-            entry["fault"] = "first_n"
-            return _error(
-                500, f"stand-in injected failure: attempt {attempt} of {s.fail_first_n} failing attempts",
-                "server_error", "standin_injected_fault",
-            )
-        u = _unit(s.seed, sha, attempt, "fault")
-        if u < s.fail_timeout:
-            entry["fault"] = "timeout"
+        fault = _fault_band(s, sha, attempt)
+        if fault is not None:
+            entry["fault"] = fault
+        if fault == "first_n":
+            return web.json_response(_first_n_error(s, attempt), status=500)
+        if fault == "timeout":
             await asyncio.sleep(s.timeout_sleep_s)  # then answer normally, far too late
-        elif u < s.fail_timeout + s.fail_429:
-            entry["fault"] = "429"
+        elif fault == "429":
             headers = {
                 "Retry-After": _format_seconds(s.retry_after_s),
                 "retry-after-ms": str(int(round(s.retry_after_s * 1000))),
             }
             return _error(429, "stand-in injected rate limit; retry later", "requests", "rate_limit_exceeded", headers)
-        elif u < s.fail_timeout + s.fail_429 + s.fail_5xx:
-            entry["fault"] = "5xx"
+        elif fault == "5xx":
             return _error(500, "stand-in injected server error", "server_error", "standin_injected_fault")
-
-        result = _completion(body)
-        state["prompt_tokens"] += result["usage"]["prompt_tokens"]
-        state["completion_tokens"] += result["usage"]["completion_tokens"]
-        return web.json_response(result)
+        return web.json_response(_answer_body(state, s, body, sha, attempt, entry))
     finally:
         _release(state)
+
+
+def answer_batch_line(state: dict, s: StandinSettings, body, custom_id: str, batch_id: str) -> tuple[int, dict]:
+    """Answer one batch line as a chat request would be answered, without the concurrency
+    gate, latency or timeouts; a 429 makes no sense in a batch, so the timeout and 429 bands
+    give a normal answer. Logged like a chat request (request_key = custom_id)."""
+    sha = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    entry = _new_entry(state, body, sha, custom_id, "batch")
+    entry["batch_id"] = batch_id
+    state["log"].append(entry)
+    try:
+        refused = _request_problem(body)
+        if refused:
+            status, payload = refused
+        else:
+            fault = _fault_band(s, sha, entry["attempt"])
+            if fault == "first_n":
+                entry["fault"] = fault
+                status, payload = 500, _first_n_error(s, entry["attempt"])
+            elif fault == "5xx":
+                entry["fault"] = fault
+                status, payload = 500, _error_body("stand-in injected server error", "server_error",
+                                                   "standin_injected_fault")
+            else:
+                status, payload = 200, _answer_body(state, s, body, sha, entry["attempt"], entry)
+    except Exception as exc:  # one bad line must not stop the batch
+        status = 500
+        payload = _error_body(f"stand-in internal error: {type(exc).__name__}: {exc}", "server_error")
+    entry["status"] = status
+    state["by_status"][str(status)] += 1
+    return status, payload
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -382,8 +479,9 @@ async def get_stats(request: web.Request) -> web.Response:
 async def reset(request: web.Request) -> web.Response:
     state = request.app[STATE]
     fresh = _new_state(state["settings"])
-    # Requests still running keep their slots: carry the gate over, restart everything else.
-    for key in ("active", "waiters"):
+    # Requests still running keep their slots: carry the gate over, and the files and batches
+    # (a running batch logs into the new log); restart everything else.
+    for key in ("active", "waiters", "store"):
         fresh[key] = state[key]
     fresh["peak"] = state["active"]
     state.clear()
@@ -417,7 +515,7 @@ async def _label(request: web.Request, response: web.StreamResponse) -> None:
 
 def make_app(settings: StandinSettings | None = None) -> web.Application:
     """The aiohttp application; `settings` default to StandinSettings()."""
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[STATE] = _new_state(settings or StandinSettings())
     app.on_response_prepare.append(_label)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -426,6 +524,7 @@ def make_app(settings: StandinSettings | None = None) -> web.Application:
     app.router.add_post("/standin/reset", reset)
     app.router.add_get("/standin/config", get_config)
     app.router.add_post("/standin/config", set_config)
+    batches.add_routes(app, STATE, answer_batch_line)
     return app
 
 

@@ -25,7 +25,16 @@ class StandinSettings:
     fail_timeout: float = 0.0
     timeout_sleep_s: float = 30.0  # how long a "timeout" answer sleeps before it is sent
     fail_first_n: int = 0  # the first n attempts of every distinct body get a 500
+    # Judge prompts only: the share of attempts whose answer is deliberately unusable (a rating
+    # out of range, a missing or duplicated block, invalid JSON, ...). Drawn separately from
+    # the bands above, from (seed, body hash, attempt), and only when no other fault hit.
+    fail_malformed: float = 0.0
     seed: int = 0  # seeds the fault draws and the jitter (not the generated texts)
+    # Batches (/v1/batches): how long a batch stays in progress (its lines are spread over this
+    # time), and, when > 0, how many lines are answered before the batch "expires" with
+    # partial results. Fault probabilities apply per line (5xx and malformed; no 429/timeout).
+    batch_delay_s: float = 0.0
+    batch_expire_after: int = 0
 
 
 # Field name -> CLI flag. One table so the CLI and start_standin() cannot drift apart.
@@ -39,11 +48,14 @@ FLAG_FOR_FIELD = {
     "fail_timeout": "--fail-timeout",
     "timeout_sleep_s": "--timeout-sleep",
     "fail_first_n": "--fail-first-n",
+    "fail_malformed": "--fail-malformed",
     "seed": "--seed",
+    "batch_delay_s": "--batch-delay",
+    "batch_expire_after": "--batch-expire-after",
 }
 
 FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(StandinSettings)}
-PROBABILITY_FIELDS = ("fail_5xx", "fail_429", "fail_timeout")
+PROBABILITY_FIELDS = ("fail_5xx", "fail_429", "fail_timeout", "fail_malformed")
 
 
 def check_value(name: str, value):
