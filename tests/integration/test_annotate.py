@@ -175,8 +175,8 @@ def test_structured_and_compact_agree_with_faithful(tmp_path, standin):
 
 def test_malformed_answers_are_asked_again_with_a_corrective_message(tmp_path, standin):
     sets = write_sets(tmp_path / "sets.jsonl", 6)
-    standin.configure(fail_malformed=0.3, seed=3)
-    summary = run_stage(recipe_file(tmp_path, standin, sets, max_reasks=4))
+    standin.configure(fail_malformed=0.25, seed=3)
+    summary = run_stage(recipe_file(tmp_path, standin, sets, max_reasks=6))
     assert summary["reasks_this_run"] > 0 and summary["items_failed"] == 0
     for row in dataset(tmp_path):
         for c in row["completions"]:
