@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 RUN_ARG = run.name=$(RUN)
 
-.PHONY: help install demo test test-fast bench tiny-models prompts generate validate clean-demo
+.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin validate clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the project with test extras
 
-demo: $(STAMP)  ## the offline demo: tiny models -> prompts -> generate (tiny hf models + stand-in server)
+demo: $(STAMP)  ## the offline demo: tiny models -> prompts -> generate -> annotate -> pairs (stand-in server)
 	$(PY) -m pipeline.demo --run $(RUN) $(ARGS)
 
 test: $(STAMP)  ## the whole test suite (unit + integration)
@@ -34,8 +34,9 @@ test: $(STAMP)  ## the whole test suite (unit + integration)
 test-fast: $(STAMP)  ## tests not marked slow
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: $(STAMP)  ## benchmarks (print figures): batched vs one-at-a-time hf generation
+bench: $(STAMP)  ## benchmarks (print figures): hf batching; judge throughput, rerun, memory, tokens per mode
 	$(PY) bench/generate.py
+	$(PY) bench/annotate.py
 
 validate: $(STAMP)  ## validate every recipe under recipes/ (input files not checked)
 	$(PY) -m pipeline validate --no-inputs $$(find recipes -name '*.yaml' -not -path 'recipes/accelerate/*' -not -path 'recipes/slurm/*' | sort)
@@ -48,6 +49,15 @@ prompts: $(STAMP)  ## collect, dedupe and decontaminate instructions (RECIPE=rec
 
 generate: $(STAMP)  ## K completions per prompt from the model pool (RECIPE=recipes/demo/generate.yaml)
 	$(PY) -m pipeline generate $(or $(RECIPE),recipes/demo/generate.yaml) $(RUN_ARG) $(ARGS)
+
+annotate: $(STAMP)  ## judge completion sets (RECIPE=recipes/demo/annotate.yaml; needs `make standin` or a real judge)
+	$(PY) -m pipeline annotate $(or $(RECIPE),recipes/demo/annotate.yaml) $(RUN_ARG) $(ARGS)
+
+pairs: $(STAMP)  ## preference pairs + critique SFT data from judged sets (RECIPE=recipes/demo/pairs.yaml)
+	$(PY) -m pipeline pairs $(or $(RECIPE),recipes/demo/pairs.yaml) $(RUN_ARG) $(ARGS)
+
+standin: $(STAMP)  ## run the stand-in OpenAI-compatible server in the foreground (PORT=8765; NOT a real model)
+	$(PY) -m pipeline.standin --port $(or $(PORT),8765)
 
 clean-demo:  ## delete the outputs of run RUN (data/runs/$(RUN))
 	rm -rf data/runs/$(RUN)

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import threading
@@ -127,8 +128,17 @@ def bench_rerun(tmp: Path, requests: int) -> None:
         summary = quiet(annotate.run, r)
         elapsed = time.monotonic() - started
         sent = server.stats()["requests_total"]
-    print(f"rerun: a finished {filled}-request run ran again (--force) in {elapsed:.1f} s; "
+        # The same command again from the shell: the stage is done, so it is skipped.
+
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-m", "pipeline", "annotate", str(tmp / "rerun.yaml")], check=True,
+                       cwd=Path(__file__).resolve().parent.parent, capture_output=True)
+        cli_elapsed = time.monotonic() - started
+        sent_cli = server.stats()["requests_total"] - sent
+    print(f"rerun: a finished {filled}-request run rebuilt from its ledger (--force) in {elapsed:.1f} s; "
           f"requests sent {sent}; replayed {summary['requests_replayed']}; rows {summary['rows_out']}")
+    print(f"rerun: the same `rlhf annotate` command again (stage done, skipped) in {cli_elapsed:.1f} s; "
+          f"requests sent {sent_cli}")
 
 
 def rss_mib() -> float:

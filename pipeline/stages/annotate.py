@@ -31,6 +31,7 @@ kept in `ledger.jsonl`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -152,10 +153,11 @@ class Item:
     completion: int | None = None
 
 
-def shuffled_order(seed: int, pid: str, n: int) -> list[int]:
+@functools.lru_cache(maxsize=4096)  # asked once per aspect of a prompt; seeding a Random is not free
+def shuffled_order(seed: int, pid: str, n: int) -> tuple[int, ...]:
     order = list(range(n))
     random.Random(f"{seed}:{pid}").shuffle(order)
-    return order
+    return tuple(order)
 
 
 def plan(rows: list[dict], recipe: AnnotateRecipe) -> list[Item]:
@@ -324,6 +326,7 @@ class JudgeRun:
         self.price = self.ann.price
         self.stopped = False
         self.spent_before = 0.0  # what the ledger says earlier runs spent (the budget covers all runs)
+        self.count_replays = True
 
     def api_key(self) -> str:
         spec = self.ann.judge
@@ -420,7 +423,7 @@ class JudgeRun:
                     return Outcome("stopped", reasks=reasks)
                 if result is None:
                     return Outcome("failed", reason=self.ledger.failure(key)["reason"], reasks=reasks)
-            else:
+            elif self.count_replays:
                 self.tally.replayed += 1
             try:
                 return Outcome("ok", value=self.requests.parse(item, result["text"]), reasks=reasks)
@@ -445,9 +448,9 @@ class JudgeRun:
 
         return asyncio.run(replay())
 
-    async def run_all(self, items: list[Item], bar) -> dict[Item, Outcome]:
+    async def run_all(self, items: list[Item], bar, failed_before: int = 0) -> dict[Item, Outcome]:
         outcomes: dict[Item, Outcome] = {}
-        failed = [0]
+        failed = [failed_before]
         queue: asyncio.Queue[Item] = asyncio.Queue()
         for item in items:
             queue.put_nowait(item)
@@ -495,6 +498,18 @@ def _reason_kind(reason: str) -> str:
     """Group parse-failure reasons for the summary: the text before any quoted value."""
     head = reason.split("'")[0].split('"')[0]
     return " ".join(w for w in head.split() if not w.rstrip(":").isdigit())[:80].strip() or reason[:80]
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rho (Pearson's r of average ranks); NaN when undefined. No scipy: its import
+    alone costs more than a whole replayed rerun's parsing of a thousand answers."""
+    import numpy as np
+    import pandas as pd
+
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return float("nan")
+    rx, ry = pd.Series(xs).rank().to_numpy(), pd.Series(ys).rank().to_numpy()
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def spent_so_far(ledger: Ledger, price) -> float:
@@ -572,7 +587,6 @@ def write_report(rows: list[dict], report_dir: Path) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from scipy.stats import spearmanr
 
     report_dir.mkdir(parents=True, exist_ok=True)
     ratings = {a: Counter() for a in rubric.ASPECTS}
@@ -614,7 +628,7 @@ def write_report(rows: list[dict], report_dir: Path) -> dict:
     fig.savefig(report_dir / "ratings_per_model.png", dpi=110)
     plt.close(fig)
 
-    rho = float(spearmanr(overall, fine).statistic) if len(overall) > 2 and len(set(overall)) > 1 else float("nan")
+    rho = spearman(overall, fine)
     fig, ax = plt.subplots(figsize=(4.5, 4))
     jitter = random.Random(0)
     ax.scatter([x + jitter.uniform(-0.15, 0.15) for x in fine], [y + jitter.uniform(-0.15, 0.15) for y in overall],
@@ -797,12 +811,21 @@ def run(recipe: AnnotateRecipe, retry_failed: bool = False, dry: bool = False, b
             batch_collect(judge, stage_path, recipe.annotation.batch_poll_s)
         judge.spent_before = spent_so_far(ledger, judge.price) - judge.tally.cost_usd
         started = time.monotonic()
-        bar = tqdm(total=len(items), desc="annotate", unit="item", dynamic_ncols=True, mininterval=0.5)
-        try:
-            outcomes = asyncio.run(judge.run_all(items, bar))
-        finally:
-            bar.close()
+        # First everything the ledger already answers (no client, no event-loop traffic), then
+        # only what is still to send: a rerun of a finished run never opens a connection.
+        outcomes = dict(zip(items, judge.replay_all(items)))
+        pending = [item for item in items if outcomes[item].status == "pending"]
+        if pending:
+            failed_before = sum(outcome.status == "failed" for outcome in outcomes.values())
+            bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="annotate", unit="item",
+                       dynamic_ncols=True, mininterval=0.5)
+            judge.count_replays = False  # the replay pass above counted them
+            try:
+                outcomes.update(asyncio.run(judge.run_all(pending, bar, failed_before)))
+            finally:
+                bar.close()
         elapsed = time.monotonic() - started
+        tokens = ledger_tokens(ledger)
 
     tally = judge.tally
     stopped = [i for i in items if outcomes[i].status == "stopped"]
@@ -835,7 +858,7 @@ def run(recipe: AnnotateRecipe, retry_failed: bool = False, dry: bool = False, b
         "requests_sent_this_run": requests_this_run, "requests_replayed": tally.replayed,
         "failed_requests_this_run": tally.failed_requests,
         "reasks_this_run": tally.reasks, "parse_failures_this_run": dict(tally.parse_failures),
-        "tokens": _ledger_tokens(stage_path / LEDGER),
+        "tokens": tokens,
         "cost_usd_all_runs": round(spent_total, 6) if judge.price is not None else None,
         "seconds": round(elapsed, 2),
         "report": report,
@@ -847,13 +870,12 @@ def run(recipe: AnnotateRecipe, retry_failed: bool = False, dry: bool = False, b
     return summary
 
 
-def _ledger_tokens(path: Path) -> dict:
+def ledger_tokens(ledger: Ledger) -> dict:
     """Tokens of every successful request in the ledger (all runs, re-asks included)."""
     prompt = completion = 0
-    with Ledger(path) as ledger:
-        for rec in ledger.ok_records():
-            prompt += rec["result"].get("prompt_tokens", 0)
-            completion += rec["result"].get("completion_tokens", 0)
+    for rec in ledger.ok_records():
+        prompt += rec["result"].get("prompt_tokens", 0)
+        completion += rec["result"].get("completion_tokens", 0)
     return {"prompt": prompt, "completion": completion, "total": prompt + completion}
 
 
