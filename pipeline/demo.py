@@ -40,8 +40,14 @@ def _show_judging(run_root: Path, run: str) -> None:
           f"{summary['tokens']['total']:,} tokens, ${summary['cost_usd_all_runs'] or 0:.4f} at the recipe's "
           "illustrative price")
     print(f"  report: {annotate / 'report'} ({', '.join(summary['report']['plots'])})")
-    print(f"Pairs: {run_root / run / 'pairs' / 'dataset'}; summary {run_root / run / 'pairs' / 'summary.json'}")
-    print("  " + json.dumps({k: v for k, v in pairs.items() if isinstance(v, (int, float, str))})[:300])
+    out = run_root / run / "pairs"
+    print(f"Pairs ({pairs['strategy']} on {pairs['score_source']}): {pairs['pairs_train']} train + "
+          f"{pairs['pairs_test']} test pairs from {pairs['rows_with_pairs']} of {pairs['rows_read']} prompts "
+          f"({pairs['rows_dropped']['tied']} tied), mean margin {pairs['margin']['mean']}")
+    print(f"  dataset: {out / 'dataset'} (TRL RewardTrainer/DPOTrainer read train_prefs as is)")
+    if pairs.get("critique"):
+        print(f"  critique SFT data: {out / 'critique'} ({pairs['critique']['train']} train rows)")
+    print(f"  report: {out / 'report' / 'margins.png'}; counts: {out / 'summary.json'}")
 
 
 def main(argv: list[str] | None = None) -> int:
