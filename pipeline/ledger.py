@@ -23,7 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 LEDGER_VERSION = 1
 
@@ -50,11 +50,12 @@ def _is_record(rec) -> bool:
             and (rec.get("status") == "failed" or (rec.get("status") == "ok" and "result" in rec)))
 
 
-def _read_records(path: Path, repair: bool) -> list[dict]:
+def _read_records(path: Path, repair: bool) -> Iterator[tuple[dict, int, int]]:
+    """(record, byte offset, byte length) of each good line; repairs a torn tail when asked."""
     if not path.is_file():
-        return []
+        return
     data = path.read_bytes()
-    records, good_end, start = [], 0, 0
+    good_end, start = 0, 0
     while start < len(data):
         end = data.find(b"\n", start)
         if end == -1:  # torn tail: no newline, the write did not finish
@@ -66,7 +67,7 @@ def _read_records(path: Path, repair: bool) -> list[dict]:
             except ValueError:  # JSONDecodeError, or bytes that are not UTF-8 (UnicodeDecodeError)
                 rec = None
             if _is_record(rec):
-                records.append(rec)
+                yield rec, start, end - start
             # else a damaged whole line: skipped, its call is simply made again
         good_end = end + 1
         start = end + 1
@@ -75,32 +76,46 @@ def _read_records(path: Path, repair: bool) -> list[dict]:
             handle.truncate(good_end)
             handle.flush()
             os.fsync(handle.fileno())
-    return records
 
 
 class Ledger:
-    """Outcomes by key, from `path` (written) and `also_read` (other shards' files, read only)."""
+    """Outcomes by key, from `path` (written) and `also_read` (other shards' files, read only).
+
+    Memory stays small however long the run: a success is held as where its line is (file,
+    offset, length) plus its token counts, and its result is read back from disk when asked for;
+    only failures (few, and needed with their reasons) are held whole.
+    """
 
     def __init__(self, path: Path, also_read: Iterable[Path] = ()):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._ok: dict[str, dict] = {}
+        self._ok: dict[str, tuple[int, int, int, int, int]] = {}  # file no., offset, length, tokens in/out
         self._failed: dict[str, dict] = {}
+        self._files: list = []
         for other in also_read:
-            if Path(other) != self.path:
-                self._load(_read_records(Path(other), repair=False))
-        self._load(_read_records(self.path, repair=True))
-        self._handle = open(self.path, "a", encoding="utf-8")
+            if Path(other) != self.path and Path(other).is_file():
+                self._load(Path(other), repair=False)
+        self._load(self.path, repair=True)
+        self._handle = open(self.path, "ab")
+        self._own = len(self._files)
+        self._files.append(open(self.path, "rb"))
+        self._size = self._handle.tell()
         self._synced = 0.0
 
-    def _load(self, records: list[dict]) -> None:
-        for rec in records:
-            self._apply(rec)
+    def _load(self, path: Path, repair: bool) -> None:
+        number = len(self._files)
+        for rec, offset, length in _read_records(path, repair):
+            self._apply(rec, number, offset, length)
+        if path != self.path:
+            self._files.append(open(path, "rb"))
 
-    def _apply(self, rec: dict) -> None:
+    def _apply(self, rec: dict, number: int, offset: int, length: int) -> None:
         key = rec["key"]
         if rec["status"] == "ok":
-            self._ok[key] = rec
+            result = rec["result"]
+            tokens = (result.get("prompt_tokens", 0), result.get("completion_tokens", 0)) \
+                if isinstance(result, dict) else (0, 0)
+            self._ok[key] = (number, offset, length, int(tokens[0] or 0), int(tokens[1] or 0))
             self._failed.pop(key, None)
         elif key not in self._ok:  # a recorded success is never undone by a later failure
             self._failed[key] = rec
@@ -108,13 +123,15 @@ class Ledger:
     def _append(self, rec: dict) -> None:
         # flush() hands the line to the OS at once, which is all a killed process needs; fsync
         # (against power loss) costs milliseconds, so it runs at most every FSYNC_EVERY_S.
-        self._handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        line = json.dumps(rec, ensure_ascii=False).encode("utf-8")
+        self._handle.write(line + b"\n")
         self._handle.flush()
         now = time.monotonic()
         if now - self._synced >= FSYNC_EVERY_S:
             os.fsync(self._handle.fileno())
             self._synced = now
-        self._apply(rec)
+        self._apply(rec, self._own, self._size, len(line))
+        self._size += len(line) + 1
 
     def record_ok(self, key: str, result: dict, **meta) -> None:
         self._append({"key": key, "status": "ok", "time": time.time(), "result": result, **meta})
@@ -123,12 +140,15 @@ class Ledger:
         self._append({"key": key, "status": "failed", "time": time.time(), "reason": reason, **meta})
 
     def result(self, key: str) -> dict | None:
-        rec = self._ok.get(key)
-        return rec["result"] if rec else None
+        where = self._ok.get(key)
+        if where is None:
+            return None
+        number, offset, length = where[:3]
+        return json.loads(os.pread(self._files[number].fileno(), length, offset))["result"]
 
-    def ok_records(self):
-        """Every successful record (key, result and the caller's metadata)."""
-        return self._ok.values()
+    def token_counts(self) -> Iterator[tuple[int, int]]:
+        """(prompt tokens, completion tokens) of every success (all runs, re-asks included)."""
+        return ((entry[3], entry[4]) for entry in self._ok.values())
 
     def is_ok(self, key: str) -> bool:
         return key in self._ok
@@ -148,6 +168,8 @@ class Ledger:
             self._handle.flush()
             os.fsync(self._handle.fileno())
             self._handle.close()
+        for handle in self._files:
+            handle.close()
 
     def __enter__(self) -> "Ledger":
         return self

@@ -518,7 +518,8 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 def spent_so_far(ledger: Ledger, price) -> float:
     if price is None:
         return 0.0
-    return sum(cost(rec["result"], price) for rec in ledger.ok_records())
+    prompt, completion = _token_sums(ledger)
+    return (prompt * price.input_per_mtok + completion * price.output_per_mtok) / 1e6
 
 
 # ---------------------------------------------------------------- assembling rows
@@ -875,11 +876,16 @@ def run(recipe: AnnotateRecipe, retry_failed: bool = False, dry: bool = False, b
 
 def ledger_tokens(ledger: Ledger) -> dict:
     """Tokens of every successful request in the ledger (all runs, re-asks included)."""
-    prompt = completion = 0
-    for rec in ledger.ok_records():
-        prompt += rec["result"].get("prompt_tokens", 0)
-        completion += rec["result"].get("completion_tokens", 0)
+    prompt, completion = _token_sums(ledger)
     return {"prompt": prompt, "completion": completion, "total": prompt + completion}
+
+
+def _token_sums(ledger: Ledger) -> tuple[int, int]:
+    prompt = completion = 0
+    for p, c in ledger.token_counts():
+        prompt += p
+        completion += c
+    return prompt, completion
 
 
 def print_summary(summary: dict, stage_path: Path) -> None:
