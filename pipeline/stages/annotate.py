@@ -327,6 +327,7 @@ class JudgeRun:
         self.stopped = False
         self.spent_before = 0.0  # what the ledger says earlier runs spent (the budget covers all runs)
         self.count_replays = True
+        self.keep_pending = True  # replay keeps the messages of what is still to send
 
     def api_key(self) -> str:
         spec = self.ann.judge
@@ -418,8 +419,11 @@ class JudgeRun:
                 failure = self.ledger.failure(key)
                 if failure is not None and not self.retry_failed:
                     return Outcome("failed", reason=failure.get("reason", "failed"), reasks=reasks)
-                if client is None:  # replay only (dry run): this is where spending would start
-                    return Outcome("pending", value=(messages, params), reasks=reasks)
+                if client is None:  # replay only: this is where spending would start
+                    # (--dry-run prices the messages; a real run renders them again when it sends,
+                    # rather than hold every unsent request's text at once)
+                    return Outcome("pending", value=(messages, params) if self.keep_pending else None,
+                                   reasks=reasks)
                 try:
                     result = await self.send(client, key, messages, params, {**meta, "reask": reasks})
                 except BudgetReached:
@@ -817,6 +821,7 @@ def run(recipe: AnnotateRecipe, retry_failed: bool = False, dry: bool = False, b
         started = time.monotonic()
         # First everything the ledger already answers (no client, no event-loop traffic), then
         # only what is still to send: a rerun of a finished run never opens a connection.
+        judge.keep_pending = False
         outcomes = dict(zip(items, judge.replay_all(items)))
         pending = [item for item in items if outcomes[item].status == "pending"]
         if pending:
