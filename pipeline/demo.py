@@ -43,7 +43,7 @@ def _show_judging(run_root: Path, run: str) -> None:
     out = run_root / run / "pairs"
     print(f"Pairs ({pairs['strategy']} on {pairs['score_source']}): {pairs['pairs_train']} train + "
           f"{pairs['pairs_test']} test pairs from {pairs['rows_with_pairs']} of {pairs['rows_read']} prompts "
-          f"({pairs['rows_dropped']['tied']} tied), mean margin {pairs['margin']['mean']}")
+          f"({pairs['rows_dropped']['tied']} tied), mean margin {pairs['margin']['mean']:.3f}")
     print(f"  dataset: {out / 'dataset'} (TRL RewardTrainer/DPOTrainer read train_prefs as is)")
     if pairs.get("critique"):
         print(f"  critique SFT data: {out / 'critique'} ({pairs['critique']['train']} train rows)")
