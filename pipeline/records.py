@@ -10,8 +10,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
 
 from datasets import Features, List, Value
+
+from pipeline.config import ConfigError
 
 PROMPT_FEATURES = Features(
     {
@@ -88,3 +93,56 @@ def unannotated_completion(model: str, principle: str, system_prompt: str, respo
         "principle": principle,
         "response": response,
     }
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, row) for each non-blank line of a JSONL file; a bad line is a ConfigError."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError as err:  # malformed JSON or bytes that are not UTF-8
+                raise ConfigError(f"{path}:{number}: not valid JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            yield f"{path}:{number}", row
+
+
+def saved_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, row) for a `datasets` folder, a parquet file or a JSONL file of completion sets;
+    `where` is `file:line` (JSONL) or `file:row N`, for error messages."""
+    if path.is_dir():
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            dataset = load_from_disk(str(path))
+        except Exception as err:
+            raise ConfigError(f"{path}: not a saved `datasets` folder ({str(err).splitlines()[0]})") from None
+        if isinstance(dataset, DatasetDict):
+            if "train" not in dataset and len(dataset) != 1:
+                raise ConfigError(f"{path}: a DatasetDict needs a 'train' split or exactly one split "
+                                  f"(has {', '.join(dataset)})")
+            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+        for index, row in enumerate(dataset):
+            yield f"{path}:row {index + 1}", row
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            handle = pq.ParquetFile(str(path))
+            batches = handle.iter_batches(batch_size=1024)
+            index = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    index += 1
+                    yield f"{path}:row {index}", row
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise ConfigError(f"{path}: cannot read parquet ({str(err).splitlines()[0]})") from None
+    elif path.suffix in (".jsonl", ".json"):
+        yield from jsonl_rows(path)
+    else:
+        raise ConfigError(f"{path}: unknown file type (use .jsonl, .parquet or a `datasets` folder)")

@@ -47,7 +47,7 @@ from pipeline.judge import rubric
 from pipeline.judge.parse import ParseError, parse_aspect, parse_compact, parse_critique
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.openai_backend import _reason
-from pipeline.records import COMPLETION_SET_FEATURES, empty_annotations, prompt_id
+from pipeline.records import COMPLETION_SET_FEATURES, empty_annotations, prompt_id, saved_rows
 from pipeline.runs import (DATASET, StageFailed, atomic_dir, atomic_write_text, clear_done, mark_done,
                            resolve_input, save_config, stage_dir, write_json)
 
@@ -71,36 +71,6 @@ class BudgetReached(Exception):
 
 
 # ---------------------------------------------------------------- input
-
-
-def _where_rows(path: Path):
-    """(where, row) for a dataset folder, a JSONL or a parquet file in the UltraFeedback shape."""
-    if path.is_dir():
-        from datasets import load_from_disk
-
-        try:
-            dataset = load_from_disk(str(path))
-        except Exception as err:
-            raise ConfigError(f"{path}: not a saved `datasets` folder ({str(err).splitlines()[0]})") from None
-        for i, row in enumerate(dataset):
-            yield f"{path}:row {i + 1}", row
-    elif path.suffix == ".parquet":
-        from datasets import Dataset
-
-        for i, row in enumerate(Dataset.from_parquet(str(path))):
-            yield f"{path}:row {i + 1}", row
-    else:
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw)
-                except ValueError as err:
-                    raise ConfigError(f"{path}:{number}: not valid JSON ({err})") from None
-                if not isinstance(row, dict):
-                    raise ConfigError(f"{path}:{number}: expected a JSON object")
-                yield f"{path}:{number}", row
 
 
 def check_row(row: dict, where: str, allow_unknown_sources: bool) -> dict:
@@ -134,7 +104,7 @@ def check_row(row: dict, where: str, allow_unknown_sources: bool) -> dict:
 def load_rows(recipe: AnnotateRecipe) -> list[dict]:
     path = resolve_input(recipe, recipe.inputs.completions, "inputs.completions")
     allow = recipe.annotation.allow_unknown_sources
-    rows = [check_row(row, where, allow) for where, row in _where_rows(path)]
+    rows = [check_row(row, where, allow) for where, row in saved_rows(path)]
     if not rows:
         raise ConfigError(f"inputs.completions: {path} holds no completion sets")
     return rows

@@ -57,17 +57,15 @@ Also `summary.json` (counts, margins, seed), `report/margins.png`, `config.yaml`
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.config import ConfigError, PairsRecipe
-from pipeline.records import prompt_id as make_prompt_id
+from pipeline.records import prompt_id as make_prompt_id, saved_rows
 from pipeline.runs import (DATASET, atomic_dir, clear_done, mark_done, resolve_input, save_config, stage_dir,
                            write_json)
 
@@ -145,51 +143,6 @@ class Row:
     source: str
     instruction: str
     completions: tuple[Completion, ...]
-
-
-def _rows(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, raw row) for a `datasets` folder, a parquet file or a JSONL file."""
-    if path.is_dir():
-        from datasets import DatasetDict, load_from_disk
-
-        try:
-            dataset = load_from_disk(str(path))
-        except Exception as err:
-            raise ConfigError(f"{path}: not a saved `datasets` folder ({str(err).splitlines()[0]})") from None
-        if isinstance(dataset, DatasetDict):
-            if "train" not in dataset and len(dataset) != 1:
-                raise ConfigError(f"{path}: a DatasetDict needs a 'train' split or exactly one split "
-                                  f"(has {', '.join(dataset)})")
-            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-        for index, row in enumerate(dataset):
-            yield f"{path}:row {index + 1}", row
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            handle = pq.ParquetFile(str(path))
-            batches = handle.iter_batches(batch_size=1024)
-            index = 0
-            for batch in batches:
-                for row in batch.to_pylist():
-                    index += 1
-                    yield f"{path}:row {index}", row
-        except ConfigError:
-            raise
-        except Exception as err:
-            raise ConfigError(f"{path}: cannot read parquet ({str(err).splitlines()[0]})") from None
-    elif path.suffix in (".jsonl", ".json"):
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw)
-                except ValueError as err:  # malformed JSON or bytes that are not UTF-8
-                    raise ConfigError(f"{path}:{number}: not valid JSON ({err})") from None
-                yield f"{path}:{number}", row
-    else:
-        raise ConfigError(f"{path}: unknown file type (use .jsonl, .parquet or a `datasets` folder)")
 
 
 def _number(value, key: str, where: str) -> float | None:
@@ -284,7 +237,7 @@ def check_row(raw, where: str) -> Row:
 
 def load_rows(recipe: PairsRecipe) -> tuple[Path, list[Row]]:
     path = resolve_input(recipe, recipe.inputs.annotations, "inputs.annotations")
-    rows = [check_row(raw, where) for where, raw in _rows(path)]
+    rows = [check_row(raw, where) for where, raw in saved_rows(path)]
     if not rows:
         raise ConfigError(f"inputs.annotations: {path} holds no rows")
     return path, rows

@@ -16,7 +16,6 @@ file:line of every dropped prompt), `_SUCCESS` last.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import unicodedata
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import ConfigError, PromptsRecipe, SourceSpec
-from pipeline.records import PROMPT_FEATURES, prompt_id
+from pipeline.records import PROMPT_FEATURES, jsonl_rows, prompt_id
 from pipeline.runs import DATASET, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
 
 
@@ -47,20 +46,6 @@ class SourceCounts:
 
 
 # ---------------------------------------------------------------- reading rows
-
-
-def _jsonl_rows(path: Path):
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except ValueError as err:  # bad JSON or bytes that are not UTF-8
-                raise ConfigError(f"{path}:{number}: not valid JSON ({err})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}:{number}", row
 
 
 def _table_rows(dataset, label: str):
@@ -102,7 +87,7 @@ def _read_source(spec: SourceSpec):
             raise ConfigError(f"{path}: cannot read parquet ({str(err).splitlines()[0]})") from None
         yield from _table_rows(dataset, str(path))
     elif path.suffix in (".jsonl", ".json"):
-        yield from _jsonl_rows(path)
+        yield from jsonl_rows(path)
     else:
         raise ConfigError(f"{path}: unknown file type (use .jsonl, .parquet or a `datasets` folder)")
 
