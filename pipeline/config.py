@@ -44,6 +44,8 @@ class StageRef(Strict):
 
     stage: str
     run: str | None = None
+    output: str = Field("dataset", description="Which output of that stage: dataset (default), "
+                        "critique (pairs), model (training stages)")
 
 
 class LaunchSection(Strict):
@@ -296,12 +298,201 @@ class TinyModelsRecipe(Strict):
     seed: int = 0
 
 
+# --- training ----------------------------------------------------------------------------------
+
+
+def _local_paths(**named) -> list[tuple[str, str]]:
+    """(recipe key, path) for the inputs given as plain paths (stage refs are checked at run time)."""
+    return [(key, value) for key, value in named.items() if isinstance(value, str)]
+
+
+class LoraSection(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainSection(Strict):
+    """What every training stage shares; the stage's own section holds the method's knobs."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="> 0: stop after this many optimizer steps (overrides epochs)")
+    global_batch_size: int = Field(8, ge=1, description="Sequences (pairs) per optimizer step over all "
+                                   "processes; gradient accumulation = global / (processes x per-device)")
+    per_device_batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (linear, cosine, constant, ...)")
+    min_learning_rate: float | None = Field(None, ge=0, description="cosine decays to this (cosine_with_min_lr)")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(1024, ge=8, description="Tokens per sequence; longer examples are dropped by TRL")
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, else fp32")
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(200, ge=1, description="Checkpoint every N steps (a killed run resumes from the last)")
+    save_total_limit: int = Field(2, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; None = at the end only")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="wandb needs WANDB_API_KEY in the environment")
+    lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of all weights")
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config (usually set by the accelerate config)")
+
+
+class TrainInputs(Strict):
+    dataset: StageRef | str = Field(description="Training data: a stage output or a `datasets` folder")
+    train_split: str = "train"
+    eval_split: str | None = "test"
+
+
+class SftSection(Strict):
+    assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only (needs generation tags)")
+
+
+class SftRecipe(Strict):
+    stage: Literal["sft"]
+    run: RunSection
+    model: str = Field(description="Base model folder (or a stage ref's model output via inputs)")
+    inputs: TrainInputs
+    train: TrainSection = TrainSection()
+    sft: SftSection = SftSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset})
+
+
+class RewardSource(Strict):
+    """One preference dataset of the reward mixture."""
+
+    name: str = Field(description="Label in the accuracy table")
+    dataset: StageRef | str
+    format: Literal["pairs", "anthropic_hh", "shp", "summarize"] = Field(
+        "pairs", description="pairs: our `pairs` output (or any chosen/rejected conversations)")
+    train_split: str = "train_prefs"
+    eval_split: str | None = "test_prefs"
+    train_size: int | None = Field(None, ge=1, description="Sample this many training pairs (seeded); None = all")
+    eval_size: int | None = Field(None, ge=1)
+    use_margin: bool = Field(True, description="Pass the margin column to the loss (0 when the source has none)")
+
+
+class RewardSection(Strict):
+    sources: list[RewardSource] = Field(min_length=1)
+
+
+class RewardRecipe(Strict):
+    stage: Literal["reward"]
+    run: RunSection
+    model: str = Field(description="Base model folder; a linear score head is added")
+    train: TrainSection = TrainSection()
+    reward: RewardSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(model=self.model, **{f"reward.sources[{i}].dataset": s.dataset
+                                                 for i, s in enumerate(self.reward.sources)})
+
+
+class DpoSection(Strict):
+    beta: float = Field(0.1, gt=0)
+    loss_type: str = Field("sigmoid", description="TRL DPO loss type")
+
+
+class DpoRecipe(Strict):
+    stage: Literal["dpo"]
+    run: RunSection
+    model: StageRef | str = Field(description="Policy to start from (usually the sft stage's model)")
+    inputs: TrainInputs
+    train: TrainSection = TrainSection()
+    dpo: DpoSection = DpoSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset})
+
+
+class PpoSection(Strict):
+    reward_model: StageRef | str = Field(description="The reward stage's model (its value head starts from it)")
+    samples_per_iteration: int = Field(512, ge=1, description="Rollouts per PPO iteration (TRL batch_size)")
+    mini_batch_size: int = Field(64, ge=1)
+    iterations: int = Field(80, ge=1)
+    ppo_epochs: int = Field(4, ge=1)
+    kl_coef: float = Field(0.05, ge=0)
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    eval_prompts: int = Field(64, ge=1, description="Held-out prompts scored before and after")
+
+
+class PpoRecipe(Strict):
+    stage: Literal["ppo"]
+    run: RunSection
+    model: StageRef | str = Field(description="Starting policy (usually the sft stage's model)")
+    inputs: TrainInputs
+    train: TrainSection = TrainSection()
+    ppo: PpoSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset,
+                                                 "ppo.reward_model": self.ppo.reward_model})
+
+
+class BestOfNSection(Strict):
+    reward_model: StageRef | str
+    n_values: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    prompts: int = Field(64, ge=1, description="Held-out prompts to sample for")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class BestOfNRecipe(Strict):
+    stage: Literal["bestofn"]
+    run: RunSection
+    model: StageRef | str = Field(description="Policy that samples")
+    inputs: TrainInputs
+    bestofn: BestOfNSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset,
+                                                 "bestofn.reward_model": self.bestofn.reward_model})
+
+
+class CritiqueSection(Strict):
+    eval_items: int = Field(64, ge=1, description="Held-out critiques generated and scored in evaluation")
+    max_new_tokens: int = Field(512, ge=1)
+
+
+class CritiqueRecipe(Strict):
+    stage: Literal["critique"]
+    run: RunSection
+    model: str = Field(description="Base model folder")
+    inputs: TrainInputs
+    train: TrainSection = TrainSection()
+    critique: CritiqueSection = CritiqueSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset})
+
+
 STAGE_RECIPES: dict[str, type[Strict]] = {
     "prompts": PromptsRecipe,
     "generate": GenerateRecipe,
     "annotate": AnnotateRecipe,
     "pairs": PairsRecipe,
     "tiny-models": TinyModelsRecipe,
+    "sft": SftRecipe,
+    "reward": RewardRecipe,
+    "dpo": DpoRecipe,
+    "ppo": PpoRecipe,
+    "bestofn": BestOfNRecipe,
+    "critique": CritiqueRecipe,
 }
 
 

@@ -100,4 +100,4 @@ def resolve_input(recipe, ref: StageRef | str, key: str) -> Path:
             f"{key}: stage {ref.stage!r} of run {ref.run or recipe.run.name!r} has not finished "
             f"(no {path / SUCCESS}); run it first"
         )
-    return path / DATASET
+    return path / ref.output

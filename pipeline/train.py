@@ -1,0 +1,136 @@
+"""Plain helpers that the training stages share (no base class): TRL config arguments from a
+recipe's `train` section, the global-batch arithmetic, precision, LoRA, resuming and saving.
+
+Layout of a training stage's folder (`data/runs/<run>/<stage>/`): `checkpoints/` (TRL's
+output_dir: `checkpoint-N/` and the TensorBoard logs), `model/` (the
+final weights and tokenizer, written last under a temporary name and renamed), `eval.json`,
+`summary.json`, `report/*.png`, `_SUCCESS`.
+
+Run with several processes (`accelerate launch`, `torchrun`), every process runs the stage; only
+the main process writes the files other stages read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.config import ConfigError, TrainSection
+
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+
+
+def world_size() -> int:
+    """Processes taking part (set by accelerate launch / torchrun; 1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def gradient_accumulation(train: TrainSection, processes: int | None = None) -> int:
+    """Steps to accumulate so that one optimizer step sees `global_batch_size` sequences."""
+    processes = processes or world_size()
+    per_pass = processes * train.per_device_batch_size
+    if train.global_batch_size % per_pass:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is not divisible by processes ({processes}) x "
+            f"train.per_device_batch_size ({train.per_device_batch_size}) = {per_pass}")
+    return train.global_batch_size // per_pass
+
+
+def precision(train: TrainSection) -> dict:
+    """bf16/fp16/use_cpu flags: TRL defaults to bf16, which a CPU run must turn off."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if train.precision in ("bf16", "fp16") and not cuda:
+        raise ConfigError(f"train.precision={train.precision} needs a GPU; use auto or fp32 on CPU")
+    if train.precision == "auto":
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+        return {"bf16": bf16, "fp16": False, "use_cpu": not cuda}
+    return {"bf16": train.precision == "bf16", "fp16": train.precision == "fp16", "use_cpu": not cuda}
+
+
+def trl_config(config_cls, train: TrainSection, stage_path: Path, **extra):
+    """A TRL `*Config` (a TrainingArguments subclass) from the recipe; `extra` wins."""
+    kwargs = dict(
+        output_dir=str(stage_path / CHECKPOINTS),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_batch_size,
+        per_device_eval_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(train),
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # transformers 5: a value below 1 is a fraction of all steps
+        weight_decay=train.weight_decay,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        report_to=list(train.report_to),
+        deepspeed=train.deepspeed,
+        **precision(train),
+    )
+    if train.gradient_checkpointing:
+        kwargs["activation_checkpointing"] = True  # transformers 5's name for gradient checkpointing
+    if train.min_learning_rate is not None:
+        if train.lr_scheduler != "cosine":
+            raise ConfigError("train.min_learning_rate needs train.lr_scheduler: cosine")
+        kwargs["lr_scheduler_type"] = "cosine_with_min_lr"
+        kwargs["lr_scheduler_kwargs"] = {"min_lr": train.min_learning_rate}
+    if "wandb" in train.report_to and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        raise ConfigError("train.report_to has wandb but WANDB_API_KEY (or WANDB_MODE=offline) is not set")
+    kwargs.update(extra)
+    return config_cls(**kwargs)
+
+
+def lora_config(train: TrainSection, task_type: str):
+    """A peft LoraConfig when the recipe asks for LoRA, else None (full fine-tuning)."""
+    if train.lora is None:
+        return None
+    from peft import LoraConfig
+
+    lora = train.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type=task_type)
+
+
+def last_checkpoint(stage_path: Path) -> str | None:
+    """The newest `checkpoint-N` of an earlier, interrupted run of this stage (to resume from)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = stage_path / CHECKPOINTS
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def save_model(trainer, tokenizer, stage_path: Path) -> Path:
+    """Write the final model (LoRA adapters merged in) to `model/`, renamed into place last."""
+    final = stage_path / MODEL
+    tmp = stage_path / f".{MODEL}.tmp"
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # a peft model: later stages load plain weights
+        model = model.merge_and_unload()
+        if trainer.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(str(tmp))
+    else:
+        trainer.save_model(str(tmp))  # every process takes part (DeepSpeed gathers shards)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(str(tmp))
+        old = stage_path / f".{MODEL}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return final
