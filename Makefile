@@ -11,11 +11,21 @@ export TOKENIZERS_PARALLELISM ?= false
 
 RUN_ARG = run.name=$(RUN)
 
-.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin validate clean-demo
+# Training stages run in this process, or under `accelerate launch` when ACCELERATE names a config
+# in recipes/accelerate/ (ddp, zero2, zero3) with NPROC processes. On CPU, ddp with NPROC > 1
+# needs --multi_gpu (gloo): accelerate's --cpu would silently start a single process.
+NPROC ?= 1
+ACCELERATE ?=
+TRAIN = $(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file recipes/accelerate/$(ACCELERATE).yaml \
+	--num_processes $(NPROC) $(if $(and $(filter ddp,$(ACCELERATE)),$(filter-out 1,$(NPROC))),--multi_gpu) \
+	-m pipeline,$(PY) -m pipeline)
+
+.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique validate clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: RUN=<run name> (default demo), RECIPE=<yaml>, ARGS='key=value --force ...'"
+	@echo "  variables: RUN=<run name> (default demo), RECIPE=<yaml>, ARGS='key=value --force ...',"
+	@echo "             ACCELERATE=ddp|zero2|zero3 NPROC=<processes> (training stages)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +65,24 @@ annotate: $(STAMP)  ## judge completion sets (RECIPE=recipes/demo/annotate.yaml;
 
 pairs: $(STAMP)  ## preference pairs + critique SFT data from judged sets (RECIPE=recipes/demo/pairs.yaml)
 	$(PY) -m pipeline pairs $(or $(RECIPE),recipes/demo/pairs.yaml) $(RUN_ARG) $(ARGS)
+
+sft: $(STAMP)  ## supervised fine-tuning on chats (RECIPE=recipes/demo/sft.yaml; ACCELERATE=ddp NPROC=2)
+	$(TRAIN) sft $(or $(RECIPE),recipes/demo/sft.yaml) $(RUN_ARG) $(ARGS)
+
+reward: $(STAMP)  ## reward model (UltraRM) + pairwise accuracy per source (RECIPE=recipes/demo/reward.yaml)
+	$(TRAIN) reward $(or $(RECIPE),recipes/demo/reward.yaml) $(RUN_ARG) $(ARGS)
+
+dpo: $(STAMP)  ## DPO on preference pairs (RECIPE=recipes/demo/dpo.yaml)
+	$(TRAIN) dpo $(or $(RECIPE),recipes/demo/dpo.yaml) $(RUN_ARG) $(ARGS)
+
+ppo: $(STAMP)  ## PPO of the policy against the reward model (RECIPE=recipes/demo/ppo.yaml)
+	$(TRAIN) ppo $(or $(RECIPE),recipes/demo/ppo.yaml) $(RUN_ARG) $(ARGS)
+
+bestofn: $(STAMP)  ## best-of-n sampling scored by the reward model (RECIPE=recipes/demo/bestofn.yaml)
+	$(PY) -m pipeline bestofn $(or $(RECIPE),recipes/demo/bestofn.yaml) $(RUN_ARG) $(ARGS)
+
+critique: $(STAMP)  ## critique model (UltraCM): SFT on critiques + score correlation (RECIPE=recipes/demo/critique.yaml)
+	$(TRAIN) critique $(or $(RECIPE),recipes/demo/critique.yaml) $(RUN_ARG) $(ARGS)
 
 standin: $(STAMP)  ## run the stand-in OpenAI-compatible server in the foreground (PORT=8765; NOT a real model)
 	$(PY) -m pipeline.standin --port $(or $(PORT),8765)

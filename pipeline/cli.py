@@ -22,6 +22,12 @@ STAGE_MODULES = {
     "generate": "pipeline.stages.generate",
     "annotate": "pipeline.stages.annotate",
     "pairs": "pipeline.stages.pairs",
+    "sft": "pipeline.stages.sft",
+    "reward": "pipeline.stages.reward",
+    "dpo": "pipeline.stages.dpo",
+    "ppo": "pipeline.stages.ppo",
+    "bestofn": "pipeline.stages.bestofn",
+    "critique": "pipeline.stages.critique",
 }
 SHARDED_STAGES = {"generate"}
 

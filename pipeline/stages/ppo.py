@@ -1,0 +1,224 @@
+"""Stage `ppo`: PPO of a policy against our reward model (trl.experimental.ppo, TRL 1.12).
+
+Reads: `model` (the starting policy, usually the sft stage's model), `ppo.reward_model` (the
+reward stage's model, a sequence classifier with a score head; the value model starts from it,
+as in UltraLM-PPO), `inputs.dataset` (prompts: the `prompt` column of the pairs output, a list of
+chat messages; default splits train_gen / test_gen in the recipes).
+
+One PPO iteration samples `ppo.samples_per_iteration` responses, scores them, and takes
+`ppo.ppo_epochs` passes over them in mini-batches of `ppo.mini_batch_size`; the run lasts
+`ppo.iterations` iterations. Gradient accumulation is derived so that processes x per-device
+batch x accumulation = samples per iteration.
+
+Writes: `model/` (the policy), `eval.json` (mean reward of sampled responses on held-out prompts
+before and after, the KL to the starting policy on those samples), `summary.json`,
+`report/ppo_curves.png` (reward, KL and entropy per iteration, from TRL's logs), `_SUCCESS` last.
+TRL's PPOTrainer has no resume-from-checkpoint; a killed run starts again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, PpoRecipe, StageRef
+from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
+from pipeline.train import is_main_process, lora_config, save_model, trl_config, world_size
+
+REPORT = "report"
+
+
+def model_folder(recipe, ref: StageRef | str, key: str) -> Path:
+    path = resolve_input(recipe, ref, key)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} is not a model folder (no config.json)")
+    return path
+
+
+def check_reward_model(path: Path, key: str) -> None:
+    """A reward model must be a sequence classifier; a causal LM would get a random score head."""
+    config = json.loads((path / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ConfigError(f"{key}: {path} is not a reward model (architectures {architectures}; "
+                          "expected a *ForSequenceClassification with a trained score head: the reward stage's model)")
+    if config.get("num_labels", len(config.get("id2label") or {0: 0})) != 1:
+        raise ConfigError(f"{key}: {path} has more than one output label; a reward model has one")
+
+
+def prompt_ids(dataset, tokenizer, limit: int | None, max_prompt_tokens: int, key: str) -> list[list[int]]:
+    if "prompt" not in dataset.column_names:
+        raise ConfigError(f"{key}: no `prompt` column (has {', '.join(dataset.column_names)})")
+    out = []
+    for row in dataset:
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        if len(ids) <= max_prompt_tokens:
+            out.append(list(ids))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def sample_and_score(policy, reference, reward_model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                     temperature: float, seed: int, batch_size: int = 8) -> dict:
+    """Sampled responses' mean reward, and the mean KL(policy || reference) estimate (k1)."""
+    import torch
+
+    torch.manual_seed(seed)
+    rewards, kls = [], []
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in chunk])[:, None]).long()
+        with torch.no_grad():
+            out = policy.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                                  top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad)
+            response = out[:, width:]
+            # Tokens after the first end-of-turn are padding, not part of the response.
+            eos = tokenizer.eos_token_id
+            ended = torch.cumsum((response == eos).long(), dim=1)
+            keep = (ended == 0) | ((ended == 1) & (response == eos))
+            response = torch.where(keep, response, torch.full_like(response, pad))
+            full = torch.cat([input_ids, response], dim=1)
+            full_mask = torch.cat([mask, keep.long()], dim=1)
+            rewards += reward_model(input_ids=full, attention_mask=full_mask).logits[:, 0].tolist()
+            logp = _token_logprobs(policy, full, full_mask, width)
+            logq = _token_logprobs(reference, full, full_mask, width)
+            kls += ((logp - logq) * keep).sum(dim=1).tolist()
+    return {"mean_reward": sum(rewards) / len(rewards), "mean_kl": sum(kls) / len(kls), "n": len(rewards)}
+
+
+def _token_logprobs(model, ids, mask, prompt_width: int):
+    import torch
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_width - 1:-1]
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, prompt_width:, None])[..., 0]
+
+
+def plot_curves(log_history: list[dict], path: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [("objective/scores", "reward model score"), ("objective/kl", "KL to the start"),
+             ("objective/entropy", "entropy")]
+    rows = [r for r in log_history if "objective/scores" in r]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, (key, title) in zip(axes, names):
+        ax.plot([r.get("episode", i) for i, r in enumerate(rows)], [r.get(key, math.nan) for r in rows], marker=".")
+        ax.set_title(title)
+        ax.set_xlabel("episodes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path.name]
+
+
+def run(recipe: PpoRecipe) -> dict:
+    import torch
+    from datasets import Dataset, load_from_disk
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    path = stage_dir(recipe)
+    clear_done(path)
+    cfg, train = recipe.ppo, recipe.train
+    policy_path = model_folder(recipe, recipe.model, "model")
+    reward_path = model_folder(recipe, cfg.reward_model, "ppo.reward_model")
+    check_reward_model(reward_path, "ppo.reward_model")
+
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_path), padding_side="left")
+    reward_tokenizer = AutoTokenizer.from_pretrained(str(reward_path))
+    # PPO feeds the policy's token ids straight into the reward model: the vocabularies must match.
+    if tokenizer.get_vocab() != reward_tokenizer.get_vocab():
+        raise ConfigError(f"ppo.reward_model: its tokenizer ({reward_path}) differs from the policy's "
+                          f"({policy_path}); PPO scores the policy's token ids directly")
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"model: the tokenizer of {policy_path} has no pad token")
+
+    processes, per_device = world_size(), train.per_device_batch_size
+    if cfg.samples_per_iteration % (processes * per_device):
+        raise ConfigError(f"ppo.samples_per_iteration={cfg.samples_per_iteration} is not divisible by processes "
+                          f"({processes}) x train.per_device_batch_size ({per_device})")
+    if cfg.samples_per_iteration % cfg.mini_batch_size:
+        raise ConfigError(f"ppo.samples_per_iteration={cfg.samples_per_iteration} is not divisible by "
+                          f"ppo.mini_batch_size={cfg.mini_batch_size}")
+
+    data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
+    data = load_from_disk(str(data_path))
+    for split in (recipe.inputs.train_split, recipe.inputs.eval_split):
+        if split is not None and split not in data:
+            raise ConfigError(f"inputs: {data_path} has no split {split!r} (has {', '.join(data)})")
+    max_prompt = train.max_length - cfg.max_new_tokens
+    if max_prompt < 8:
+        raise ConfigError(f"train.max_length={train.max_length} leaves no room for prompts after "
+                          f"ppo.max_new_tokens={cfg.max_new_tokens}")
+    train_prompts = prompt_ids(data[recipe.inputs.train_split], tokenizer, None, max_prompt, "inputs.train_split")
+    eval_split = recipe.inputs.eval_split or recipe.inputs.train_split
+    eval_prompts = prompt_ids(data[eval_split], tokenizer, cfg.eval_prompts, max_prompt, "inputs.eval_split")
+    if not train_prompts or not eval_prompts:
+        raise ConfigError(f"inputs.dataset: no prompt of {data_path} fits in {max_prompt} tokens")
+
+    torch.manual_seed(train.seed)
+    policy = AutoModelForCausalLM.from_pretrained(str(policy_path))
+    reference = AutoModelForCausalLM.from_pretrained(str(policy_path))
+    reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_path), num_labels=1)
+    value_model = AutoModelForSequenceClassification.from_pretrained(str(reward_path), num_labels=1)
+    for model in (policy, reference, reward_model, value_model):
+        model.config.pad_token_id = tokenizer.pad_token_id
+    reference.eval()
+    reward_model.eval()
+
+    before = sample_and_score(policy, reference, reward_model, tokenizer, eval_prompts, cfg.max_new_tokens,
+                              cfg.temperature, train.seed)
+    per_iteration = train.model_copy(update={"global_batch_size": cfg.samples_per_iteration})
+    args = trl_config(
+        PPOConfig, per_iteration, path,
+        num_mini_batches=cfg.samples_per_iteration // cfg.mini_batch_size,
+        total_episodes=cfg.iterations * cfg.samples_per_iteration,
+        num_ppo_epochs=cfg.ppo_epochs, kl_coef=cfg.kl_coef, response_length=cfg.max_new_tokens,
+        temperature=cfg.temperature, stop_token="eos", num_sample_generations=0,
+        local_rollout_forward_batch_size=per_device, save_strategy="no",
+    )
+    started = time.monotonic()
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
+                         reward_model=reward_model, value_model=value_model,
+                         train_dataset=Dataset.from_dict({"input_ids": train_prompts}),
+                         peft_config=lora_config(train, "CAUSAL_LM"))
+    trainer.train()
+    seconds = time.monotonic() - started
+    trained = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.model
+    trained = trainer.accelerator.unwrap_model(trained)
+    trained.eval()
+    after = sample_and_score(trained, reference, reward_model, tokenizer, eval_prompts, cfg.max_new_tokens,
+                             cfg.temperature, train.seed)
+    save_model(trainer, tokenizer, path)
+
+    summary = {
+        "iterations": cfg.iterations, "samples_per_iteration": cfg.samples_per_iteration,
+        "episodes": trainer.state.episode, "seconds": round(seconds, 1),
+        "eval_prompts": after["n"], "reward_before": round(before["mean_reward"], 4),
+        "reward_after": round(after["mean_reward"], 4), "kl_after": round(after["mean_kl"], 4),
+        "kl_before": round(before["mean_kl"], 4),
+    }
+    if is_main_process():
+        save_config(path, recipe)
+        write_json(path / "eval.json", {"before": before, "after": after})
+        summary["report"] = plot_curves(trainer.state.log_history, path / REPORT / "ppo_curves.png")
+        write_json(path / "summary.json", summary)
+        mark_done(path, {"episodes": trainer.state.episode})
+        print(f"ppo: {cfg.iterations} iterations x {cfg.samples_per_iteration} samples in {seconds:.0f} s -> "
+              f"{path / 'model'}\n  held-out reward {before['mean_reward']:.4f} -> {after['mean_reward']:.4f}; "
+              f"KL to the start {after['mean_kl']:.4f} nats per response")
+    return summary

@@ -1,0 +1,69 @@
+"""Stage `ppo` on tiny models: it runs TRL's PPOTrainer end to end and writes the policy, the
+before/after evaluation and the curves; a reward model without a score head or with another
+vocabulary is refused before anything is trained. (The method check, reward rising under PPO, is
+not here yet: see the issue.)"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from pipeline.config import ConfigError, PpoRecipe
+from pipeline.runs import is_done
+from pipeline.stages import ppo
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_pool, tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("ppo")
+    reward = tmp / "reward-model"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_pool[0], num_labels=1)
+    model.save_pretrained(reward)
+    AutoTokenizer.from_pretrained(tiny_pool[0]).save_pretrained(reward)
+    rows = [{"prompt": [{"role": "user", "content": f"Say something kind about item {i}."}]} for i in range(24)]
+    DatasetDict({"train_gen": Dataset.from_list(rows[:16]), "test_gen": Dataset.from_list(rows[16:])}
+                ).save_to_disk(str(tmp / "prompts"))
+    return tmp, tiny_pool[0], reward
+
+
+def recipe(tmp, policy, reward, **ppo_fields) -> PpoRecipe:
+    return PpoRecipe.model_validate({
+        "stage": "ppo", "run": {"name": "t", "root": str(tmp / "runs")}, "model": str(policy),
+        "inputs": {"dataset": str(tmp / "prompts"), "train_split": "train_gen", "eval_split": "test_gen"},
+        "train": {"learning_rate": 1e-3, "per_device_batch_size": 4, "max_length": 64, "report_to": [],
+                  "logging_steps": 1, "seed": 0},
+        "ppo": {"reward_model": str(reward), "samples_per_iteration": 8, "mini_batch_size": 4, "iterations": 2,
+                "ppo_epochs": 1, "max_new_tokens": 8, "eval_prompts": 8, **ppo_fields},
+    })
+
+
+def test_ppo_runs_and_writes_policy_eval_and_curves(setup):
+    tmp, policy, reward = setup
+    summary = ppo.run(recipe(tmp, policy, reward))
+    out = tmp / "runs" / "t" / "ppo"
+    assert is_done(out)
+    assert (out / "model" / "config.json").is_file() and (out / "report" / "ppo_curves.png").stat().st_size > 1000
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["before"]["n"] == evaluation["after"]["n"] == 8
+    assert summary["episodes"] == 16
+    # The KL estimate is 0 for the starting policy against itself, and the policy moved.
+    assert summary["kl_before"] == 0 and summary["kl_after"] != 0
+
+
+def test_a_causal_lm_is_not_a_reward_model(setup):
+    tmp, policy, _ = setup
+    with pytest.raises(ConfigError, match="is not a reward model"):
+        ppo.run(recipe(tmp, policy, policy))
+
+
+def test_samples_must_split_into_mini_batches(setup):
+    tmp, policy, reward = setup
+    with pytest.raises(ConfigError, match="not divisible by ppo.mini_batch_size"):
+        ppo.run(recipe(tmp, policy, reward, mini_batch_size=3))
