@@ -5,10 +5,13 @@ reward stage's model, a sequence classifier with a score head; the value model s
 as in UltraLM-PPO), `inputs.dataset` (prompts: the `prompt` column of the pairs output, a list of
 chat messages; default splits train_gen / test_gen in the recipes).
 
-One PPO iteration samples `ppo.samples_per_iteration` responses, scores them, and takes
-`ppo.ppo_epochs` passes over them in mini-batches of `ppo.mini_batch_size`; the run lasts
-`ppo.iterations` iterations. Gradient accumulation is derived so that processes x per-device
-batch x accumulation = samples per iteration.
+Batches. In TRL 1.12's PPOTrainer the optimizer steps once per rollout batch and PPO epoch
+(its `num_mini_batches` only splits the gradient accumulation), so a "mini-batch" that updates
+the policy is a rollout batch there. We therefore roll out `ppo.mini_batch_size` responses at a
+time (gradient accumulation = mini-batch / (processes x per-device batch)) and take
+`ppo.ppo_epochs` steps on each; `ppo.samples_per_iteration` x `ppo.iterations` is the number of
+episodes. With the paper's 512 samples and mini-batch 64 this keeps 8 policy updates per 512
+samples per epoch, with each 64 rolled out by the latest policy rather than all 512 at once.
 
 Writes: `model/` (the policy), `eval.json` (mean reward of sampled responses on held-out prompts
 before and after, the KL to the starting policy on those samples), `summary.json`,
@@ -148,8 +151,8 @@ def run(recipe: PpoRecipe) -> dict:
         raise ConfigError(f"model: the tokenizer of {policy_path} has no pad token")
 
     processes, per_device = world_size(), train.per_device_batch_size
-    if cfg.samples_per_iteration % (processes * per_device):
-        raise ConfigError(f"ppo.samples_per_iteration={cfg.samples_per_iteration} is not divisible by processes "
+    if cfg.mini_batch_size % (processes * per_device):
+        raise ConfigError(f"ppo.mini_batch_size={cfg.mini_batch_size} is not divisible by processes "
                           f"({processes}) x train.per_device_batch_size ({per_device})")
     if cfg.samples_per_iteration % cfg.mini_batch_size:
         raise ConfigError(f"ppo.samples_per_iteration={cfg.samples_per_iteration} is not divisible by "
@@ -182,10 +185,10 @@ def run(recipe: PpoRecipe) -> dict:
 
     before = sample_and_score(policy, reference, reward_model, tokenizer, eval_prompts, cfg.max_new_tokens,
                               cfg.temperature, train.seed)
-    per_iteration = train.model_copy(update={"global_batch_size": cfg.samples_per_iteration})
+    rollout = train.model_copy(update={"global_batch_size": cfg.mini_batch_size})
     args = trl_config(
-        PPOConfig, per_iteration, path,
-        num_mini_batches=cfg.samples_per_iteration // cfg.mini_batch_size,
+        PPOConfig, rollout, path,
+        num_mini_batches=1,
         total_episodes=cfg.iterations * cfg.samples_per_iteration,
         num_ppo_epochs=cfg.ppo_epochs, kl_coef=cfg.kl_coef, response_length=cfg.max_new_tokens,
         temperature=cfg.temperature, stop_token="eos", num_sample_generations=0,
@@ -211,6 +214,7 @@ def run(recipe: PpoRecipe) -> dict:
         "eval_prompts": after["n"], "reward_before": round(before["mean_reward"], 4),
         "reward_after": round(after["mean_reward"], 4), "kl_after": round(after["mean_kl"], 4),
         "kl_before": round(before["mean_kl"], 4),
+        "train_scores": [round(r["objective/scores"], 4) for r in trainer.state.log_history if "objective/scores" in r],
     }
     if is_main_process():
         save_config(path, recipe)
