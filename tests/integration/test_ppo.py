@@ -63,7 +63,10 @@ def test_a_causal_lm_is_not_a_reward_model(setup):
         ppo.run(recipe(tmp, policy, policy))
 
 
-def test_samples_must_split_into_mini_batches(setup):
+def test_batch_arithmetic_is_checked_before_training(setup):
     tmp, policy, reward = setup
-    with pytest.raises(ConfigError, match="not divisible by ppo.mini_batch_size"):
-        ppo.run(recipe(tmp, policy, reward, mini_batch_size=3))
+    with pytest.raises(ConfigError, match=r"ppo.mini_batch_size=6 is not divisible by processes \(1\) x "
+                                          r"train.per_device_batch_size \(4\)"):
+        ppo.run(recipe(tmp, policy, reward, mini_batch_size=6, samples_per_iteration=12))
+    with pytest.raises(ConfigError, match="samples_per_iteration=12 is not divisible by ppo.mini_batch_size=8"):
+        ppo.run(recipe(tmp, policy, reward, mini_batch_size=8, samples_per_iteration=12))
