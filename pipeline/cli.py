@@ -30,6 +30,8 @@ STAGE_MODULES = {
     "critique": "pipeline.stages.critique",
 }
 SHARDED_STAGES = {"generate"}
+# Training stages resume from checkpoints/ when they were interrupted; --force trains afresh.
+TRAINING_STAGES = {"sft", "reward", "dpo", "ppo", "critique"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +84,12 @@ def _run_stage(args) -> int:
         clear_done(path)
         for shard in path.glob("shard-*-of-*"):
             clear_done(shard)
+        if args.command in TRAINING_STAGES and int(os.environ.get("RANK", "0")) == 0:
+            import shutil
+
+            from pipeline.train import CHECKPOINTS
+
+            shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
     import datasets
 
     datasets.disable_progress_bars()  # "Saving the dataset" bars would bury the stage's own output

@@ -1,0 +1,233 @@
+"""Stage `bestofn`: best-of-n sampling against a reward model, reported as reward versus n.
+
+For each of the first `bestofn.prompts` prompts of `inputs.eval_split` (default `test_gen` of the
+`pairs` output; its `prompt` column, a list of chat turns or a plain string), the policy
+(`model`) samples max(n_values) completions ONCE (seeded; pipeline.llm.hf does the batched,
+left-padded generation with the policy's chat template). For every n the best of the FIRST n
+samples is taken, so the curve is nested (best-of-2 can only improve on best-of-1) and the
+same recipe gives the same numbers again.
+
+The reward model (`bestofn.reward_model`) is a folder that AutoModelForSequenceClassification
+loads with one label and a trained score head; a causal LM (no score head: loading would
+initialise a random `score` layer) is a ConfigError, found before any sampling.
+
+Tokenizers: the completions are scored as TEXT, re-rendered with the reward model's own
+tokenizer and chat template, not as the policy's token ids. A reward model only means something
+on the rendering it was trained on, and text is the one thing both models share whatever their
+vocabularies, so a policy and a reward model from different families work. Where a mismatch does
+matter, the reward model has no chat template to render the conversation with: ConfigError.
+
+Outputs: `eval.json` (the table: n, mean reward of the best of n, and the mean over all samples),
+`best.jsonl` (per prompt, the chosen completion for the largest n, with every sample's reward),
+`report/bestofn.png`, `summary.json`, `config.yaml`, `_SUCCESS` last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pipeline.config import BestOfNRecipe, ConfigError, ModelSpec
+from pipeline.runs import (StageFailed, atomic_write_text, clear_done, mark_done, resolve_input, save_config,
+                           stage_dir, write_json)
+
+REPORT = "report"
+
+
+def _messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def load_prompts(path: Path, split: str | None, count: int) -> list[dict]:
+    from datasets import DatasetDict, load_from_disk
+
+    if split is None:
+        raise ConfigError("inputs.eval_split: bestofn samples for held-out prompts; name a split (e.g. test_gen)")
+    try:
+        data = load_from_disk(str(path))
+    except Exception as err:
+        raise ConfigError(f"inputs.dataset: {path} is not a `datasets` folder ({type(err).__name__}: {err})") from None
+    if not isinstance(data, DatasetDict) or split not in data:
+        have = ", ".join(data) if isinstance(data, DatasetDict) else "a single Dataset"
+        raise ConfigError(f"inputs.eval_split: split {split!r} is not in {path} (it has {have})")
+    rows = data[split]
+    if "prompt" not in rows.column_names:
+        raise ConfigError(f"inputs.dataset: split {split!r} of {path} has no `prompt` column")
+    if len(rows) == 0:
+        raise ConfigError(f"inputs.dataset: split {split!r} of {path} is empty")
+    rows = rows.select(range(min(count, len(rows))))
+    ids = rows["prompt_id"] if "prompt_id" in rows.column_names else [str(i) for i in range(len(rows))]
+    return [{"prompt_id": pid, "messages": _messages(p)} for pid, p in zip(ids, rows["prompt"])]
+
+
+def load_reward_model(path: Path):
+    """(model, tokenizer) of a reward model folder, refusing anything without a trained score head."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    key = "bestofn.reward_model"
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} is not a transformers model folder (no config.json)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    archs = config.architectures or []
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"{key}: {path} is a {', '.join(archs)}, not a reward model (a *ForSequenceClassification "
+                          "with a trained score head, e.g. the reward stage's model)")
+    if archs and config.num_labels != 1:  # (a config without architectures says 2 by default)
+        raise ConfigError(f"{key}: {path} has {config.num_labels} labels; a reward model has one")
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+    # A head that loading had to create is random: its "rewards" would rank nothing.
+    fresh = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
+    if fresh:
+        raise ConfigError(f"{key}: {path} has no trained score head (newly initialised: {', '.join(sorted(fresh))})")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{key}: the tokenizer at {path} has no chat template, so the conversations cannot "
+                          "be rendered as the reward model saw them in training")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    model.eval()
+    return model, tokenizer
+
+
+def sample(policy_path: Path, prompts: list[dict], per_prompt: int, recipe: BestOfNRecipe) -> list[list[str]]:
+    """`per_prompt` completions for each prompt; seeds are fixed per request, so reruns agree."""
+    from pipeline.llm.base import GenRequest
+    from pipeline.llm.hf import HFBackend
+
+    cfg = recipe.bestofn
+    backend = HFBackend(ModelSpec(name="policy", backend="hf", path=str(policy_path), batch_size=cfg.batch_size))
+    params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
+    requests = [GenRequest(key=f"{i}:{k}", messages=tuple(p["messages"]),
+                           params={**params, "seed": cfg.seed * 1_000_003 + i * per_prompt + k})
+                for i, p in enumerate(prompts) for k in range(per_prompt)]
+    texts: dict[str, str] = {}
+    errors: list[str] = []
+    try:
+        backend.generate(requests, lambda req, res: texts.__setitem__(req.key, res.text),
+                         lambda req, reason: errors.append(f"{req.key}: {reason}"))
+    finally:
+        backend.close()
+    if errors:
+        raise StageFailed(f"bestofn: {len(errors)} of {len(requests)} samples failed, first: {errors[0]}")
+    return [[texts[f"{i}:{k}"] for k in range(per_prompt)] for i in range(len(prompts))]
+
+
+def score(model, tokenizer, prompts: list[dict], completions: list[list[str]], batch_size: int) -> list[list[float]]:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    flat = [(i, k, tokenizer.apply_chat_template(p["messages"] + [{"role": "assistant", "content": c}],
+                                                 tokenize=False))
+            for i, p in enumerate(prompts) for k, c in enumerate(completions[i])]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    rewards = [[0.0] * len(c) for c in completions]
+    flat.sort(key=lambda item: len(item[2]))  # similar lengths per batch: little padding
+    for start in range(0, len(flat), batch_size):
+        batch = flat[start : start + batch_size]
+        enc = tokenizer([text for _, _, text in batch], add_special_tokens=False, padding=True,
+                        truncation=limit is not None, max_length=limit, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            values = model(**enc).logits[:, 0].float().tolist()
+        for (i, k, _), value in zip(batch, values):
+            rewards[i][k] = value
+    return rewards
+
+
+def best_of_n_table(rewards: list[list[float]], n_values: list[int]) -> list[dict]:
+    """Mean over prompts of max(reward of the first n samples), for each n."""
+    table = []
+    for n in n_values:
+        best = [max(r[:n]) for r in rewards]
+        table.append({"n": n, "mean_best_reward": sum(best) / len(best)})
+    return table
+
+
+def plot_curve(table: list[dict], mean_reward: float, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["n"] for r in table], [r["mean_best_reward"] for r in table], "o-", label="best of n")
+    ax.axhline(mean_reward, color="grey", linestyle="--", label="mean over all samples")
+    ax.set_xscale("log", base=2)
+    ax.set(title="best-of-n: reward of the kept sample", xlabel="n (samples per prompt)", ylabel="mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run(recipe: BestOfNRecipe, dry: bool = False) -> dict:
+    from transformers import AutoTokenizer
+
+    cfg = recipe.bestofn
+    # Everything is checked before anything is written or sampled.
+    policy_path = resolve_input(recipe, recipe.model, "model")
+    if not (policy_path / "config.json").is_file():
+        raise ConfigError(f"model: {policy_path} is not a transformers model folder (no config.json)")
+    if not AutoTokenizer.from_pretrained(policy_path, local_files_only=True).chat_template:
+        raise ConfigError(f"model: the tokenizer at {policy_path} has no chat template")
+    data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
+    prompts = load_prompts(data_path, recipe.inputs.eval_split, cfg.prompts)
+    rm_path = resolve_input(recipe, cfg.reward_model, "bestofn.reward_model")
+    rm, rm_tokenizer = load_reward_model(rm_path)
+    n_values = sorted(set([1, *cfg.n_values]))  # n=1 (plain sampling) is always the baseline
+    per_prompt = n_values[-1]
+    if dry:
+        plan = {"policy": str(policy_path), "reward_model": str(rm_path), "prompts": len(prompts),
+                "samples": len(prompts) * per_prompt}
+        print(f"bestofn (dry run): {plan}")
+        return plan
+
+    path = stage_dir(recipe)
+    path.mkdir(parents=True, exist_ok=True)
+    clear_done(path)
+    save_config(path, recipe)
+    started = time.time()
+
+    completions = sample(policy_path, prompts, per_prompt, recipe)
+    rewards = score(rm, rm_tokenizer, prompts, completions, cfg.batch_size)
+    table = best_of_n_table(rewards, n_values)
+    all_rewards = [v for r in rewards for v in r]
+    mean_reward = sum(all_rewards) / len(all_rewards)
+
+    lines = []
+    for p, texts, r in zip(prompts, completions, rewards):
+        k = max(range(per_prompt), key=r.__getitem__)
+        lines.append(json.dumps({"prompt_id": p["prompt_id"], "prompt": p["messages"], "n": per_prompt,
+                                 "best_index": k, "completion": texts[k], "reward": r[k], "rewards": r}))
+    atomic_write_text(path / "best.jsonl", "".join(line + "\n" for line in lines))
+
+    policy_vocab = AutoTokenizer.from_pretrained(policy_path, local_files_only=True).get_vocab()
+    result = {
+        "table": table, "mean_reward_all_samples": mean_reward, "prompts": len(prompts),
+        "samples_per_prompt": per_prompt, "policy": str(policy_path), "reward_model": str(rm_path),
+        # informational: scoring re-renders text, so differing vocabularies are allowed
+        "same_vocab": policy_vocab == rm_tokenizer.get_vocab(),
+    }
+    write_json(path / "eval.json", result)
+    plot = plot_curve(table, mean_reward, path / REPORT / "bestofn.png")
+    summary = {**result, "split": recipe.inputs.eval_split, "temperature": cfg.temperature, "top_p": cfg.top_p,
+               "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "report": str(plot),
+               "seconds": round(time.time() - started, 1)}
+    write_json(path / "summary.json", summary)
+    mark_done(path, {"prompts": len(prompts), "samples_per_prompt": per_prompt})
+
+    print(f"bestofn: {len(prompts)} prompts x {per_prompt} samples; mean reward of the kept sample:")
+    print("     n  mean best reward")
+    for row in table:
+        print(f"{row['n']:>6}  {row['mean_best_reward']:>16.4f}")
+    return summary

@@ -1,0 +1,156 @@
+"""Stage `dpo`: Direct Preference Optimization of a policy on preference pairs (TRL's DPOTrainer).
+
+Inputs: `model` (a model folder, or a training stage's `model` output) and `inputs.dataset`, a
+`datasets` DatasetDict in the `pairs` shape (`prompt` = [user turn], `chosen`/`rejected` =
+[assistant turn]); splits `train_prefs`/`test_prefs` unless the recipe names others. Every input
+is checked before anything is written. The reference model is the starting policy (TRL copies
+it, or switches the LoRA adapters off when `train.lora` is set).
+
+Outputs (see pipeline.train for the folder layout): `model/`, `eval.json` (TRL's eval metrics:
+loss, rewards/accuracies, rewards/margins, ...), `summary.json`, `report/rewards.png` (the logged
+implicit-reward margin and accuracy per step), `config.yaml`, `_SUCCESS` last.
+A killed run resumes from its last checkpoint when started again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, DpoRecipe
+from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
+from pipeline.train import is_main_process, last_checkpoint, lora_config, save_model, trl_config
+
+REPORT = "report"
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def check_model_folder(path: Path, key: str) -> Path:
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} is not a transformers model folder (no config.json)")
+    return path
+
+
+def load_pairs(path: Path, key: str, splits: dict[str, str | None], columns=PAIR_COLUMNS) -> dict:
+    """The named splits of a DatasetDict, each checked for the preference columns."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except Exception as err:  # not a `datasets` folder at all
+        raise ConfigError(f"{key}: {path} is not a `datasets` folder ({type(err).__name__}: {err})") from None
+    if not isinstance(data, DatasetDict):
+        raise ConfigError(f"{key}: {path} is a single Dataset; a DatasetDict with named splits is needed")
+    out = {}
+    for split_key, split in splits.items():
+        if split is None:
+            continue
+        if split not in data:
+            raise ConfigError(f"{split_key}: split {split!r} is not in {path} (it has {', '.join(data)})")
+        missing = [c for c in columns if c not in data[split].column_names]
+        if missing:
+            raise ConfigError(f"{key}: split {split!r} of {path} lacks column(s) {', '.join(missing)} "
+                              f"(needs {', '.join(columns)})")
+        if len(data[split]) == 0:
+            raise ConfigError(f"{key}: split {split!r} of {path} is empty")
+        out[split_key] = data[split]
+    return out
+
+
+def plot_rewards(log_history: list[dict], out: Path) -> Path | None:
+    """Margin and accuracy of the implicit reward, as TRL logged them, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for prefix, label in (("", "train"), ("eval_", "eval")):
+        rows = [r for r in log_history if f"{prefix}rewards/margins" in r]
+        if rows:
+            series[label] = ([r["step"] for r in rows], [r[f"{prefix}rewards/margins"] for r in rows],
+                             [r.get(f"{prefix}rewards/accuracies", float("nan")) for r in rows])
+    if not series:
+        return None
+    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, (steps, margins, accs) in series.items():
+        style = "o-" if len(steps) < 3 else "-"
+        ax_m.plot(steps, margins, style, label=label)
+        ax_a.plot(steps, accs, style, label=label)
+    ax_m.set(title="implicit reward margin (chosen - rejected)", xlabel="step", ylabel="margin")
+    ax_a.set(title="implicit reward accuracy", xlabel="step", ylabel="accuracy", ylim=(-0.05, 1.05))
+    for ax in (ax_m, ax_a):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run(recipe: DpoRecipe, dry: bool = False) -> dict:
+    # Check every input before writing anything.
+    model_path = check_model_folder(resolve_input(recipe, recipe.model, "model"), "model")
+    data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
+    splits = load_pairs(data_path, "inputs.dataset", {"inputs.train_split": recipe.inputs.train_split,
+                                                      "inputs.eval_split": recipe.inputs.eval_split})
+    train_data, eval_data = splits["inputs.train_split"], splits.get("inputs.eval_split")
+    if dry:
+        plan = {"model": str(model_path), "dataset": str(data_path), "train_pairs": len(train_data),
+                "eval_pairs": len(eval_data) if eval_data is not None else 0}
+        print(f"dpo (dry run): {plan}")
+        return plan
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    path = stage_dir(recipe)
+    main = is_main_process()
+    if main:
+        path.mkdir(parents=True, exist_ok=True)
+        clear_done(path)
+        save_config(path, recipe)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    if tokenizer.pad_token is None:  # only fills masked positions
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ConfigError(f"model: the tokenizer at {model_path} has no chat template (the pairs are conversations)")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True)
+
+    train = recipe.train
+    args = trl_config(DPOConfig, train, path, max_length=train.max_length, beta=recipe.dpo.beta,
+                      loss_type=[recipe.dpo.loss_type])
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                         processing_class=tokenizer, peft_config=lora_config(train, "CAUSAL_LM"))
+    started = time.time()
+    resume = last_checkpoint(path)
+    result = trainer.train(resume_from_checkpoint=resume)
+    eval_metrics = trainer.evaluate() if eval_data is not None else {}
+    save_model(trainer, tokenizer, path)
+
+    summary = {
+        "model": str(model_path), "dataset": str(data_path),
+        "train_split": recipe.inputs.train_split, "eval_split": recipe.inputs.eval_split,
+        "train_pairs": len(train_data), "eval_pairs": len(eval_data) if eval_data is not None else 0,
+        "beta": recipe.dpo.beta, "loss_type": recipe.dpo.loss_type, "lora": train.lora is not None,
+        "steps": result.global_step, "train_loss": result.training_loss, "resumed_from": resume,
+        "eval": {k: v for k, v in eval_metrics.items()
+                 if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")},
+        "seconds": round(time.time() - started, 1),
+    }
+    if main:
+        write_json(path / "eval.json", eval_metrics)
+        plot = plot_rewards(trainer.state.log_history, path / REPORT / "rewards.png")
+        summary["report"] = str(plot) if plot else None
+        write_json(path / "summary.json", summary)
+        mark_done(path, {"steps": result.global_step})
+        ev = summary["eval"]
+        print(f"dpo: {result.global_step} steps, train loss {result.training_loss:.4f}"
+              + (f"; eval loss {ev.get('eval_loss', float('nan')):.4f}, reward accuracy "
+                 f"{ev.get('eval_rewards/accuracies', float('nan')):.3f}, margin "
+                 f"{ev.get('eval_rewards/margins', float('nan')):.4f}" if ev else "")
+              + f" -> {path / 'model'}")
+    return summary

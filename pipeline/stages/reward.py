@@ -1,0 +1,344 @@
+"""Stage `reward`: a reward model (UltraRM-style) trained on a mixture of preference datasets.
+
+Sources (`reward.sources`, each tagged with its `name`):
+- `pairs`: our `pairs` output, or any `datasets` folder of chosen/rejected pairs (conversational
+  with or without an explicit `prompt`, or plain strings); splits `train_split` / `eval_split`.
+- `anthropic_hh`, `shp`, `summarize`: the public row shapes of Anthropic HH-RLHF, Stanford SHP
+  and OpenAI summarize_from_feedback comparisons, read from JSONL, parquet or a `datasets`
+  folder. A single file has no splits, so a seeded 10 % (at least one row) is held out.
+Every row becomes TRL's explicit-prompt conversational shape (`prompt` = the turns before the
+answer, `chosen`/`rejected` = the answer as one assistant turn), plus `margin` and `source`.
+Rank-only data has margin 0 (as UltraRM did); `use_margin: false` zeroes it for a source too.
+`train_size`/`eval_size` sample rows (seeded by `train.seed` and the source name).
+
+Everything is read and checked before anything is written: a bad row is a ConfigError naming
+`reward.sources[i]` and the file (line for JSONL). Training is TRL's RewardTrainer (loss
+-logsigmoid(r_c - r_r - margin)); the model is `AutoModelForSequenceClassification` with one
+label. Evaluation scores each held-out pair with the saved model and counts reward(chosen) >
+reward(rejected) (a tie is a miss), per source and overall: `eval.json`, `summary.json`,
+`report/accuracy.png`, then `_SUCCESS`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, RewardRecipe, RewardSource
+from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
+from pipeline.train import (MODEL, is_main_process, last_checkpoint, lora_config, save_model, trl_config)
+
+REPORT = "report"
+HOLDOUT_FRACTION = 0.10  # public files come unsplit; this share is held out for accuracy
+COLUMNS = ("prompt", "chosen", "rejected", "margin", "source")
+
+
+# --- reading and converting the sources ---------------------------------------------------------
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _need(row: dict, fields: tuple[str, ...], where: str, key: str) -> None:
+    missing = [f for f in fields if row.get(f) is None]
+    if missing:
+        raise ConfigError(f"{key}: {where}: missing {', '.join(repr(f) for f in missing)} "
+                          f"(have {', '.join(sorted(row)) or 'no fields'})")
+
+
+def _hh_turns(text: str, where: str, key: str) -> list[dict]:
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages; the last turn must be the assistant's."""
+    import re
+
+    parts = re.split(r"\n\n(Human|Assistant): ?", "\n\n" + text.lstrip("\n"))
+    if len(parts) < 3 or parts[0].strip():
+        raise ConfigError(f"{key}: {where}: not an HH transcript (expected '\\n\\nHuman: ...')")
+    turns = [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+             for speaker, content in zip(parts[1::2], parts[2::2])]
+    if turns[-1]["role"] != "assistant":
+        raise ConfigError(f"{key}: {where}: the transcript does not end with an Assistant turn")
+    return turns
+
+
+def convert(row: dict, fmt: str, where: str, key: str) -> dict:
+    """One public or pairs row -> {prompt, chosen, rejected, margin}; margin None = none given."""
+    if fmt == "anthropic_hh":
+        _need(row, ("chosen", "rejected"), where, key)
+        chosen, rejected = _hh_turns(row["chosen"], where, key), _hh_turns(row["rejected"], where, key)
+        # Both transcripts share the dialogue; only the last answer differs.
+        return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:], "margin": None}
+    if fmt == "shp":
+        _need(row, ("history", "human_ref_A", "human_ref_B", "labels"), where, key)
+        a_wins = int(row["labels"]) == 1
+        chosen, rejected = ((row["human_ref_A"], row["human_ref_B"]) if a_wins
+                            else (row["human_ref_B"], row["human_ref_A"]))
+        return {"prompt": _user(row["history"]), "chosen": _assistant(chosen), "rejected": _assistant(rejected),
+                "margin": None}
+    if fmt == "summarize":
+        _need(row, ("info", "summaries", "choice"), where, key)
+        info, summaries, choice = row["info"], row["summaries"], int(row["choice"])
+        if not isinstance(summaries, list) or len(summaries) != 2 or choice not in (0, 1):
+            raise ConfigError(f"{key}: {where}: `summaries` must hold two entries and `choice` be 0 or 1")
+        body = info.get("post") or info.get("article")
+        if not body:
+            raise ConfigError(f"{key}: {where}: `info` has neither 'post' nor 'article'")
+        head = f"Summarize this post from r/{info['subreddit']}" if info.get("subreddit") else "Summarize this text"
+        title = f"\nTitle: {info['title']}" if info.get("title") else ""
+        prompt = f"{head} in a sentence or two.{title}\n\n{body}"
+        return {"prompt": _user(prompt), "chosen": _assistant(summaries[choice]["text"]),
+                "rejected": _assistant(summaries[1 - choice]["text"]), "margin": None}
+    # pairs: explicit prompt (ours), implicit prompt (whole conversations) or plain strings
+    _need(row, ("chosen", "rejected"), where, key)
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str):
+        chosen, rejected = _assistant(chosen), _assistant(rejected)
+        prompt = _user(prompt) if isinstance(prompt, str) else prompt
+    if prompt is None:  # implicit prompt: the shared turns before the last answer
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    if not prompt:
+        raise ConfigError(f"{key}: {where}: empty prompt")
+    return {"prompt": list(prompt), "chosen": list(chosen), "rejected": list(rejected), "margin": row.get("margin")}
+
+
+def _file_rows(path: Path, key: str) -> list[tuple[str, dict]]:
+    from pipeline.records import saved_rows
+
+    try:
+        return list(saved_rows(path))
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def _split_rows(path: Path, split: str, key: str, split_key: str) -> list[tuple[str, dict]]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except Exception as err:
+        raise ConfigError(f"{key}: {path}: not a saved `datasets` folder ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, DatasetDict):
+        raise ConfigError(f"{key}: {path}: a single split; {split_key} needs a DatasetDict")
+    if split not in data:
+        raise ConfigError(f"{split_key}: {path} has no split {split!r} (has {', '.join(data)})")
+    return [(f"{path}/{split}:row {i + 1}", row) for i, row in enumerate(data[split])]
+
+
+def _has_splits(path: Path) -> bool:
+    return path.is_dir() and (path / "dataset_dict.json").is_file()
+
+
+def load_source(recipe: RewardRecipe, index: int, source: RewardSource) -> tuple[list[dict], list[dict], dict]:
+    """(train rows, eval rows, counts) of one source, converted, sampled and tagged."""
+    key = f"reward.sources[{index}]"
+    path = resolve_input(recipe, source.dataset, f"{key}.dataset")
+    rng = random.Random(f"{recipe.train.seed}:{source.name}")
+    if _has_splits(path):
+        train_raw = _split_rows(path, source.train_split, key, f"{key}.train_split")
+        eval_raw = (_split_rows(path, source.eval_split, key, f"{key}.eval_split")
+                    if source.eval_split else [])
+        held_out = False
+    else:
+        rows = _file_rows(path, key)
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        n_eval = max(1, round(HOLDOUT_FRACTION * len(rows))) if len(rows) > 1 else 0
+        eval_raw = [rows[i] for i in sorted(order[:n_eval])]
+        train_raw = [rows[i] for i in sorted(order[n_eval:])]
+        held_out = True
+
+    def take(raw: list[tuple[str, dict]], size: int | None) -> list[dict]:
+        if size is not None and size < len(raw):
+            raw = [raw[i] for i in sorted(rng.sample(range(len(raw)), size))]
+        out = []
+        for where, row in raw:  # every kept row is converted, so a bad one stops the stage here
+            pair = convert(row, source.format, where, key)
+            margin = pair["margin"] if source.use_margin and pair["margin"] is not None else 0.0
+            out.append({**pair, "margin": float(margin), "source": source.name})
+        return out
+
+    train, held = take(train_raw, source.train_size), take(eval_raw, source.eval_size)
+    if not train:
+        raise ConfigError(f"{key}: {path}: no training pairs")
+    counts = {"path": str(path), "format": source.format, "available_train": len(train_raw),
+              "available_eval": len(eval_raw), "train": len(train), "eval": len(held), "held_out_from_file": held_out}
+    return train, held, counts
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+def score_pairs(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 16) -> list[tuple[float, float]]:
+    """(reward chosen, reward rejected) per row, tokenised as RewardTrainer does (prompt + answer
+    through the chat template), right-truncated to max_length, batched, no grad."""
+    import torch
+    from trl.data_utils import _tokenize
+
+    device = next(model.parameters()).device
+    texts = []
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            ids = _tokenize(tokenizer, row["prompt"] + row[side])["input_ids"]
+            texts.append(ids[:max_length])
+    pad = tokenizer.pad_token_id
+    scores: list[float] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start:start + batch_size]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=device)
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=device)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, 0]
+            scores.extend(logits.float().cpu().tolist())
+    model.train(was_training)
+    return list(zip(scores[0::2], scores[1::2]))
+
+
+def accuracy_table(rows: list[dict], scores: list[tuple[float, float]], names: list[str]) -> dict:
+    """Pairwise accuracy (a tie is a miss) and mean reward gap per source and overall."""
+    table = {}
+    groups = {name: [i for i, r in enumerate(rows) if r["source"] == name] for name in names}
+    groups["overall"] = list(range(len(rows)))
+    for name, idx in groups.items():
+        gaps = [scores[i][0] - scores[i][1] for i in idx]
+        table[name] = {"pairs": len(idx),
+                       "accuracy": (sum(g > 0 for g in gaps) / len(idx)) if idx else None,
+                       "mean_reward_gap": (sum(gaps) / len(idx)) if idx else None}
+    return table
+
+
+def plot_accuracy(table: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in table.items() if r["accuracy"] is not None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 3.5))
+    bars = ax.bar(names, [table[n]["accuracy"] for n in names],
+                  color=["#4c72b0" if n != "overall" else "#55a868" for n in names])
+    for bar, name in zip(bars, names):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, f"n={table[name]['pairs']}",
+                ha="center", fontsize=7)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)  # chance
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("pairwise accuracy")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(table: dict) -> None:
+    print(f"  {'source':<20}{'pairs':>7}{'accuracy':>10}{'gap':>9}")
+    for name, r in table.items():
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        gap = "-" if r["mean_reward_gap"] is None else f"{r['mean_reward_gap']:.3f}"
+        print(f"  {name:<20}{r['pairs']:>7}{acc:>10}{gap:>9}")
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def check_model(path: str) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model: {folder} is not a model folder (no config.json)")
+    return folder
+
+
+def _finished_checkpoint(checkpoint: str | None, max_steps: int) -> int | None:
+    """The step of a checkpoint that already completed a max_steps run with the same max_steps."""
+    import json
+
+    if not checkpoint or max_steps <= 0:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    done = state.get("max_steps") == max_steps and state.get("global_step", 0) >= max_steps
+    return state["global_step"] if done else None
+
+
+def run(recipe: RewardRecipe) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    path = stage_dir(recipe)
+    clear_done(path)  # from here on, a failure leaves the stage not done
+    # All checks before any write: inputs, model folder, batch arithmetic (inside trl_config).
+    train_rows, eval_rows, per_source = [], [], {}
+    for i, source in enumerate(recipe.reward.sources):
+        train, held, counts = load_source(recipe, i, source)
+        train_rows += train
+        eval_rows += held
+        per_source[source.name] = counts
+    names = [s.name for s in recipe.reward.sources]
+    if len(set(names)) != len(names) or "overall" in names:
+        raise ConfigError("reward.sources: names must be unique and not 'overall' (they label the accuracy table)")
+    model_path = check_model(recipe.model)
+    args = trl_config(RewardConfig, recipe.train, path, max_length=recipe.train.max_length)
+    random.Random(recipe.train.seed).shuffle(train_rows)
+
+    resume = last_checkpoint(path)
+    if is_main_process():
+        path.mkdir(parents=True, exist_ok=True)
+        save_config(path, recipe)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if tokenizer.pad_token is None:  # many base models ship without one; the score head needs it
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    train_set = Dataset.from_list(train_rows)
+    eval_set = Dataset.from_list(eval_rows) if eval_rows and recipe.train.eval_steps else None
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                            processing_class=tokenizer, peft_config=lora_config(recipe.train, "SEQ_CLS"))
+    dropped = len(train_rows) - len(trainer.train_dataset)  # TRL drops pairs longer than max_length
+    started = time.perf_counter()
+    finished = _finished_checkpoint(resume, args.max_steps)
+    if finished:
+        # transformers 5.23 takes one step too many when resuming from a checkpoint that already
+        # reached max_steps (a run killed between its last save and _SUCCESS); load it instead.
+        trainer._load_from_checkpoint(resume)
+        global_step, training_loss = finished, None
+    else:
+        result = trainer.train(resume_from_checkpoint=resume)
+        global_step, training_loss = result.global_step, result.training_loss
+    train_seconds = time.perf_counter() - started
+    final = save_model(trainer, tokenizer, path)
+
+    summary = {"model": str(model_path), "output": str(final), "resumed_from": resume and Path(resume).name,
+               "global_step": global_step, "training_loss": training_loss,
+               "train_seconds": round(train_seconds, 2), "train_pairs": len(train_rows),
+               "train_pairs_dropped_too_long": dropped, "eval_pairs": len(eval_rows), "sources": per_source,
+               "seed": recipe.train.seed}
+    if not is_main_process():
+        return summary
+    # Score with the saved weights: what later stages load is what gets measured.
+    scorer = AutoModelForSequenceClassification.from_pretrained(str(final), num_labels=1)
+    scorer.config.pad_token_id = tokenizer.pad_token_id
+    if torch.cuda.is_available():
+        scorer.to("cuda")
+    scores = score_pairs(scorer, tokenizer, eval_rows, recipe.train.max_length,
+                         batch_size=max(1, recipe.train.per_device_batch_size))
+    table = accuracy_table(eval_rows, scores, names)
+    write_json(path / "eval.json", {"accuracy": table, "tie_counts_as_miss": True,
+                                    "max_length": recipe.train.max_length})
+    plot_accuracy(table, path / REPORT / "accuracy.png",
+                  f"held-out pair accuracy ({len(eval_rows)} pairs, step {global_step})")
+    summary["accuracy"] = {name: r["accuracy"] for name, r in table.items()}
+    summary["report"] = ["accuracy.png"]
+    write_json(path / "summary.json", summary)
+    mark_done(path, {"global_step": global_step, "accuracy": table["overall"]["accuracy"]})
+    resumed = f" (resumed from {summary['resumed_from']})" if resume else ""
+    print(f"reward: {len(train_rows)} training pairs, {global_step} steps{resumed} -> {final}")
+    print_table(table)
+    return summary
