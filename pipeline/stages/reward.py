@@ -27,7 +27,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, RewardRecipe, RewardSource
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import (MODEL, is_main_process, last_checkpoint, lora_config, save_model, trl_config)
+from pipeline.train import (MODEL, is_main_process, last_checkpoint, lora_config, save_model, trl_config,
+                            world_size)
 
 REPORT = "report"
 HOLDOUT_FRACTION = 0.10  # public files come unsplit; this share is held out for accuracy
@@ -319,7 +320,7 @@ def run(recipe: RewardRecipe) -> dict:
                "global_step": global_step, "training_loss": training_loss,
                "train_seconds": round(train_seconds, 2), "train_pairs": len(train_rows),
                "train_pairs_dropped_too_long": dropped, "eval_pairs": len(eval_rows), "sources": per_source,
-               "seed": recipe.train.seed}
+               "seed": recipe.train.seed, "processes": world_size()}
     if not is_main_process():
         return summary
     # Score with the saved weights: what later stages load is what gets measured.

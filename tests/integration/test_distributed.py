@@ -1,0 +1,55 @@
+"""The reward stage under `accelerate launch` with two CPU processes (gloo, --multi_gpu), the way
+`make reward ACCELERATE=ddp NPROC=2` runs it: both processes train, gradient accumulation is
+derived from the global batch, and the main process alone writes the outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from datasets import Dataset, DatasetDict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pairs(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        prompt = [{"role": "user", "content": f"Question number {i}?"}]
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": f"Thank you, here is answer {i}."}],
+                     "rejected": [{"role": "assistant", "content": "No."}], "margin": 0.5, "source": "t"})
+    return rows
+
+
+def test_reward_trains_on_two_processes_with_accelerate(tmp_path, tiny_pool):
+    DatasetDict({"train_prefs": Dataset.from_list(pairs(32)), "test_prefs": Dataset.from_list(pairs(8, 100))}
+                ).save_to_disk(str(tmp_path / "pairs"))
+    recipe = {
+        "stage": "reward", "run": {"name": "ddp", "root": str(tmp_path / "runs")}, "model": str(tiny_pool[0]),
+        "train": {"max_steps": 3, "global_batch_size": 8, "per_device_batch_size": 4, "learning_rate": 1e-3,
+                  "max_length": 64, "report_to": [], "logging_steps": 1, "save_steps": 100},
+        "reward": {"sources": [{"name": "t", "dataset": str(tmp_path / "pairs")}]},
+    }
+    path = tmp_path / "reward.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "RLHF_LOG": "WARNING"}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"),
+           "--num_processes", "2", "--multi_gpu", "-m", "pipeline", "reward", str(path)]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "runs" / "ddp" / "reward"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_step"] == 3
+    assert (out / "_SUCCESS").is_file() and (out / "model" / "config.json").is_file()
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["train"]["global_batch_size"] == 8
+    state = json.loads(max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                       .joinpath("trainer_state.json").read_text())
+    # 8 pairs per step = 2 processes x 4 per device x accumulation 1
+    assert state["train_batch_size"] == 4 and state["global_step"] == 3
