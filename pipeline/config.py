@@ -326,7 +326,7 @@ class TrainSection(Strict):
     min_learning_rate: float | None = Field(None, ge=0, description="cosine decays to this (cosine_with_min_lr)")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    max_length: int = Field(1024, ge=8, description="Tokens per sequence; longer examples are dropped by TRL")
+    max_length: int = Field(1024, ge=8, description="Tokens per sequence; TRL truncates (SFT, DPO) or drops (reward) longer ones")
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, else fp32")
@@ -354,7 +354,7 @@ class SftSection(Strict):
 class SftRecipe(Strict):
     stage: Literal["sft"]
     run: RunSection
-    model: str = Field(description="Base model folder (or a stage ref's model output via inputs)")
+    model: str = Field(description="Base model folder")
     inputs: TrainInputs
     train: TrainSection = TrainSection()
     sft: SftSection = SftSection()
@@ -396,8 +396,33 @@ class RewardRecipe(Strict):
 
 
 class DpoSection(Strict):
-    beta: float = Field(0.1, gt=0)
-    loss_type: str = Field("sigmoid", description="TRL DPO loss type")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero",
+                       "apo_down", "exo_pair", "aot", "aot_unpaired", "discopop", "sigmoid_norm"] = Field(
+        "sigmoid", description="TRL DPO loss type (sigmoid = the DPO paper's loss)")
+
+
+def _preference_defaults(tree: Any, train_split: str | None, eval_split: str | None, model_keys: tuple) -> Any:
+    """Defaults for a stage that reads our `pairs` output: its split names, and `output: model` for a
+    stage ref that names a model (a bare ref otherwise means a stage's *dataset*)."""
+    if not isinstance(tree, dict):
+        return tree
+    tree = dict(tree)
+    inputs = tree.get("inputs")
+    if isinstance(inputs, dict):
+        inputs = dict(inputs)
+        if train_split is not None:
+            inputs.setdefault("train_split", train_split)
+        inputs.setdefault("eval_split", eval_split)
+        tree["inputs"] = inputs
+    for dotted in model_keys:  # "model" or "section.key"; copies, so the caller's dict stays as it was
+        section, _, key = dotted.rpartition(".")
+        node = dict(tree[section]) if section and isinstance(tree.get(section), dict) else tree
+        if isinstance(node.get(key), dict):
+            node[key] = {"output": "model", **node[key]}
+        if section and node is not tree:
+            tree[section] = node
+    return tree
 
 
 class DpoRecipe(Strict):
@@ -408,6 +433,12 @@ class DpoRecipe(Strict):
     train: TrainSection = TrainSection()
     dpo: DpoSection = DpoSection()
     launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs_defaults(cls, tree: Any) -> Any:
+        # DPO reads the pairs stage's preference splits unless told otherwise.
+        return _preference_defaults(tree, "train_prefs", "test_prefs", ("model",))
 
     def input_files(self) -> list[tuple[str, str]]:
         return _local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset})
@@ -446,8 +477,15 @@ class BestOfNSection(Strict):
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Sequences per generate() / reward model call")
     seed: int = 0
+
+    @field_validator("n_values")
+    @classmethod
+    def _n_values(cls, value: list[int]) -> list[int]:
+        if not value or any(n < 1 for n in value):
+            raise ValueError("give one or more n, each at least 1")
+        return sorted(set(value))
 
 
 class BestOfNRecipe(Strict):
@@ -458,6 +496,12 @@ class BestOfNRecipe(Strict):
     bestofn: BestOfNSection
     launch: LaunchSection = LaunchSection()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs_defaults(cls, tree: Any) -> Any:
+        # Prompts come from the held-out generation split (one row per prompt) of the pairs output.
+        return _preference_defaults(tree, None, "test_gen", ("model", "bestofn.reward_model"))
+
     def input_files(self) -> list[tuple[str, str]]:
         return _local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset,
                                                  "bestofn.reward_model": self.bestofn.reward_model})
@@ -466,6 +510,8 @@ class BestOfNRecipe(Strict):
 class CritiqueSection(Strict):
     eval_items: int = Field(64, ge=1, description="Held-out critiques generated and scored in evaluation")
     max_new_tokens: int = Field(512, ge=1)
+    batch_size: int = Field(8, ge=1, description="Prompts per generate() call in the evaluation")
+    assistant_only_loss: bool = Field(True, description="Loss on the critique only (needs generation tags)")
 
 
 class CritiqueRecipe(Strict):

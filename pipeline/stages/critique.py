@@ -1,0 +1,147 @@
+"""Stage `critique`: an UltraCM-style critique model, i.e. SFT on the judge's critiques.
+
+Input: the pairs stage's `critique` output (DatasetDict train/test; `messages` = a user turn that
+asks for a critique of instruction + completion and the judge's answer "<critique>\\nOverall score: N",
+plus `overall_score`). Training is the `sft` stage's (assistant-only loss). Evaluation: for up to
+`critique.eval_items` held-out rows the trained model writes a critique greedily; the score is read
+with the judge's own strict parser, and the parse rate plus the Spearman/Pearson correlation with
+the judge's `overall_score` go to eval.json. Extra outputs: `eval_critiques.jsonl`,
+`report/scores.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from pipeline.config import CritiqueRecipe
+from pipeline.judge.parse import ParseError, parse_critique
+from pipeline.runs import atomic_write_text, write_json
+from pipeline.stages.sft import REPORT, check_inputs, finish, train_stage
+from pipeline.train import MODEL, is_main_process
+
+
+def generate_critiques(model, tokenizer, messages: list[list[dict]], max_new_tokens: int,
+                       batch_size: int) -> list[str]:
+    """Greedy answers to the user turn(s) of each chat (the assistant turn is left out)."""
+    import torch
+
+    prompts = [tokenizer.apply_chat_template([m for m in chat if m["role"] != "assistant"],
+                                             tokenize=False, add_generation_prompt=True) for chat in messages]
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow every prompt directly
+    out = []
+    try:
+        model.eval()
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            with torch.no_grad():
+                ids = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id)
+            new = ids[:, batch["input_ids"].shape[1]:]
+            out += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def _correlation(fn, xs, ys):
+    # Undefined with fewer than 3 points or a constant side: report None rather than nan.
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    value = float(fn(xs, ys)[0])
+    return None if math.isnan(value) else value
+
+
+def score_critiques(texts: list[str], judge_scores: list) -> dict:
+    """Parse rate and correlations of parsed scores with the judge's; per-row records."""
+    from scipy.stats import pearsonr, spearmanr
+
+    rows, ours, theirs = [], [], []
+    for text, judge in zip(texts, judge_scores):
+        try:
+            _, score = parse_critique(text, structured=False)
+            error = None
+        except ParseError as err:
+            score, error = None, str(err)
+        rows.append({"critique": text, "score": score, "judge_score": judge, "parse_error": error})
+        if score is not None and judge is not None:
+            ours.append(score)
+            theirs.append(float(judge))
+    parsed = sum(r["score"] is not None for r in rows)
+    return {
+        "items": len(rows),
+        "parsed": parsed,
+        "parse_rate": parsed / len(rows) if rows else 0.0,
+        "spearman": _correlation(spearmanr, ours, theirs),
+        "pearson": _correlation(pearsonr, ours, theirs),
+        "rows": rows,
+    }
+
+
+def scatter_plot(rows: list[dict], out) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r["judge_score"], r["score"]) for r in rows if r["score"] is not None and r["judge_score"] is not None]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if pts:
+        ax.scatter(*zip(*pts), alpha=0.5)
+    ax.plot([1, 10], [1, 10], "k:", linewidth=1)
+    ax.set_xlim(0.5, 10.5)
+    ax.set_ylim(0.5, 10.5)
+    ax.set_xlabel("judge overall score")
+    ax.set_ylabel("critique model score")
+    ax.set_title(f"{len(pts)}/{len(rows)} critiques parsed")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_model(model_dir, eval_ds, section) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    cuda = torch.cuda.is_available()
+    # bf16 on a GPU that has it: a 13B model in fp32 would barely fit on one card.
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    if cuda:
+        model = model.to("cuda")
+    rows = eval_ds.select(range(min(section.eval_items, len(eval_ds))))
+    judge = rows["overall_score"] if "overall_score" in rows.column_names else [None] * len(rows)
+    texts = generate_critiques(model, tokenizer, rows["messages"], section.max_new_tokens, section.batch_size)
+    return score_critiques(texts, judge)
+
+
+def run(recipe: CritiqueRecipe, dry: bool = False) -> dict:
+    if dry:
+        plan = check_inputs(recipe, recipe.critique.assistant_only_loss)
+        print(f"critique (dry run): {plan}")
+        return plan
+    path, trainer, _, eval_ds, summary, metrics = train_stage(recipe, recipe.critique.assistant_only_loss)
+    if not is_main_process():
+        return summary
+    if eval_ds is not None:
+        # The saved model (LoRA merged), as later users will load it.
+        scored = evaluate_model(path / MODEL, eval_ds, recipe.critique)
+        rows = scored.pop("rows")
+        atomic_write_text(path / "eval_critiques.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        scatter_plot(rows, path / REPORT / "scores.png")
+        metrics = {**metrics, **{f"critique_{k}": v for k, v in scored.items()}}
+        summary.update({k: scored[k] for k in ("parse_rate", "spearman", "pearson")})
+    finish(recipe, path, trainer, summary, metrics)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"critique: {summary['steps']} steps, eval loss {fmt(summary['eval_loss'])}, parse rate "
+          f"{fmt(summary.get('parse_rate'))}, spearman {fmt(summary.get('spearman'))}, pearson "
+          f"{fmt(summary.get('pearson'))}, {summary['seconds']}s -> {path / MODEL}")
+    return summary
