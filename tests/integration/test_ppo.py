@@ -70,3 +70,44 @@ def test_batch_arithmetic_is_checked_before_training(setup):
         ppo.run(recipe(tmp, policy, reward, mini_batch_size=6, samples_per_iteration=12))
     with pytest.raises(ConfigError, match="samples_per_iteration=12 is not divisible by ppo.mini_batch_size=8"):
         ppo.run(recipe(tmp, policy, reward, mini_batch_size=8, samples_per_iteration=12))
+
+
+# --- method check --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_reward(tiny_pool, tmp_path_factory):
+    """A reward model whose score is the base model's logit for " the" after the response: which
+    one-token response a policy picks decides the reward, so there is something to learn."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("token-reward") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pool[0])
+    head = AutoModelForCausalLM.from_pretrained(tiny_pool[0]).lm_head.weight
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_pool[0], num_labels=1)
+    target = tokenizer.encode(" the", add_special_tokens=False)[0]
+    with torch.no_grad():
+        model.score.weight.copy_(head[target][None] * 20.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_ppo_raises_held_out_reward_and_the_kl_coefficient_bounds_the_drift(setup, token_reward):
+    tmp, policy, _ = setup
+    results = {}
+    for kl_coef in (0.05, 1.0):
+        r = recipe(tmp, policy, token_reward, iterations=24, samples_per_iteration=16, mini_batch_size=8,
+                   ppo_epochs=2, kl_coef=kl_coef, max_new_tokens=1, eval_prompts=8)
+        r.train.learning_rate = 3e-3
+        r.train.per_device_batch_size = 8
+        r.train.lr_scheduler = "constant"
+        r.run.name = f"kl-{kl_coef}"
+        results[kl_coef] = ppo.run(r)
+    for kl_coef, summary in results.items():
+        # held-out prompts, fixed sampling seed: the reward model's mean score goes up
+        assert summary["reward_after"] > summary["reward_before"] + 1.0, (kl_coef, summary)
+        assert 0 < summary["kl_after"] < 10, (kl_coef, summary)
+    # a stronger KL penalty keeps the policy closer to where it started
+    assert results[1.0]["kl_after"] < results[0.05]["kl_after"]
