@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the project with test extras
 
-demo: $(STAMP)  ## the offline demo: tiny models -> prompts -> generate -> annotate -> pairs (stand-in server)
+demo: $(STAMP)  ## the offline demo: data path (stand-in server) then every training stage on tiny models
 	$(PY) -m pipeline.demo --run $(RUN) $(ARGS)
 
 test: $(STAMP)  ## the whole test suite (unit + integration)

@@ -50,6 +50,27 @@ def _show_judging(run_root: Path, run: str) -> None:
     print(f"  report: {out / 'report' / 'margins.png'}; counts: {out / 'summary.json'}")
 
 
+def _show_training(run_root: Path, run: str) -> None:
+    import json
+
+    def summary(stage: str) -> dict:
+        return json.loads((run_root / run / stage / "summary.json").read_text())
+
+    print("\nTraining (tiny untrained models, a few steps each: plumbing, not quality):")
+    reward = json.loads((run_root / run / "reward" / "eval.json").read_text())["accuracy"]
+    print("  reward model, held-out pair accuracy: "
+          + ", ".join(f"{name} {row['accuracy']:.3f} (n={row['pairs']})" for name, row in reward.items()))
+    ppo = summary("ppo")
+    print(f"  ppo: held-out reward {ppo['reward_before']} -> {ppo['reward_after']}, KL {ppo['kl_after']}; "
+          f"curves {run_root / run / 'ppo' / 'report' / 'ppo_curves.png'}")
+    table = json.loads((run_root / run / "bestofn" / "eval.json").read_text())
+    print("  best-of-n mean reward: " + ", ".join(f"n={row['n']} {row['mean_best_reward']:.4f}"
+                                                   for row in table["table"]))
+    critique = summary("critique")
+    print(f"  critique model: parse rate {critique.get('parse_rate')}, Spearman {critique.get('spearman')}")
+    print(f"  outputs: {run_root / run}/{{sft,reward,dpo,ppo,bestofn,critique}}/ (model/, eval.json, report/)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo")
     parser.add_argument("--run", default="demo", help="run name (outputs under data/runs/<run>/)")
@@ -78,11 +99,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"annotation.judge.base_url={standin.base_url}"])
         if code:
             return code
-    code = rlhf(["pairs", str(RECIPES / "pairs.yaml"), *common])
-    if code:
-        return code
+    # Training on tiny models: the numbers show that every stage runs end to end, not quality.
+    for stage in ("pairs", "sft", "reward", "dpo", "ppo", "bestofn", "critique"):
+        code = rlhf([stage, str(RECIPES / f"{stage}.yaml"), *common])
+        if code:
+            return code
     _show_rows(Path("data/runs"), args.run)
     _show_judging(Path("data/runs"), args.run)
+    _show_training(Path("data/runs"), args.run)
     return 0
 
 
