@@ -1,0 +1,62 @@
+"""A training stage killed with SIGKILL mid-run continues from its last checkpoint when the same
+command runs again, and ends at the step count it was asked for."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from datasets import Dataset, DatasetDict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_reward_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path, tiny_pool):
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"A careful answer to question {i}."}],
+             "rejected": [{"role": "assistant", "content": "Whatever."}], "margin": 0.3, "source": "t"}
+            for i in range(40)]
+    DatasetDict({"train_prefs": Dataset.from_list(rows[:32]), "test_prefs": Dataset.from_list(rows[32:])}
+                ).save_to_disk(str(tmp_path / "pairs"))
+    recipe = {
+        "stage": "reward", "run": {"name": "kill", "root": str(tmp_path / "runs")}, "model": str(tiny_pool[0]),
+        "train": {"max_steps": 40, "global_batch_size": 4, "per_device_batch_size": 4, "learning_rate": 1e-3,
+                  "max_length": 64, "report_to": [], "logging_steps": 1, "save_steps": 2, "save_total_limit": 2},
+        "reward": {"sources": [{"name": "t", "dataset": str(tmp_path / "pairs")}]},
+    }
+    path = tmp_path / "reward.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "RLHF_LOG": "WARNING"}
+    cmd = [sys.executable, "-m", "pipeline", "reward", str(path)]
+    checkpoints = tmp_path / "runs" / "kill" / "reward" / "checkpoints"
+
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    # Kill once a checkpoint is completely written (its trainer state is the last file saved).
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any((c / "trainer_state.json").is_file() and int(c.name.split("-")[1]) >= 4
+               for c in checkpoints.glob("checkpoint-*")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(c.name.split("-")[1]) for c in checkpoints.glob("checkpoint-*")
+                    if (c / "trainer_state.json").is_file())
+    assert killed_at < 40
+
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "runs" / "kill" / "reward" / "summary.json").read_text())
+    resumed = int(summary["resumed_from"].split("-")[1])
+    assert resumed >= killed_at and summary["global_step"] == 40
+    state = json.loads((checkpoints / "checkpoint-40" / "trainer_state.json").read_text())
+    logged_steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    # The history carries on from the checkpoint: every step logged once, none skipped.
+    assert logged_steps == list(range(1, 41))
