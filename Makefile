@@ -44,9 +44,10 @@ test: $(STAMP)  ## the whole test suite (unit + integration)
 test-fast: $(STAMP)  ## tests not marked slow
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: $(STAMP)  ## benchmarks (print figures): hf batching; judge throughput, rerun, memory, tokens per mode
+bench: $(STAMP)  ## benchmarks (print figures): hf batching; judge throughput, rerun, memory, tokens; training overhead
 	$(PY) bench/generate.py
 	$(PY) bench/annotate.py
+	$(PY) bench/train_overhead.py
 
 validate: $(STAMP)  ## validate every recipe under recipes/ (input files not checked)
 	$(PY) -m pipeline validate --no-inputs $$(find recipes -name '*.yaml' -not -path 'recipes/accelerate/*' -not -path 'recipes/slurm/*' | sort)

@@ -16,7 +16,7 @@ import math
 
 from pipeline.config import CritiqueRecipe
 from pipeline.judge.parse import ParseError, parse_critique
-from pipeline.runs import atomic_write_text, write_json
+from pipeline.runs import atomic_write_text
 from pipeline.stages.sft import REPORT, check_inputs, finish, train_stage
 from pipeline.train import MODEL, is_main_process
 

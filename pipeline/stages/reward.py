@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, RewardRecipe, RewardSource
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import (MODEL, is_main_process, last_checkpoint, lora_config, save_model, trl_config,
+from pipeline.train import (is_main_process, last_checkpoint, lora_config, save_model, trl_config,
                             world_size)
 
 REPORT = "report"

@@ -7,7 +7,6 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import copy
 import re
 from pathlib import Path
 
