@@ -146,3 +146,55 @@ def saved_rows(path: Path) -> Iterator[tuple[str, dict]]:
         yield from jsonl_rows(path)
     else:
         raise ConfigError(f"{path}: unknown file type (use .jsonl, .parquet or a `datasets` folder)")
+
+
+# --- question answering (R-Tuning, UnknownBench, SaySelf) ----------------------------------------
+
+QA_KINDS = ("open", "choice", "unanswerable")
+
+# One QA item. `kind`: open (free answer; correct when a gold answer is a substring of the
+# model's), choice (`choices` listed as A, B, ...; `answer_index` is the right one), unanswerable
+# (no answer exists: a false premise, an unknown entity; a good model refuses). `answers` holds the
+# gold strings (for choice: the right choice's text; empty when unanswerable). `context` is given
+# evidence (HotpotQA paragraphs, a FEVER/WiCE claim's evidence), else "". `domain` groups items
+# for ID/OOD splits (a ParaRel relation, an MMLU subject, a fact-world attribute).
+QA_FEATURES = Features(
+    {
+        "qid": Value("string"),
+        "dataset": Value("string"),
+        "domain": Value("string"),
+        "kind": Value("string"),
+        "question": Value("string"),
+        "context": Value("string"),
+        "choices": List(Value("string")),
+        "answer_index": Value("int64"),
+        "answers": List(Value("string")),
+    }
+)
+
+
+def qa_id(dataset: str, question: str, context: str = "") -> str:
+    """Stable id of a QA item: sha256 of its dataset, question and context."""
+    return hashlib.sha256(f"{dataset}\n{question}\n{context}".encode("utf-8")).hexdigest()
+
+
+def qa_item(dataset: str, question: str, kind: str, *, answers=(), choices=(), answer_index: int = -1,
+            context: str = "", domain: str = "") -> dict:
+    """A QA item in the QA_FEATURES shape, checked (callers add the file:line to a ValueError)."""
+    if kind not in QA_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(QA_KINDS)}, got {kind!r}")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("empty question")
+    choices, answers = [str(c) for c in choices], [str(a) for a in answers]
+    if kind == "choice":
+        if len(choices) < 2 or not 0 <= answer_index < len(choices):
+            raise ValueError(f"a choice item needs 2+ choices and answer_index in range (got {answer_index} "
+                             f"for {len(choices)} choices)")
+        answers = [choices[answer_index]]
+    elif kind == "open" and not any(a.strip() for a in answers):
+        raise ValueError("an open item needs at least one non-empty gold answer")
+    elif kind == "unanswerable":
+        answers, choices, answer_index = [], [], -1
+    return {"qid": qa_id(dataset, question, context), "dataset": dataset, "domain": domain or dataset,
+            "kind": kind, "question": question.strip(), "context": context, "choices": choices,
+            "answer_index": answer_index if kind == "choice" else -1, "answers": answers}
