@@ -16,10 +16,19 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.config import ConfigError, TrainSection
+from pipeline.config import ConfigError, StageRef, TrainSection
+from pipeline.runs import resolve_input
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
+
+
+def model_folder(recipe, ref: StageRef | str, key: str) -> Path:
+    """A model input (a folder path, or a stage's `model` output) that must hold a transformers model."""
+    path = resolve_input(recipe, ref, key)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} is not a model folder (no config.json)")
+    return path
 
 
 def world_size() -> int:

@@ -31,6 +31,7 @@ from pathlib import Path
 from pipeline.config import BestOfNRecipe, ConfigError, ModelSpec
 from pipeline.runs import (StageFailed, atomic_write_text, clear_done, mark_done, resolve_input, save_config,
                            stage_dir, write_json)
+from pipeline.train import model_folder
 
 REPORT = "report"
 
@@ -69,8 +70,6 @@ def load_reward_model(path: Path):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     key = "bestofn.reward_model"
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{key}: {path} is not a transformers model folder (no config.json)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     archs = config.architectures or []
     if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
@@ -175,14 +174,12 @@ def run(recipe: BestOfNRecipe, dry: bool = False) -> dict:
 
     cfg = recipe.bestofn
     # Everything is checked before anything is written or sampled.
-    policy_path = resolve_input(recipe, recipe.model, "model")
-    if not (policy_path / "config.json").is_file():
-        raise ConfigError(f"model: {policy_path} is not a transformers model folder (no config.json)")
+    policy_path = model_folder(recipe, recipe.model, "model")
     if not AutoTokenizer.from_pretrained(policy_path, local_files_only=True).chat_template:
         raise ConfigError(f"model: the tokenizer at {policy_path} has no chat template")
     data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
     prompts = load_prompts(data_path, recipe.inputs.eval_split, cfg.prompts)
-    rm_path = resolve_input(recipe, cfg.reward_model, "bestofn.reward_model")
+    rm_path = model_folder(recipe, cfg.reward_model, "bestofn.reward_model")
     rm, rm_tokenizer = load_reward_model(rm_path)
     n_values = sorted(set([1, *cfg.n_values]))  # n=1 (plain sampling) is always the baseline
     per_prompt = n_values[-1]

@@ -19,16 +19,10 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, DpoRecipe
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import is_main_process, last_checkpoint, lora_config, save_model, trl_config
+from pipeline.train import is_main_process, last_checkpoint, lora_config, model_folder, save_model, trl_config
 
 REPORT = "report"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-
-
-def check_model_folder(path: Path, key: str) -> Path:
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ConfigError(f"{key}: {path} is not a transformers model folder (no config.json)")
-    return path
 
 
 def load_pairs(path: Path, key: str, splits: dict[str, str | None], columns=PAIR_COLUMNS) -> dict:
@@ -91,7 +85,7 @@ def plot_rewards(log_history: list[dict], out: Path) -> Path | None:
 
 def run(recipe: DpoRecipe, dry: bool = False) -> dict:
     # Check every input before writing anything.
-    model_path = check_model_folder(resolve_input(recipe, recipe.model, "model"), "model")
+    model_path = model_folder(recipe, recipe.model, "model")
     data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
     splits = load_pairs(data_path, "inputs.dataset", {"inputs.train_split": recipe.inputs.train_split,
                                                       "inputs.eval_split": recipe.inputs.eval_split})

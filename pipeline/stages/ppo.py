@@ -26,18 +26,11 @@ import math
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, PpoRecipe, StageRef
+from pipeline.config import ConfigError, PpoRecipe
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import is_main_process, lora_config, save_model, trl_config, world_size
+from pipeline.train import is_main_process, lora_config, model_folder, save_model, trl_config, world_size
 
 REPORT = "report"
-
-
-def model_folder(recipe, ref: StageRef | str, key: str) -> Path:
-    path = resolve_input(recipe, ref, key)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{key}: {path} is not a model folder (no config.json)")
-    return path
 
 
 def check_reward_model(path: Path, key: str) -> None:

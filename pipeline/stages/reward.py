@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, RewardRecipe, RewardSource
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import (is_main_process, last_checkpoint, lora_config, save_model, trl_config,
+from pipeline.train import (is_main_process, last_checkpoint, lora_config, model_folder, save_model, trl_config,
                             world_size)
 
 REPORT = "report"
@@ -249,13 +249,6 @@ def print_table(table: dict) -> None:
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def check_model(path: str) -> Path:
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"model: {folder} is not a model folder (no config.json)")
-    return folder
-
-
 def _finished_checkpoint(checkpoint: str | None, max_steps: int) -> int | None:
     """The step of a checkpoint that already completed a max_steps run with the same max_steps."""
     import json
@@ -285,7 +278,7 @@ def run(recipe: RewardRecipe) -> dict:
     names = [s.name for s in recipe.reward.sources]
     if len(set(names)) != len(names) or "overall" in names:
         raise ConfigError("reward.sources: names must be unique and not 'overall' (they label the accuracy table)")
-    model_path = check_model(recipe.model)
+    model_path = model_folder(recipe, recipe.model, "model")
     args = trl_config(RewardConfig, recipe.train, path, max_length=recipe.train.max_length)
     random.Random(recipe.train.seed).shuffle(train_rows)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, SftRecipe
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import MODEL, is_main_process, last_checkpoint, lora_config, save_model, trl_config
+from pipeline.train import MODEL, is_main_process, last_checkpoint, lora_config, model_folder, save_model, trl_config
 
 REPORT = "report"
 
@@ -51,10 +51,7 @@ def load_chat_splits(recipe):
 
 
 def check_model(recipe) -> Path:
-    path = Path(recipe.model)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model: {path} is not a model folder (no config.json)")
-    return path
+    return model_folder(recipe, recipe.model, "model")
 
 
 def load_tokenizer(recipe, assistant_only_loss: bool):
