@@ -121,6 +121,28 @@ def last_checkpoint(stage_path: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def train_or_resume(trainer, resume: str | None) -> tuple[int, float | None]:
+    """Train, continuing from checkpoint `resume` when given; (global step, training loss), the
+    loss None when the checkpoint had already finished (nothing was trained in this call).
+
+    transformers 5.23 takes one step too many when resuming from a checkpoint that already
+    reached max_steps (a run killed between its last save and `_SUCCESS`), so such a checkpoint
+    is loaded instead of trained from.
+    """
+    import json
+
+    if resume and trainer.args.max_steps > 0:
+        state = json.loads((Path(resume) / "trainer_state.json").read_text())
+        if state.get("max_steps") == trainer.args.max_steps and state.get("global_step", 0) >= trainer.args.max_steps:
+            trainer._load_from_checkpoint(resume)
+            trainer.state.global_step = state["global_step"]
+            return state["global_step"], None
+    resumed_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0
+    result = trainer.train(resume_from_checkpoint=resume)
+    # A resumed run with no step left reports a loss of 0, which would mislead.
+    return result.global_step, (result.training_loss if result.global_step > resumed_step else None)
+
+
 def save_model(trainer, tokenizer, stage_path: Path) -> Path:
     """Write the final model (LoRA adapters merged in) to `model/`, renamed into place last."""
     final = stage_path / MODEL

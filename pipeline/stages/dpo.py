@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, DpoRecipe
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import is_main_process, last_checkpoint, lora_config, model_folder, save_model, trl_config
+from pipeline.train import (is_main_process, last_checkpoint, lora_config, model_folder, save_model,
+                            train_or_resume, trl_config)
 
 REPORT = "report"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -121,7 +122,7 @@ def run(recipe: DpoRecipe, dry: bool = False) -> dict:
                          processing_class=tokenizer, peft_config=lora_config(train, "CAUSAL_LM"))
     started = time.time()
     resume = last_checkpoint(path)
-    result = trainer.train(resume_from_checkpoint=resume)
+    steps, train_loss = train_or_resume(trainer, resume)
     eval_metrics = trainer.evaluate() if eval_data is not None else {}
     save_model(trainer, tokenizer, path)
 
@@ -130,7 +131,7 @@ def run(recipe: DpoRecipe, dry: bool = False) -> dict:
         "train_split": recipe.inputs.train_split, "eval_split": recipe.inputs.eval_split,
         "train_pairs": len(train_data), "eval_pairs": len(eval_data) if eval_data is not None else 0,
         "beta": recipe.dpo.beta, "loss_type": recipe.dpo.loss_type, "lora": train.lora is not None,
-        "steps": result.global_step, "train_loss": result.training_loss, "resumed_from": resume,
+        "steps": steps, "train_loss": train_loss, "resumed_from": resume,
         "eval": {k: v for k, v in eval_metrics.items()
                  if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")},
         "seconds": round(time.time() - started, 1),
@@ -140,9 +141,10 @@ def run(recipe: DpoRecipe, dry: bool = False) -> dict:
         plot = plot_rewards(trainer.state.log_history, path / REPORT / "rewards.png")
         summary["report"] = str(plot) if plot else None
         write_json(path / "summary.json", summary)
-        mark_done(path, {"steps": result.global_step})
+        mark_done(path, {"steps": steps})
         ev = summary["eval"]
-        print(f"dpo: {result.global_step} steps, train loss {result.training_loss:.4f}"
+        print(f"dpo: {steps} steps, train loss "
+              + (f"{train_loss:.4f}" if train_loss is not None else "- (already trained)")
               + (f"; eval loss {ev.get('eval_loss', float('nan')):.4f}, reward accuracy "
                  f"{ev.get('eval_rewards/accuracies', float('nan')):.3f}, margin "
                  f"{ev.get('eval_rewards/margins', float('nan')):.4f}" if ev else "")

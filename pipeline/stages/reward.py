@@ -27,8 +27,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, RewardRecipe, RewardSource
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import (is_main_process, last_checkpoint, lora_config, model_folder, save_model, trl_config,
-                            world_size)
+from pipeline.train import (is_main_process, last_checkpoint, lora_config, model_folder, save_model,
+                            train_or_resume, trl_config, world_size)
 
 REPORT = "report"
 HOLDOUT_FRACTION = 0.10  # public files come unsplit; this share is held out for accuracy
@@ -249,17 +249,6 @@ def print_table(table: dict) -> None:
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def _finished_checkpoint(checkpoint: str | None, max_steps: int) -> int | None:
-    """The step of a checkpoint that already completed a max_steps run with the same max_steps."""
-    import json
-
-    if not checkpoint or max_steps <= 0:
-        return None
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    done = state.get("max_steps") == max_steps and state.get("global_step", 0) >= max_steps
-    return state["global_step"] if done else None
-
-
 def run(recipe: RewardRecipe) -> dict:
     import torch
     from datasets import Dataset
@@ -297,15 +286,7 @@ def run(recipe: RewardRecipe) -> dict:
                             processing_class=tokenizer, peft_config=lora_config(recipe.train, "SEQ_CLS"))
     dropped = len(train_rows) - len(trainer.train_dataset)  # TRL drops pairs longer than max_length
     started = time.perf_counter()
-    finished = _finished_checkpoint(resume, args.max_steps)
-    if finished:
-        # transformers 5.23 takes one step too many when resuming from a checkpoint that already
-        # reached max_steps (a run killed between its last save and _SUCCESS); load it instead.
-        trainer._load_from_checkpoint(resume)
-        global_step, training_loss = finished, None
-    else:
-        result = trainer.train(resume_from_checkpoint=resume)
-        global_step, training_loss = result.global_step, result.training_loss
+    global_step, training_loss = train_or_resume(trainer, resume)
     train_seconds = time.perf_counter() - started
     final = save_model(trainer, tokenizer, path)
 

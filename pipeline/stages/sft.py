@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, SftRecipe
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import MODEL, is_main_process, last_checkpoint, lora_config, model_folder, save_model, trl_config
+from pipeline.train import (MODEL, is_main_process, last_checkpoint, lora_config, model_folder, save_model,
+                            train_or_resume, trl_config)
 
 REPORT = "report"
 
@@ -141,8 +142,7 @@ def train_stage(recipe, assistant_only_loss: bool):
     model, tokenizer = load_model(recipe, assistant_only_loss)
     trainer = build_trainer(recipe, path, train_ds, eval_ds, model, tokenizer, assistant_only_loss)
     resume = last_checkpoint(path)
-    resumed_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0
-    result = trainer.train(resume_from_checkpoint=resume)
+    steps, train_loss = train_or_resume(trainer, resume)
     metrics = trainer.evaluate() if eval_ds is not None else {}
     save_model(trainer, tokenizer, path)
     summary = {
@@ -150,9 +150,8 @@ def train_stage(recipe, assistant_only_loss: bool):
         "dataset": str(data_path),
         "train_rows": len(train_ds),
         "eval_rows": len(eval_ds) if eval_ds is not None else 0,
-        "steps": trainer.state.global_step,
-        # A resumed run that had no steps left trains nothing: its "loss" would be a meaningless 0.
-        "train_loss": result.training_loss if trainer.state.global_step > resumed_step else None,
+        "steps": steps,
+        "train_loss": train_loss,
         "eval_loss": metrics.get("eval_loss"),
         "seconds": round(time.time() - started, 1),
         "resumed_from": Path(resume).name if resume else None,
