@@ -1,0 +1,127 @@
+"""Stage `rtuning-data`: refusal-aware SFT data from the probe (R-Tuning and its variants).
+
+Input: `inputs.probe`, the rtuning-probe output (items + `correct`). `rtuning.variant`:
+- `r-tuning`: [user: question, assistant: gold answer, user: PROBE_QUESTION, assistant: "I am sure"
+  (D1, the base model was right) or "I am unsure" (D0)];
+- `r-tuning-r`: [user: question, assistant: gold answer (D1) or a refusal (D0; one of
+  `REFUSALS`, chosen per question with `rtuning.seed`)], no probe turn (as the paper's variant);
+- `r-tuning-u`: labels ignored; the base model (`model`) samples `rtuning.samples` answers per
+  question at `rtuning.temperature`; the entropy of the normalised answers' frequencies ranks the
+  questions and the most uncertain `rtuning.unsure_fraction` get "I am unsure" (ties: earlier
+  rows first), the rest "I am sure"; messages as `r-tuning`;
+- `vanilla`: [user: question, assistant: gold answer] (the comparison baseline).
+The sft stage's assistant-only loss then covers the answer and the sure/unsure words only.
+
+Output: `dataset/` (DatasetDict, split `train`: `messages`, `qid`, `kind`, `domain`, `question`,
+`variant`, `label` "sure"/"unsure"/"refuse"/"" (vanilla and D1 of -r), `correct` (probe),
+`entropy` (-u only, else null)), `summary.json`, `config.yaml`, `_SUCCESS` last.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from pipeline.config import ConfigError, RtuningDataRecipe
+from pipeline.runs import (DATASET, atomic_dir, clear_done, mark_done, resolve_input, save_config, stage_dir,
+                           write_json)
+from pipeline.stages.rtuning import (PROBE_QUESTION, REFUSALS, SURE, UNSURE, QAModel, check_item,
+                                     check_model_folder, entropy, gold_answer, question_text)
+
+SPLIT = "train"
+
+
+def load_probe(recipe) -> tuple[list[dict], object]:
+    path = resolve_input(recipe, recipe.inputs.probe, "inputs.probe")
+    try:
+        data = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"inputs.probe: {path} is not a `datasets` folder ({err})") from None
+    if not isinstance(data, DatasetDict) or SPLIT not in data:
+        raise ConfigError(f"inputs.probe: {path} has no split {SPLIT!r} (is it an rtuning-probe output?)")
+    if "correct" not in data[SPLIT].column_names:
+        raise ConfigError(f"inputs.probe: split {SPLIT!r} of {path} has no `correct` column "
+                          "(is it an rtuning-probe output?)")
+    rows = data[SPLIT].to_list()
+    if recipe.rtuning.limit:
+        rows = rows[: recipe.rtuning.limit]
+    if not rows:
+        raise ConfigError(f"inputs.probe: split {SPLIT!r} of {path} is empty")
+    for i, row in enumerate(rows):
+        check_item(row, f"inputs.probe split {SPLIT!r} row {i}")
+        if row["kind"] == "unanswerable":
+            raise ConfigError(f"inputs.probe split {SPLIT!r} row {i}: unanswerable item {row['qid'][:12]} has no "
+                              "gold answer to train on")
+    return rows, path
+
+
+def probed_chat(item: dict, answer: str, sure: bool) -> list[dict]:
+    return [{"role": "user", "content": question_text(item)}, {"role": "assistant", "content": answer},
+            {"role": "user", "content": PROBE_QUESTION}, {"role": "assistant", "content": SURE if sure else UNSURE}]
+
+
+def plain_chat(item: dict, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question_text(item)}, {"role": "assistant", "content": answer}]
+
+
+def unsure_by_entropy(entropies: list[float], fraction: float) -> list[bool]:
+    """True for the round(fraction * n) highest-entropy rows (stable: earlier rows win ties)."""
+    order = sorted(range(len(entropies)), key=lambda i: -entropies[i])
+    marked = set(order[: round(fraction * len(entropies))])
+    return [i in marked for i in range(len(entropies))]
+
+
+def build_rows(recipe, items: list[dict], entropies: list[float] | None = None) -> list[dict]:
+    variant = recipe.rtuning.variant
+    rng = random.Random(recipe.rtuning.seed)
+    unsure = unsure_by_entropy(entropies, recipe.rtuning.unsure_fraction) if entropies is not None else None
+    rows = []
+    for i, item in enumerate(items):
+        gold = gold_answer(item)
+        if variant == "r-tuning":
+            label = "sure" if item["correct"] else "unsure"
+            messages = probed_chat(item, gold, item["correct"])
+        elif variant == "r-tuning-u":
+            label = "unsure" if unsure[i] else "sure"
+            messages = probed_chat(item, gold, not unsure[i])
+        elif variant == "r-tuning-r":
+            refusal = rng.choice(REFUSALS)  # drawn for every row, so a row's phrase does not depend on others' labels
+            label = "" if item["correct"] else "refuse"
+            messages = plain_chat(item, gold if item["correct"] else refusal)
+        else:
+            label, messages = "", plain_chat(item, gold)
+        rows.append({"messages": messages, "qid": item["qid"], "kind": item["kind"], "domain": item.get("domain", ""),
+                     "question": item["question"], "variant": variant, "label": label,
+                     "correct": bool(item["correct"]),
+                     "entropy": float(entropies[i]) if entropies is not None else None})
+    return rows
+
+
+def run(recipe: RtuningDataRecipe) -> dict:
+    started = time.time()
+    items, probe_path = load_probe(recipe)
+    entropies = None
+    if recipe.rtuning.variant == "r-tuning-u":
+        check_model_folder(recipe.model)
+        model = QAModel(recipe.model, recipe.rtuning)
+        samples = model.sample(items, recipe.rtuning.samples, recipe.rtuning.temperature, recipe.rtuning.seed)
+        entropies = [entropy(s) for s in samples]
+    rows = build_rows(recipe, items, entropies)
+    path = stage_dir(recipe)
+    clear_done(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(path / DATASET) as tmp:
+        DatasetDict({SPLIT: Dataset.from_list(rows)}).save_to_disk(str(tmp))
+    labels: dict[str, int] = {}
+    for r in rows:
+        labels[r["label"] or "none"] = labels.get(r["label"] or "none", 0) + 1
+    summary = {"stage": recipe.stage, "variant": recipe.rtuning.variant, "probe": str(probe_path), "rows": len(rows),
+               "labels": labels, "probe_correct": sum(r["correct"] for r in rows),
+               "seconds": round(time.time() - started, 1)}
+    save_config(path, recipe)
+    write_json(path / "summary.json", summary)
+    mark_done(path, {"rows": len(rows)})
+    print(f"rtuning-data ({recipe.rtuning.variant}): {len(rows)} chats, labels {labels} -> {path / DATASET}")
+    return summary
