@@ -28,6 +28,11 @@ STAGE_MODULES = {
     "ppo": "pipeline.stages.ppo",
     "bestofn": "pipeline.stages.bestofn",
     "critique": "pipeline.stages.critique",
+    "qa-data": "pipeline.stages.qa_data",
+    "rtuning-probe": "pipeline.stages.rtuning_probe",
+    "rtuning-data": "pipeline.stages.rtuning_data",
+    "rtuning-eval": "pipeline.stages.rtuning_eval",
+    "unknown-eval": "pipeline.stages.unknown_eval",
 }
 SHARDED_STAGES = {"generate"}
 # Training stages resume from checkpoints/ when they were interrupted; --force trains afresh.
@@ -125,7 +130,15 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per request drowns the progress bar
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # `key=value` overrides may come after options too (`rlhf sft r.yaml --force train.seed=1`):
+    # argparse stops collecting positionals at the first option, so gather the rest here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     assert set(STAGE_MODULES) <= set(STAGE_RECIPES)
     from pipeline.runs import StageFailed
 

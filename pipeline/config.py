@@ -527,6 +527,198 @@ class CritiqueRecipe(Strict):
         return _local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset})
 
 
+class UnknownEvalInputs(Strict):
+    items: StageRef | str = Field(description="QA items (pipeline.records.QA_FEATURES): the qa-data "
+                                  "stage output, or a saved DatasetDict folder")
+
+
+class UnknownEvalSection(Strict):
+    models: list[ModelSpec] = Field(min_length=1, description="Models to evaluate (hf or openai backend)")
+    splits: list[str] = Field(["test_id", "unanswerable"], min_length=1,
+                              description="Splits of inputs.items to evaluate")
+    max_items: int | None = Field(None, ge=1, description="At most this many items per split (first ones)")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy (the default)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    answer_max_tokens: int = Field(256, ge=1, description="New tokens for the direct answer")
+    confidence_max_tokens: int = Field(32, ge=1, description="New tokens for the 0-10 confidence rating")
+    seed: int = 0
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "UnknownEvalSection":
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("models: model names must be unique")
+        if len(set(self.splits)) != len(self.splits):
+            raise ValueError("splits: a split is listed twice")
+        return self
+
+
+class UnknownEvalRecipe(Strict):
+    stage: Literal["unknown-eval"]
+    run: RunSection
+    inputs: UnknownEvalInputs
+    evaluation: UnknownEvalSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        files = [(f"evaluation.models[{i}].path", m.path) for i, m in enumerate(self.evaluation.models) if m.path]
+        if isinstance(self.inputs.items, str):
+            files.append(("inputs.items", self.inputs.items))
+        return files
+
+
+# --- R-Tuning ----------------------------------------------------------------------------------
+
+
+class RtuningModelSection(Strict):
+    """How the R-Tuning stages run a local model (in-process transformers, greedy unless said)."""
+
+    batch_size: int = Field(8, ge=1, description="Questions per forward / generate() call")
+    max_new_tokens: int = Field(15, ge=1, description="Open QA answer length (cut at the first period)")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda:0'")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    limit: int | None = Field(None, ge=1, description="Use only the first N items of each split (smoke runs)")
+
+
+class RtuningProbeInputs(Strict):
+    items: StageRef | str = Field(description="QA items (QA_FEATURES): the qa-data output or a dataset folder")
+    split: str = Field("train", description="The training questions to probe")
+
+
+class RtuningProbeRecipe(Strict):
+    stage: Literal["rtuning-probe"]
+    run: RunSection
+    model: str = Field(description="The base model folder whose knowledge is probed")
+    inputs: RtuningProbeInputs
+    rtuning: RtuningModelSection = RtuningModelSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(model=self.model, **{"inputs.items": self.inputs.items})
+
+
+class RtuningDataInputs(Strict):
+    probe: StageRef | str = Field(description="The rtuning-probe output (items with their probe labels)")
+
+
+class RtuningDataSection(RtuningModelSection):
+    variant: Literal["r-tuning", "r-tuning-r", "r-tuning-u", "vanilla"] = Field(
+        "r-tuning", description="r-tuning: gold answer + sure/unsure by probe correctness; r-tuning-r: "
+        "uncertain answers replaced by refusals; r-tuning-u: sure/unsure by sampled-answer entropy "
+        "(no labels; needs `model`); vanilla: gold answer only")
+    seed: int = 0
+    samples: int = Field(10, ge=2, description="r-tuning-u: answers sampled per question")
+    temperature: float = Field(0.7, gt=0, description="r-tuning-u: sampling temperature")
+    unsure_fraction: float = Field(0.5, ge=0, le=1, description="r-tuning-u: share of most uncertain "
+                                   "questions marked unsure")
+
+
+class RtuningDataRecipe(Strict):
+    stage: Literal["rtuning-data"]
+    run: RunSection
+    model: str | None = Field(None, description="r-tuning-u: the base model that samples answers")
+    inputs: RtuningDataInputs
+    rtuning: RtuningDataSection = RtuningDataSection()
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="after")
+    def _model_for_u(self) -> "RtuningDataRecipe":
+        if self.rtuning.variant == "r-tuning-u" and not self.model:
+            raise ValueError("rtuning.variant 'r-tuning-u' samples answers: set `model` (the base model folder)")
+        return self
+
+    def input_files(self) -> list[tuple[str, str]]:
+        named = {"inputs.probe": self.inputs.probe}
+        if self.model:
+            named["model"] = self.model
+        return _local_paths(**named)
+
+
+class RtuningEvalInputs(Strict):
+    items: StageRef | str = Field(description="QA items (QA_FEATURES): the qa-data output or a dataset folder")
+    splits: list[str] = Field(default_factory=lambda: ["test_id", "test_ood", "unanswerable"], min_length=1)
+
+
+class RtuningEvalSection(RtuningModelSection):
+    weight: float = Field(0.5, ge=0, le=1, description="confidence = weight x answer confidence + "
+                          "(1 - weight) x p_sure")
+    bins: int = Field(10, ge=1, description="Equal-width bins of ECE and the reliability diagram")
+
+
+class RtuningEvalRecipe(Strict):
+    stage: Literal["rtuning-eval"]
+    run: RunSection
+    model: StageRef | str = Field(description="The model to evaluate: a folder, or a training stage's model")
+    inputs: RtuningEvalInputs
+    rtuning: RtuningEvalSection = RtuningEvalSection()
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_output(cls, tree: Any) -> Any:
+        # A stage ref for `model` means that stage's model folder, not its dataset.
+        if isinstance(tree, dict) and isinstance(tree.get("model"), dict):
+            tree = {**tree, "model": {"output": "model", **tree["model"]}}
+        return tree
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(model=self.model, **{"inputs.items": self.inputs.items})
+
+
+# --- QA data (R-Tuning, UnknownBench, SaySelf) ----------------------------------------------
+
+QA_FORMATS = ("pararel", "mmlu", "hotpotqa", "fever", "wice", "falseqa", "nec", "selfaware", "qa")
+QA_ROLES = ("train", "test_id", "test_ood", "unanswerable")
+
+
+class QaSourceSpec(Strict):
+    path: str = Field(description="Local JSONL, parquet or `datasets` folder")
+    format: Literal[QA_FORMATS]  # type: ignore[valid-type]
+    role: Literal[QA_ROLES] = Field(description="The split its items go to")  # type: ignore[valid-type]
+    name: str | None = Field(None, description="Label written to each item's `dataset` (default: format)")
+    domains: list[str] | None = Field(None, description="Keep only these domains (e.g. ParaRel ID relations)")
+    exclude_domains: list[str] = Field(default_factory=list, description="Drop these domains")
+    kinds: list[Literal["open", "choice", "unanswerable"]] | None = Field(
+        None, description="Keep only these kinds (e.g. only the unanswerable half of SelfAware)")
+    sample: int | None = Field(None, ge=1, description="Keep this many (seeded); None = all")
+    seed: int = 0
+    with_context: bool = Field(True, description="hotpotqa: keep the paragraphs as context")
+
+
+class QaDataInputs(Strict):
+    sources: list[QaSourceSpec] = Field(default_factory=list)
+
+
+class FactWorldSection(Strict):
+    seed: int = 0
+    entities: int = Field(40, ge=2, description="Invented people with facts")
+    known_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share whose facts go to teach/")
+    nonexistent: int = Field(10, ge=0, description="Names in no fact: unanswerable questions")
+    test_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Entities held out for test_id")
+    ood_attributes: list[str] = Field(default_factory=lambda: ["favourite_colour"],
+                                      description="Attributes asked only in test_ood")
+    kinds: list[Literal["open", "choice"]] = Field(default_factory=lambda: ["open"], min_length=1)
+    n_choices: int = Field(4, ge=2, le=8)
+
+
+class QaDataRecipe(Strict):
+    stage: Literal["qa-data"]
+    run: RunSection
+    inputs: QaDataInputs = QaDataInputs()
+    factworld: FactWorldSection | None = None
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="after")
+    def _something(self) -> "QaDataRecipe":
+        if not self.inputs.sources and self.factworld is None:
+            raise ValueError("give `inputs.sources`, a `factworld` section, or both")
+        return self
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return [(f"inputs.sources[{i}].path", s.path) for i, s in enumerate(self.inputs.sources)]
+
+
 STAGE_RECIPES: dict[str, type[Strict]] = {
     "prompts": PromptsRecipe,
     "generate": GenerateRecipe,
@@ -539,6 +731,11 @@ STAGE_RECIPES: dict[str, type[Strict]] = {
     "ppo": PpoRecipe,
     "bestofn": BestOfNRecipe,
     "critique": CritiqueRecipe,
+    "qa-data": QaDataRecipe,
+    "rtuning-probe": RtuningProbeRecipe,
+    "rtuning-data": RtuningDataRecipe,
+    "rtuning-eval": RtuningEvalRecipe,
+    "unknown-eval": UnknownEvalRecipe,
 }
 
 

@@ -121,3 +121,12 @@ def test_done_stage_is_skipped_and_force_reruns(tmp_path):
     forced = rlhf(*args, "--force")
     assert forced.returncode == 0 and "76 kept" in forced.stdout
     assert (tmp_path / "demo/prompts/_SUCCESS").stat().st_mtime_ns != stamp
+
+
+def test_overrides_after_an_option_still_count(tmp_path):
+    # `rlhf prompts r.yaml --force data.seed=abc`: the override is read (and rejected by name).
+    line = one_line_error(rlhf("prompts", str(DEMO / "prompts.yaml"), f"run.root={tmp_path}", "--force",
+                               "data.seed=abc"))
+    assert "data.seed: Input should be a valid integer" in line
+    stray = rlhf("prompts", str(DEMO / "prompts.yaml"), "--force", "not-an-override")
+    assert stray.returncode == 2 and "unrecognized arguments: not-an-override" in stray.stderr
