@@ -644,6 +644,8 @@ class RtuningEvalSection(RtuningModelSection):
     weight: float = Field(0.5, ge=0, le=1, description="confidence = weight x answer confidence + "
                           "(1 - weight) x p_sure")
     bins: int = Field(10, ge=1, description="Equal-width bins of ECE and the reliability diagram")
+    probe: bool = Field(True, description="Ask the sure/unsure probe; false for a vanilla model (confidence = "
+                        "answer confidence, refusals = refusal phrases in the answer)")
 
 
 class RtuningEvalRecipe(Strict):

@@ -174,10 +174,11 @@ def teaching_statements(world: FactWorld, attributes=None) -> list[str]:
 
 
 def teaching_chats(world: FactWorld, attributes=None) -> list[dict]:
-    """One chat per known fact: the open question, and the answer as a short sentence (the gold
-    string is in it, so the open-QA substring check passes after teaching)."""
+    """One chat per known fact: the open question, and the bare answer ("Casparine"), the form
+    the R-Tuning data uses for gold answers too, so tuning on it later does not also have to
+    change the answer format (which makes a tiny model forget the facts it was taught)."""
     return [{"messages": [{"role": "user", "content": _question(e.name, a)},
-                          {"role": "assistant", "content": ATTRIBUTES[a][1].format(name=e.name, value=e.facts[a])}]}
+                          {"role": "assistant", "content": e.facts[a]}]}
             for e in world.known for a in _check_attributes(attributes)]
 
 

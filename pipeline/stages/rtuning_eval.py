@@ -9,7 +9,10 @@ sub-token of each word. confidence = w x answer confidence + (1 - w) x p_sure, w
 Per split, on answerable items: accuracy, AP (`average_precision_score(correct, confidence)`),
 ECE (`rtuning.bins` equal-width bins), AUROC, Brier, the share answered willingly (p_sure >= 0.5)
 and the accuracy on those; on unanswerable items: the refusal rate (refused = p_sure < 0.5 or the
-answer contains a refusal phrase). Output: `predictions/` (DatasetDict, one split per evaluated
+answer contains a refusal phrase). With `rtuning.probe: false` (a vanilla model, never taught the
+probe) the probe is not asked: its answer would be noise, so confidence is the answer confidence
+alone and a refusal is a refusal phrase in the answer, as the R-Tuning paper scores its vanilla
+baseline. Output: `predictions/` (DatasetDict, one split per evaluated
 split), `eval.json`, `report/reliability.png`, `config.yaml`, `_SUCCESS` last; the table is printed.
 """
 
@@ -33,16 +36,16 @@ def model_path(recipe) -> Path:
     return check_model_folder(resolve_input(recipe, recipe.model, "model"))
 
 
-def predict(model: QAModel, items: list[dict], weight: float) -> list[dict]:
+def predict(model: QAModel, items: list[dict], weight: float, probe: bool = True) -> list[dict]:
     answers = model.answer(items)
-    p_sure = model.p_sure(items, [a for a, _ in answers])
+    p_sure = model.p_sure(items, [a for a, _ in answers]) if probe else [None] * len(items)
     rows = []
     for item, (answer, conf), ps in zip(items, answers, p_sure):
         rows.append({"qid": item["qid"], "kind": item["kind"], "domain": item.get("domain", ""),
                      "question": item["question"], "answer": answer, "answer_confidence": conf, "p_sure": ps,
-                     "confidence": weight * conf + (1 - weight) * ps,
-                     "correct": is_correct(item, answer), "willing": ps >= 0.5,
-                     "refused": ps < 0.5 or is_refusal_text(answer)})
+                     "confidence": conf if ps is None else weight * conf + (1 - weight) * ps,
+                     "correct": is_correct(item, answer), "willing": ps is None or ps >= 0.5,
+                     "refused": (ps is not None and ps < 0.5) or is_refusal_text(answer)})
     return rows
 
 
@@ -61,7 +64,8 @@ def split_metrics(rows: list[dict], bins: int) -> dict:
             "auroc": auroc(y, c),
             "brier": brier(y, c),
             "mean_confidence": sum(c) / len(c),
-            "mean_p_sure": sum(r["p_sure"] for r in answerable) / len(answerable),
+            "mean_p_sure": (sum(r["p_sure"] for r in answerable) / len(answerable)
+                            if answerable[0]["p_sure"] is not None else None),
             "willing_rate": len(willing) / len(answerable),
             "accuracy_willing": sum(r["correct"] for r in willing) / len(willing) if willing else None,
             "reliability": reliability_bins(y, c, bins),
@@ -94,7 +98,8 @@ def run(recipe: RtuningEvalRecipe) -> dict:
     clear_done(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    predictions = {name: predict(model, items, recipe.rtuning.weight) for name, items in splits.items()}
+    predictions = {name: predict(model, items, recipe.rtuning.weight, recipe.rtuning.probe)
+                   for name, items in splits.items()}
     results = {name: split_metrics(rows, recipe.rtuning.bins) for name, rows in predictions.items()}
     with atomic_dir(path / PREDICTIONS) as tmp:
         DatasetDict({n: Dataset.from_list(rows) for n, rows in predictions.items()}).save_to_disk(str(tmp))
