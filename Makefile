@@ -20,7 +20,7 @@ TRAIN = $(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file recipes/a
 	--num_processes $(NPROC) $(if $(and $(filter ddp,$(ACCELERATE)),$(filter-out 1,$(NPROC))),--multi_gpu) \
 	-m pipeline,$(PY) -m pipeline)
 
-.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique validate clean-demo
+.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning unknown-eval validate clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the project with test extras
 
-demo: $(STAMP)  ## the offline demo: data path (stand-in server) then every training stage on tiny models
+demo: $(STAMP)  ## the offline demo: data path (stand-in server), every training stage, R-Tuning, unknown-eval
 	$(PY) -m pipeline.demo --run $(RUN) $(ARGS)
 
 test: $(STAMP)  ## the whole test suite (unit + integration)
@@ -84,6 +84,18 @@ bestofn: $(STAMP)  ## best-of-n sampling scored by the reward model (RECIPE=reci
 
 critique: $(STAMP)  ## critique model (UltraCM): SFT on critiques + score correlation (RECIPE=recipes/demo/critique.yaml)
 	$(TRAIN) critique $(or $(RECIPE),recipes/demo/critique.yaml) $(RUN_ARG) $(ARGS)
+
+qa-data: $(STAMP)  ## QA items (samples + synthetic fact world) for R-Tuning / UnknownBench (RECIPE=recipes/demo/qa-data.yaml)
+	$(PY) -m pipeline qa-data $(or $(RECIPE),recipes/demo/qa-data.yaml) $(RUN_ARG) $(ARGS)
+
+rtuning: qa-data  ## R-Tuning chain on the demo recipes: probe -> data -> sft -> eval
+	$(PY) -m pipeline rtuning-probe recipes/demo/rtuning-probe.yaml $(RUN_ARG) $(ARGS)
+	$(PY) -m pipeline rtuning-data recipes/demo/rtuning-data.yaml $(RUN_ARG) $(ARGS)
+	$(TRAIN) sft recipes/demo/rtuning-sft.yaml run.name=$(RUN)-rtuning inputs.dataset.run=$(RUN) $(ARGS)
+	$(PY) -m pipeline rtuning-eval recipes/demo/rtuning-eval.yaml run.name=$(RUN)-rtuning inputs.items.run=$(RUN) $(ARGS)
+
+unknown-eval: $(STAMP)  ## UnknownBench-style refusal and elicited confidence (RECIPE=recipes/demo/unknown-eval.yaml)
+	$(PY) -m pipeline unknown-eval $(or $(RECIPE),recipes/demo/unknown-eval.yaml) $(RUN_ARG) $(ARGS)
 
 standin: $(STAMP)  ## run the stand-in OpenAI-compatible server in the foreground (PORT=8765; NOT a real model)
 	$(PY) -m pipeline.standin --port $(or $(PORT),8765)

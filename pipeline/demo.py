@@ -104,9 +104,21 @@ def main(argv: list[str] | None = None) -> int:
         code = rlhf([stage, str(RECIPES / f"{stage}.yaml"), *common])
         if code:
             return code
+    # R-Tuning and the unknown-question evaluation on QA items (samples + a synthetic fact world).
+    rtuning_run = [f"run.name={args.run}-rtuning"] + (["--force"] if args.force else [])
+    for stage, recipe, extra in (("qa-data", "qa-data", common), ("rtuning-probe", "rtuning-probe", common),
+                                 ("rtuning-data", "rtuning-data", common),
+                                 ("sft", "rtuning-sft", [*rtuning_run, f"inputs.dataset.run={args.run}"]),
+                                 ("rtuning-eval", "rtuning-eval", [*rtuning_run, f"inputs.items.run={args.run}"]),
+                                 ("unknown-eval", "unknown-eval", common)):
+        code = rlhf([stage, str(RECIPES / f"{recipe}.yaml"), *extra])
+        if code:
+            return code
     _show_rows(Path("data/runs"), args.run)
     _show_judging(Path("data/runs"), args.run)
     _show_training(Path("data/runs"), args.run)
+    print(f"R-Tuning: {Path('data/runs') / (args.run + '-rtuning') / 'rtuning-eval' / 'eval.json'}; "
+          f"unknown-eval: {Path('data/runs') / args.run / 'unknown-eval' / 'summary.json'}")
     return 0
 
 
