@@ -10,7 +10,7 @@ Prompt shapes (all through the model's own chat template):
 - the probe: a second user turn, `PROBE_QUESTION`, answered "I am sure" or "I am unsure". At
   evaluation the assistant turn is opened and pre-filled with "I am"; p_sure compares the
   next-token probabilities of the first sub-token of " sure" and of " unsure" (found the same
-  way, by tokenising prompt + "I am" + word; asserted to differ and to extend the prompt's ids).
+  way, by tokenising prompt + "I am" + word; a ConfigError when they do not differ).
 """
 
 from __future__ import annotations
@@ -216,7 +216,8 @@ class QAModel:
         if self._letters is None:
             ids = [first_new_token(self.tok, sample_prompt, letter) for letter in LETTERS]
             if len(set(ids)) != len(ids):
-                raise ValueError("choice letters share a first token in this tokenizer")
+                raise ConfigError(f"model: in the tokenizer of {self.path} two choice letters start with the same "
+                                  "token, so the letters cannot be scored apart")
             self._letters = ids
         return self._letters
 
@@ -225,7 +226,9 @@ class QAModel:
         if self._sure is None:
             sure = first_new_token(self.tok, sample_prompt, SURE[len(SURE_PREFIX):])
             unsure = first_new_token(self.tok, sample_prompt, UNSURE[len(SURE_PREFIX):])
-            assert sure != unsure, "' sure' and ' unsure' start with the same token: p_sure is undefined"
+            if sure == unsure:
+                raise ConfigError(f"model: in the tokenizer of {self.path} ' sure' and ' unsure' start with the "
+                                  "same token, so p_sure cannot be read")
             self._sure = (sure, unsure)
         return self._sure
 
