@@ -36,10 +36,6 @@ REFUSALS = (
     "I can't answer this with any confidence.",
     "That is beyond what I know, so I won't guess.",
 )
-# An answer containing any of these (lower-cased) counts as a refusal at evaluation.
-REFUSAL_MARKERS = ("i don't know", "i do not know", "not able to answer", "can't answer", "cannot answer",
-                   "don't have the knowledge", "won't guess", "not sure", "unsure", "no idea",
-                   "beyond what i know")
 
 
 # --- items -------------------------------------------------------------------------------------
@@ -75,11 +71,6 @@ def is_correct(item: dict, answer: str) -> bool:
         return False
     low = answer.lower()
     return any(g.strip() and g.strip().lower() in low for g in item["answers"])
-
-
-def is_refusal_text(answer: str) -> bool:
-    low = answer.lower().replace("’", "'")
-    return any(m in low for m in REFUSAL_MARKERS)
 
 
 def normalise(answer: str) -> str:
@@ -151,12 +142,6 @@ def load_splits(ref, key: str, splits: Sequence[str], recipe, split_key: str, li
     return out, path
 
 
-def check_model_folder(path: str | Path, key: str = "model") -> Path:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{key}: {path} is not a model folder (no config.json)")
-    return path
-
 
 # --- the model ---------------------------------------------------------------------------------
 
@@ -178,7 +163,7 @@ class QAModel:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.path = check_model_folder(path)
+        self.path = Path(path)  # checked by the stage (pipeline.train.model_folder)
         self.section = section
         device = section.device
         if device == "auto":

@@ -27,8 +27,9 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from pipeline.config import ConfigError, RtuningDataRecipe
 from pipeline.runs import (DATASET, atomic_dir, clear_done, mark_done, resolve_input, save_config, stage_dir,
                            write_json)
-from pipeline.stages.rtuning import (PROBE_QUESTION, REFUSALS, SURE, UNSURE, QAModel, check_item,
-                                     check_model_folder, entropy, gold_answer, question_text)
+from pipeline.stages.rtuning import (PROBE_QUESTION, REFUSALS, SURE, UNSURE, QAModel, check_item, entropy,
+                                     gold_answer, question_text)
+from pipeline.train import model_folder
 
 SPLIT = "train"
 
@@ -104,8 +105,7 @@ def run(recipe: RtuningDataRecipe) -> dict:
     items, probe_path = load_probe(recipe)
     entropies = None
     if recipe.rtuning.variant == "r-tuning-u":
-        check_model_folder(recipe.model)
-        model = QAModel(recipe.model, recipe.rtuning)
+        model = QAModel(model_folder(recipe, recipe.model, "model"), recipe.rtuning)
         samples = model.sample(items, recipe.rtuning.samples, recipe.rtuning.temperature, recipe.rtuning.seed)
         entropies = [entropy(s) for s in samples]
     rows = build_rows(recipe, items, entropies)

@@ -26,14 +26,16 @@ from datasets import Dataset, DatasetDict
 from pipeline.config import RtuningEvalRecipe
 from pipeline.metrics import auroc, average_precision, brier, expected_calibration_error, reliability_bins, \
     reliability_diagram
-from pipeline.runs import atomic_dir, clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.stages.rtuning import QAModel, check_model_folder, is_correct, is_refusal_text, load_splits
+from pipeline.runs import atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
+from pipeline.refusal import detect_refusal
+from pipeline.stages.rtuning import QAModel, is_correct, load_splits
+from pipeline.train import model_folder
 
 PREDICTIONS = "predictions"
 
 
 def model_path(recipe) -> Path:
-    return check_model_folder(resolve_input(recipe, recipe.model, "model"))
+    return model_folder(recipe, recipe.model, "model")
 
 
 def predict(model: QAModel, items: list[dict], weight: float, probe: bool = True) -> list[dict]:
@@ -45,7 +47,7 @@ def predict(model: QAModel, items: list[dict], weight: float, probe: bool = True
                      "question": item["question"], "answer": answer, "answer_confidence": conf, "p_sure": ps,
                      "confidence": conf if ps is None else weight * conf + (1 - weight) * ps,
                      "correct": is_correct(item, answer), "willing": ps is None or ps >= 0.5,
-                     "refused": (ps is not None and ps < 0.5) or is_refusal_text(answer)})
+                     "refused": (ps is not None and ps < 0.5) or detect_refusal(answer) is not None})
     return rows
 
 

@@ -19,18 +19,19 @@ from datasets import Dataset, DatasetDict
 
 from pipeline.config import RtuningProbeRecipe
 from pipeline.runs import DATASET, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.stages.rtuning import QAModel, check_model_folder, is_correct, load_splits
+from pipeline.stages.rtuning import QAModel, is_correct, load_splits
+from pipeline.train import model_folder
 
 PROBE_SPLIT = "train"
 
 
 def run(recipe: RtuningProbeRecipe) -> dict:
     started = time.time()
-    check_model_folder(recipe.model)
+    model_path = model_folder(recipe, recipe.model, "model")
     splits, items_path = load_splits(recipe.inputs.items, "inputs.items", [recipe.inputs.split], recipe,
                                      "inputs.split", limit=recipe.rtuning.limit, answerable_only=True)
     items = splits[recipe.inputs.split]
-    model = QAModel(recipe.model, recipe.rtuning)  # every input checked before anything is written
+    model = QAModel(model_path, recipe.rtuning)  # every input checked before anything is written
     path = stage_dir(recipe)
     clear_done(path)
     path.mkdir(parents=True, exist_ok=True)

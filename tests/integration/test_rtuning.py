@@ -222,3 +222,12 @@ def test_item_without_answers_is_named_and_nothing_written(world, tmp_path):
 def test_r_tuning_u_needs_a_model(tmp_path):
     with pytest.raises(Exception, match="r-tuning-u"):
         data_recipe(tmp_path, "r-tuning-u")
+
+
+def test_every_r_tuning_r_refusal_is_read_as_a_refusal():
+    # The phrases R-Tuning-R trains on must count as refusals when the tuned model says them.
+    from pipeline.refusal import detect_refusal
+    from pipeline.stages.rtuning import REFUSALS
+
+    assert all(detect_refusal(phrase) for phrase in REFUSALS)
+    assert detect_refusal("Quellmarsh") is None

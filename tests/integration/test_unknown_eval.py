@@ -13,6 +13,7 @@ from datasets import Dataset, DatasetDict
 from pipeline.cli import main as rlhf
 from pipeline.config import ConfigError, load_recipe
 from pipeline.records import QA_FEATURES, qa_item
+from pipeline import refusal
 from pipeline.stages import unknown_eval
 from pipeline.stages.unknown_eval import detect_refusal, is_correct, parse_confidence
 
@@ -85,8 +86,8 @@ def test_refusal_detector(answer, refused):
 
 
 def test_every_refusal_pattern_is_documented_and_compiles():
-    assert all(isinstance(p, str) and doc for p, doc in unknown_eval.REFUSAL_PATTERNS)
-    assert len({p for p, _ in unknown_eval.REFUSAL_PATTERNS}) == len(unknown_eval.REFUSAL_PATTERNS)
+    assert all(isinstance(p, str) and doc for p, doc in refusal.REFUSAL_PATTERNS)
+    assert len({p for p, _ in refusal.REFUSAL_PATTERNS}) == len(refusal.REFUSAL_PATTERNS)
 
 
 def test_gold_match():
