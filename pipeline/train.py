@@ -114,11 +114,16 @@ def lora_config(train: TrainSection, task_type: str):
 
 
 def last_checkpoint(stage_path: Path) -> str | None:
-    """The newest `checkpoint-N` of an earlier, interrupted run of this stage (to resume from)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete `checkpoint-N` of an earlier, interrupted run (to resume from).
 
+    The Trainer writes trainer_state.json last, so a folder without it was cut off mid-save by a
+    kill and is passed over (transformers' get_last_checkpoint would pick it and then fail)."""
     folder = stage_path / CHECKPOINTS
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    complete = [p for p in folder.glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
 def train_or_resume(trainer, resume: str | None) -> tuple[int, float | None]:
