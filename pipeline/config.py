@@ -326,7 +326,8 @@ class TrainSection(Strict):
     min_learning_rate: float | None = Field(None, ge=0, description="cosine decays to this (cosine_with_min_lr)")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    max_length: int = Field(1024, ge=8, description="Tokens per sequence; TRL truncates (SFT, DPO) or drops (reward) longer ones")
+    max_length: int = Field(1024, ge=8,
+                            description="Tokens per sequence; TRL truncates (SFT, DPO) or drops (reward) longer ones")
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, else fp32")

@@ -6,8 +6,8 @@ with other settings still finds its paid-for results.
 
 Storage is an append-only JSON-lines file, one record per completed call, flushed to the OS
 before the next outcome is accepted (so a killed process loses nothing written) and fsynced at
-least once a second and on close (so a power cut loses at most the last second). A kill -9 can tear only the last line; reading tolerates
-that (the torn record is dropped and the file truncated to the last whole line), so that call is
+least once a second and on close (so a power cut loses at most the last second). A kill -9 can
+tear only the last line; reading tolerates that (the torn record is dropped and the file truncated to the last whole line), so that call is
 simply made again. Later records win: a success after a failure clears it.
 A damaged whole line elsewhere (not JSON, not UTF-8, not a record) is skipped and left in
 place; the records around it still count.

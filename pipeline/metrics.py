@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from pipeline.report import figure
+
 
 def _pair(correct: Sequence, confidence: Sequence) -> tuple[list[float], list[float]]:
     y = [float(bool(c)) for c in correct]
@@ -77,24 +79,15 @@ def brier(correct: Sequence, confidence: Sequence) -> float | None:
 
 def reliability_diagram(bins: dict[str, list[dict]], out, title: str = "") -> None:
     """PNG: per named bin list (say a split each), accuracy against mean confidence, and the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    for name, rows in bins.items():
-        pts = [(b["confidence"], b["accuracy"]) for b in rows if b["count"]]
-        if pts:
-            ax.plot(*zip(*pts), "o-", label=name)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("mean confidence in bin")
-    ax.set_ylabel("accuracy in bin")
-    ax.set_title(title)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with figure(out, figsize=(5, 5)) as (_, ax):
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        for name, rows in bins.items():
+            pts = [(b["confidence"], b["accuracy"]) for b in rows if b["count"]]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=name)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("mean confidence in bin")
+        ax.set_ylabel("accuracy in bin")
+        ax.set_title(title)
+        ax.legend(loc="upper left")

@@ -48,6 +48,7 @@ from pipeline.judge.parse import ParseError, parse_aspect, parse_compact, parse_
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.openai_backend import _reason
 from pipeline.records import COMPLETION_SET_FEATURES, empty_annotations, prompt_id, saved_rows
+from pipeline.report import figure
 from pipeline.runs import (DATASET, StageFailed, atomic_dir, atomic_write_text, clear_done, mark_done,
                            resolve_input, save_config, stage_dir, write_json)
 
@@ -561,12 +562,6 @@ def assemble(rows: list[dict], items: list[Item], outcomes: dict, requests: Requ
 
 def write_report(rows: list[dict], report_dir: Path) -> dict:
     """PNG plots of the annotated rows; returns a few figures for the summary."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    report_dir.mkdir(parents=True, exist_ok=True)
     ratings = {a: Counter() for a in rubric.ASPECTS}
     per_model: dict[str, dict[str, list[int]]] = {}
     overall, fine = [], []
@@ -582,41 +577,32 @@ def write_report(rows: list[dict], report_dir: Path) -> dict:
                 fine.append(c["fine-grained_score"])
 
     labels = ["1", "2", "3", "4", "5", "N/A"]
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), sharey=True)
-    for ax, aspect in zip(axes, rubric.ASPECTS):
-        ax.bar(labels, [ratings[aspect][v] for v in labels], color="#4c72b0")
-        ax.set_title(aspect.replace("_", " "))
-        ax.set_xlabel("rating")
-    axes[0].set_ylabel("completions")
-    fig.tight_layout()
-    fig.savefig(report_dir / "ratings_per_aspect.png", dpi=110)
-    plt.close(fig)
+    with figure(report_dir / "ratings_per_aspect.png", dpi=110, ncols=4, figsize=(14, 3.2), sharey=True) as (_, axes):
+        for ax, aspect in zip(axes, rubric.ASPECTS):
+            ax.bar(labels, [ratings[aspect][v] for v in labels], color="#4c72b0")
+            ax.set_title(aspect.replace("_", " "))
+            ax.set_xlabel("rating")
+        axes[0].set_ylabel("completions")
 
     models = sorted(per_model)
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(models)), 3.5))
-    width = 0.8 / len(rubric.ASPECTS)
-    for k, aspect in enumerate(rubric.ASPECTS):
-        means = [sum(v) / len(v) if (v := per_model[m].get(aspect)) else 0 for m in models]
-        ax.bar([i + k * width for i in range(len(models))], means, width, label=aspect.replace("_", " "))
-    ax.set_xticks([i + 1.5 * width for i in range(len(models))], models, rotation=20)
-    ax.set_ylabel("mean rating (1-5)")
-    ax.set_ylim(0, 5)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(report_dir / "ratings_per_model.png", dpi=110)
-    plt.close(fig)
+    with figure(report_dir / "ratings_per_model.png", dpi=110, figsize=(max(6, 1.4 * len(models)), 3.5)) as (_, ax):
+        width = 0.8 / len(rubric.ASPECTS)
+        for k, aspect in enumerate(rubric.ASPECTS):
+            means = [sum(v) / len(v) if (v := per_model[m].get(aspect)) else 0 for m in models]
+            ax.bar([i + k * width for i in range(len(models))], means, width, label=aspect.replace("_", " "))
+        ax.set_xticks([i + 1.5 * width for i in range(len(models))], models, rotation=20)
+        ax.set_ylabel("mean rating (1-5)")
+        ax.set_ylim(0, 5)
+        ax.legend(fontsize=7)
 
     rho = spearman(overall, fine)
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    jitter = random.Random(0)
-    ax.scatter([x + jitter.uniform(-0.15, 0.15) for x in fine], [y + jitter.uniform(-0.15, 0.15) for y in overall],
-               s=8, alpha=0.5)
-    ax.set_xlabel("fine-grained score (mean aspect rating)")
-    ax.set_ylabel("overall score (critique)")
-    ax.set_title(f"agreement: Spearman {rho:.2f} (n={len(overall)})")
-    fig.tight_layout()
-    fig.savefig(report_dir / "overall_vs_fine_grained.png", dpi=110)
-    plt.close(fig)
+    with figure(report_dir / "overall_vs_fine_grained.png", dpi=110, figsize=(4.5, 4)) as (_, ax):
+        jitter = random.Random(0)
+        ax.scatter([x + jitter.uniform(-0.15, 0.15) for x in fine],
+                   [y + jitter.uniform(-0.15, 0.15) for y in overall], s=8, alpha=0.5)
+        ax.set_xlabel("fine-grained score (mean aspect rating)")
+        ax.set_ylabel("overall score (critique)")
+        ax.set_title(f"agreement: Spearman {rho:.2f} (n={len(overall)})")
     return {"spearman_overall_vs_fine_grained": None if math.isnan(rho) else round(rho, 4),
             "rating_counts": {a: dict(sorted(c.items())) for a, c in ratings.items()},
             "plots": sorted(p.name for p in report_dir.glob("*.png"))}

@@ -31,6 +31,7 @@ from pathlib import Path
 from pipeline.config import BestOfNRecipe, ConfigError, ModelSpec
 from pipeline.runs import (StageFailed, atomic_write_text, clear_done, mark_done, resolve_input, save_config,
                            stage_dir, write_json)
+from pipeline.report import figure
 from pipeline.train import model_folder
 
 REPORT = "report"
@@ -150,22 +151,13 @@ def best_of_n_table(rewards: list[list[float]], n_values: list[int]) -> list[dic
 
 
 def plot_curve(table: list[dict], mean_reward: float, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster node
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["n"] for r in table], [r["mean_best_reward"] for r in table], "o-", label="best of n")
-    ax.axhline(mean_reward, color="grey", linestyle="--", label="mean over all samples")
-    ax.set_xscale("log", base=2)
-    ax.set(title="best-of-n: reward of the kept sample", xlabel="n (samples per prompt)", ylabel="mean reward")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with figure(out, figsize=(6, 4)) as (_, ax):
+        ax.plot([r["n"] for r in table], [r["mean_best_reward"] for r in table], "o-", label="best of n")
+        ax.axhline(mean_reward, color="grey", linestyle="--", label="mean over all samples")
+        ax.set_xscale("log", base=2)
+        ax.set(title="best-of-n: reward of the kept sample", xlabel="n (samples per prompt)", ylabel="mean reward")
+        ax.grid(alpha=0.3)
+        ax.legend()
     return out
 
 

@@ -16,6 +16,7 @@ import math
 
 from pipeline.config import CritiqueRecipe
 from pipeline.judge.parse import ParseError, parse_critique
+from pipeline.report import figure
 from pipeline.runs import atomic_write_text
 from pipeline.stages.sft import REPORT, check_inputs, finish, train_stage
 from pipeline.train import MODEL, is_main_process
@@ -82,25 +83,16 @@ def score_critiques(texts: list[str], judge_scores: list) -> dict:
 
 
 def scatter_plot(rows: list[dict], out) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts = [(r["judge_score"], r["score"]) for r in rows if r["score"] is not None and r["judge_score"] is not None]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    if pts:
-        ax.scatter(*zip(*pts), alpha=0.5)
-    ax.plot([1, 10], [1, 10], "k:", linewidth=1)
-    ax.set_xlim(0.5, 10.5)
-    ax.set_ylim(0.5, 10.5)
-    ax.set_xlabel("judge overall score")
-    ax.set_ylabel("critique model score")
-    ax.set_title(f"{len(pts)}/{len(rows)} critiques parsed")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with figure(out, figsize=(4.5, 4.5)) as (_, ax):
+        if pts:
+            ax.scatter(*zip(*pts), alpha=0.5)
+        ax.plot([1, 10], [1, 10], "k:", linewidth=1)
+        ax.set_xlim(0.5, 10.5)
+        ax.set_ylim(0.5, 10.5)
+        ax.set_xlabel("judge overall score")
+        ax.set_ylabel("critique model score")
+        ax.set_title(f"{len(pts)}/{len(rows)} critiques parsed")
 
 
 def evaluate_model(model_dir, eval_ds, section) -> dict:

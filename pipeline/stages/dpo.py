@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, DpoRecipe
+from pipeline.report import figure
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
 from pipeline.train import (is_main_process, last_checkpoint, lora_config, model_folder, save_model,
                             train_or_resume, trl_config)
@@ -54,11 +55,6 @@ def load_pairs(path: Path, key: str, splits: dict[str, str | None], columns=PAIR
 
 def plot_rewards(log_history: list[dict], out: Path) -> Path | None:
     """Margin and accuracy of the implicit reward, as TRL logged them, against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster node
-    import matplotlib.pyplot as plt
-
     series = {}
     for prefix, label in (("", "train"), ("eval_", "eval")):
         rows = [r for r in log_history if f"{prefix}rewards/margins" in r]
@@ -67,20 +63,16 @@ def plot_rewards(log_history: list[dict], out: Path) -> Path | None:
                              [r.get(f"{prefix}rewards/accuracies", float("nan")) for r in rows])
     if not series:
         return None
-    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
-    for label, (steps, margins, accs) in series.items():
-        style = "o-" if len(steps) < 3 else "-"
-        ax_m.plot(steps, margins, style, label=label)
-        ax_a.plot(steps, accs, style, label=label)
-    ax_m.set(title="implicit reward margin (chosen - rejected)", xlabel="step", ylabel="margin")
-    ax_a.set(title="implicit reward accuracy", xlabel="step", ylabel="accuracy", ylim=(-0.05, 1.05))
-    for ax in (ax_m, ax_a):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with figure(out, ncols=2, figsize=(10, 4)) as (_, (ax_m, ax_a)):
+        for label, (steps, margins, accs) in series.items():
+            style = "o-" if len(steps) < 3 else "-"
+            ax_m.plot(steps, margins, style, label=label)
+            ax_a.plot(steps, accs, style, label=label)
+        ax_m.set(title="implicit reward margin (chosen - rejected)", xlabel="step", ylabel="margin")
+        ax_a.set(title="implicit reward accuracy", xlabel="step", ylabel="accuracy", ylim=(-0.05, 1.05))
+        for ax in (ax_m, ax_a):
+            ax.grid(alpha=0.3)
+            ax.legend()
     return out
 
 

@@ -66,6 +66,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, PairsRecipe
 from pipeline.records import prompt_id as make_prompt_id, saved_rows
+from pipeline.report import figure
 from pipeline.runs import (DATASET, atomic_dir, clear_done, mark_done, resolve_input, save_config, stage_dir,
                            write_json)
 
@@ -432,21 +433,12 @@ def build(rows: list[Row], recipe: PairsRecipe) -> tuple[dict[str, list[dict]], 
 
 
 def plot_margins(margins: list[float], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    ax.hist(margins, bins=[k / 18 for k in range(19)], color="#4c72b0", edgecolor="white")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("margin = (score chosen - score rejected) / scale width")
-    ax.set_ylabel("pairs")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, dpi=110, figsize=(5.5, 3.5)) as (_, ax):
+        ax.hist(margins, bins=[k / 18 for k in range(19)], color="#4c72b0", edgecolor="white")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("margin = (score chosen - score rejected) / scale width")
+        ax.set_ylabel("pairs")
+        ax.set_title(title, fontsize=9)
 
 
 def print_summary(summary: dict, path: Path) -> None:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, PpoRecipe
+from pipeline.report import figure
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
 from pipeline.train import is_main_process, lora_config, model_folder, save_model, trl_config, world_size
 
@@ -101,23 +102,14 @@ def _token_logprobs(model, ids, mask, prompt_width: int):
 
 
 def plot_curves(log_history: list[dict], path: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [("objective/scores", "reward model score"), ("objective/kl", "KL to the start"),
              ("objective/entropy", "entropy")]
     rows = [r for r in log_history if "objective/scores" in r]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, (key, title) in zip(axes, names):
-        ax.plot([r.get("episode", i) for i, r in enumerate(rows)], [r.get(key, math.nan) for r in rows], marker=".")
-        ax.set_title(title)
-        ax.set_xlabel("episodes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, dpi=110, ncols=3, figsize=(12, 3.2)) as (_, axes):
+        for ax, (key, title) in zip(axes, names):
+            ax.plot([r.get("episode", i) for i, r in enumerate(rows)], [r.get(key, math.nan) for r in rows], marker=".")
+            ax.set_title(title)
+            ax.set_xlabel("episodes")
     return [path.name]
 
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, RewardRecipe, RewardSource
+from pipeline.report import figure
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
 from pipeline.train import (is_main_process, last_checkpoint, lora_config, model_folder, save_model,
                             train_or_resume, trl_config, world_size)
@@ -216,26 +217,17 @@ def accuracy_table(rows: list[dict], scores: list[tuple[float, float]], names: l
 
 
 def plot_accuracy(table: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [n for n, r in table.items() if r["accuracy"] is not None]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 3.5))
-    bars = ax.bar(names, [table[n]["accuracy"] for n in names],
-                  color=["#4c72b0" if n != "overall" else "#55a868" for n in names])
-    for bar, name in zip(bars, names):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, f"n={table[name]['pairs']}",
-                ha="center", fontsize=7)
-    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)  # chance
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("pairwise accuracy")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, dpi=110, figsize=(1.2 * len(names) + 2.5, 3.5)) as (_, ax):
+        bars = ax.bar(names, [table[n]["accuracy"] for n in names],
+                      color=["#4c72b0" if n != "overall" else "#55a868" for n in names])
+        for bar, name in zip(bars, names):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, f"n={table[name]['pairs']}",
+                    ha="center", fontsize=7)
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)  # chance
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("pairwise accuracy")
+        ax.set_title(title, fontsize=9)
 
 
 def print_table(table: dict) -> None:

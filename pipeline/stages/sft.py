@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, SftRecipe
+from pipeline.report import figure
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
 from pipeline.train import (MODEL, is_main_process, last_checkpoint, lora_config, model_folder, save_model,
                             train_or_resume, trl_config)
@@ -99,27 +100,18 @@ def build_trainer(recipe, path: Path, train_ds, eval_ds, model, tokenizer, assis
 
 
 def loss_plot(log_history: list[dict], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training nodes
-    import matplotlib.pyplot as plt
-
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean token NLL)")
-    ax.set_title(title)
-    if train or evals:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with figure(out, figsize=(6, 4)) as (_, ax):
+        if train:
+            ax.plot(*zip(*train), label="train loss")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (mean token NLL)")
+        ax.set_title(title)
+        if train or evals:
+            ax.legend()
 
 
 def check_inputs(recipe, assistant_only_loss: bool) -> dict:

@@ -57,6 +57,7 @@ from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, GenResult, make_backend
 from pipeline.records import QA_KINDS
 from pipeline.refusal import detect_refusal
+from pipeline.report import figure
 from pipeline.runs import (StageFailed, atomic_write_text, clear_done, mark_done, resolve_input, save_config,
                            stage_dir, write_json)
 
@@ -267,41 +268,32 @@ def table_lines(summary: dict) -> list[str]:
 
 
 def plot_report(summary: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster node
-    import matplotlib.pyplot as plt
-
     models = list(summary)
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
-    for row, model in enumerate(models):
-        entry = summary[model]
-        ax = axes[row][0]
-        width = 0.4
-        for offset, group in ((-width / 2, "answerable"), (width / 2, "unanswerable")):
-            m = entry["groups"][group]
-            counts = [m["confidence_histogram"][str(v)] for v in range(11)]
-            ax.bar([v + offset for v in range(11)], counts, width=width,
-                   label=f"{group} (parsed {m['confidence_parsed']}/{m['confidence_replies']})")
-        ax.set(title=f"{model}: elicited confidence", xlabel="rating (0-10)", ylabel="items", xticks=range(11))
-        ax.legend(fontsize=8)
-        ax = axes[row][1]
-        labels, answerable, unanswerable = [], [], []
-        for split, s in list(entry["splits"].items()) + [("all", entry)]:
-            labels.append(split)
-            for group, values in (("answerable", answerable), ("unanswerable", unanswerable)):
-                rate = s["groups"][group]["refusal_rate"]
-                values.append(float("nan") if rate is None else 100 * rate)  # no items: no bar
-        xs = range(len(labels))
-        ax.bar([x - width / 2 for x in xs], answerable, width=width, label="answerable")
-        ax.bar([x + width / 2 for x in xs], unanswerable, width=width, label="unanswerable")
-        ax.set(title=f"{model}: refusal rate", ylabel="% of answers", ylim=(0, 100))
-        ax.set_xticks(list(xs), labels)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with figure(out, nrows=len(models), ncols=2, figsize=(11, 3.6 * len(models)), squeeze=False) as (_, axes):
+        for row, model in enumerate(models):
+            entry = summary[model]
+            ax = axes[row][0]
+            width = 0.4
+            for offset, group in ((-width / 2, "answerable"), (width / 2, "unanswerable")):
+                m = entry["groups"][group]
+                counts = [m["confidence_histogram"][str(v)] for v in range(11)]
+                ax.bar([v + offset for v in range(11)], counts, width=width,
+                       label=f"{group} (parsed {m['confidence_parsed']}/{m['confidence_replies']})")
+            ax.set(title=f"{model}: elicited confidence", xlabel="rating (0-10)", ylabel="items", xticks=range(11))
+            ax.legend(fontsize=8)
+            ax = axes[row][1]
+            labels, answerable, unanswerable = [], [], []
+            for split, s in list(entry["splits"].items()) + [("all", entry)]:
+                labels.append(split)
+                for group, values in (("answerable", answerable), ("unanswerable", unanswerable)):
+                    rate = s["groups"][group]["refusal_rate"]
+                    values.append(float("nan") if rate is None else 100 * rate)  # no items: no bar
+            xs = range(len(labels))
+            ax.bar([x - width / 2 for x in xs], answerable, width=width, label="answerable")
+            ax.bar([x + width / 2 for x in xs], unanswerable, width=width, label="unanswerable")
+            ax.set(title=f"{model}: refusal rate", ylabel="% of answers", ylim=(0, 100))
+            ax.set_xticks(list(xs), labels)
+            ax.legend(fontsize=8)
     return out
 
 
