@@ -110,9 +110,10 @@ def jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
             yield f"{path}:{number}", row
 
 
-def saved_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, row) for a `datasets` folder, a parquet file or a JSONL file of completion sets;
-    `where` is `file:line` (JSONL) or `file:row N`, for error messages."""
+def saved_rows(path: Path, split: str | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, row) for a `datasets` folder, a parquet file or a JSONL file; `where` is
+    `file:line` (JSONL) or `file:row N`, for error messages. A folder holding a DatasetDict gives
+    `split`, or without one its 'train' split or its only split."""
     if path.is_dir():
         from datasets import DatasetDict, load_from_disk
 
@@ -120,7 +121,11 @@ def saved_rows(path: Path) -> Iterator[tuple[str, dict]]:
             dataset = load_from_disk(str(path))
         except Exception as err:
             raise ConfigError(f"{path}: not a saved `datasets` folder ({str(err).splitlines()[0]})") from None
-        if isinstance(dataset, DatasetDict):
+        if isinstance(dataset, DatasetDict) and split is not None:
+            if split not in dataset:
+                raise ConfigError(f"{path}: no split {split!r} (has {', '.join(dataset)})")
+            dataset = dataset[split]
+        elif isinstance(dataset, DatasetDict):
             if "train" not in dataset and len(dataset) != 1:
                 raise ConfigError(f"{path}: a DatasetDict needs a 'train' split or exactly one split "
                                   f"(has {', '.join(dataset)})")

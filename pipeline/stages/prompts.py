@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import ConfigError, PromptsRecipe, SourceSpec
-from pipeline.records import PROMPT_FEATURES, jsonl_rows, prompt_id
+from pipeline.records import PROMPT_FEATURES, prompt_id, saved_rows
 from pipeline.runs import DATASET, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
 
 
@@ -65,31 +65,7 @@ def _read_source(spec: SourceSpec):
                               f"(split {spec.split!r}): {str(err).splitlines()[0]}") from None
         yield from _table_rows(dataset, f"hub:{spec.hub}")
         return
-    path = Path(spec.path)
-    if path.is_dir():
-        from datasets import DatasetDict, load_from_disk
-
-        try:
-            dataset = load_from_disk(str(path))
-        except Exception as err:
-            raise ConfigError(f"{path}: not a saved `datasets` folder ({str(err).splitlines()[0]})") from None
-        if isinstance(dataset, DatasetDict):
-            if spec.split not in dataset:
-                raise ConfigError(f"{path}: no split {spec.split!r} (has {', '.join(dataset)})")
-            dataset = dataset[spec.split]
-        yield from _table_rows(dataset, str(path))
-    elif path.suffix == ".parquet":
-        from datasets import Dataset
-
-        try:
-            dataset = Dataset.from_parquet(str(path))
-        except Exception as err:
-            raise ConfigError(f"{path}: cannot read parquet ({str(err).splitlines()[0]})") from None
-        yield from _table_rows(dataset, str(path))
-    elif path.suffix in (".jsonl", ".json"):
-        yield from jsonl_rows(path)
-    else:
-        raise ConfigError(f"{path}: unknown file type (use .jsonl, .parquet or a `datasets` folder)")
+    yield from saved_rows(Path(spec.path), spec.split)
 
 
 # ---------------------------------------------------------------- mapping shapes
