@@ -31,6 +31,27 @@ def model_folder(recipe, ref: StageRef | str, key: str) -> Path:
     return path
 
 
+def load_reward_model(path: Path, key: str, **load):
+    """The one-label score model in `path`, or a ConfigError naming `key`: a folder that is not a
+    sequence classifier, or whose score head loading had to create (a causal LM would get a random
+    head, whose rewards rank nothing), is refused."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    archs = config.architectures or []
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"{key}: {path} is not a reward model ({', '.join(archs)}; expected a "
+                          "*ForSequenceClassification with a trained score head, e.g. the reward stage's model)")
+    if archs and config.num_labels != 1:  # (a config without architectures says 2 by default)
+        raise ConfigError(f"{key}: {path} has {config.num_labels} labels; a reward model has one")
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, local_files_only=True, output_loading_info=True, **load)
+    fresh = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
+    if fresh:
+        raise ConfigError(f"{key}: {path} has no trained score head (newly initialised: {', '.join(sorted(fresh))})")
+    return model
+
+
 def world_size() -> int:
     """Processes taking part (set by accelerate launch / torchrun; 1 when run directly)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

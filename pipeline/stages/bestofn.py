@@ -32,7 +32,7 @@ from pipeline.config import BestOfNRecipe, ConfigError, ModelSpec
 from pipeline.runs import (StageFailed, atomic_write_text, clear_done, mark_done, resolve_input, save_config,
                            stage_dir, write_json)
 from pipeline.report import figure
-from pipeline.train import model_folder
+from pipeline.train import load_reward_model, model_folder
 
 REPORT = "report"
 
@@ -65,25 +65,13 @@ def load_prompts(path: Path, split: str | None, count: int) -> list[dict]:
     return [{"prompt_id": pid, "messages": _messages(p)} for pid, p in zip(ids, rows["prompt"])]
 
 
-def load_reward_model(path: Path):
+def load_scorer(path: Path):
     """(model, tokenizer) of a reward model folder, refusing anything without a trained score head."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     key = "bestofn.reward_model"
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    archs = config.architectures or []
-    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise ConfigError(f"{key}: {path} is a {', '.join(archs)}, not a reward model (a *ForSequenceClassification "
-                          "with a trained score head, e.g. the reward stage's model)")
-    if archs and config.num_labels != 1:  # (a config without architectures says 2 by default)
-        raise ConfigError(f"{key}: {path} has {config.num_labels} labels; a reward model has one")
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32, local_files_only=True, output_loading_info=True)
-    # A head that loading had to create is random: its "rewards" would rank nothing.
-    fresh = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
-    if fresh:
-        raise ConfigError(f"{key}: {path} has no trained score head (newly initialised: {', '.join(sorted(fresh))})")
+    model = load_reward_model(path, key, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not tokenizer.chat_template:
         raise ConfigError(f"{key}: the tokenizer at {path} has no chat template, so the conversations cannot "
@@ -172,7 +160,7 @@ def run(recipe: BestOfNRecipe, dry: bool = False) -> dict:
     data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
     prompts = load_prompts(data_path, recipe.inputs.eval_split, cfg.prompts)
     rm_path = model_folder(recipe, cfg.reward_model, "bestofn.reward_model")
-    rm, rm_tokenizer = load_reward_model(rm_path)
+    rm, rm_tokenizer = load_scorer(rm_path)
     n_values = sorted(set([1, *cfg.n_values]))  # n=1 (plain sampling) is always the baseline
     per_prompt = n_values[-1]
     if dry:

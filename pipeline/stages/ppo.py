@@ -21,7 +21,7 @@ TRL's PPOTrainer has no resume-from-checkpoint; a killed run starts again.
 
 from __future__ import annotations
 
-import json
+import copy
 import math
 import time
 from pathlib import Path
@@ -29,20 +29,10 @@ from pathlib import Path
 from pipeline.config import ConfigError, PpoRecipe
 from pipeline.report import figure
 from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import is_main_process, lora_config, model_folder, save_model, trl_config, world_size
+from pipeline.train import (is_main_process, load_reward_model, lora_config, model_folder, save_model, trl_config,
+                            world_size)
 
 REPORT = "report"
-
-
-def check_reward_model(path: Path, key: str) -> None:
-    """A reward model must be a sequence classifier; a causal LM would get a random score head."""
-    config = json.loads((path / "config.json").read_text())
-    architectures = config.get("architectures") or []
-    if not any(name.endswith("ForSequenceClassification") for name in architectures):
-        raise ConfigError(f"{key}: {path} is not a reward model (architectures {architectures}; "
-                          "expected a *ForSequenceClassification with a trained score head: the reward stage's model)")
-    if config.get("num_labels", len(config.get("id2label") or {0: 0})) != 1:
-        raise ConfigError(f"{key}: {path} has more than one output label; a reward model has one")
 
 
 def prompt_ids(dataset, tokenizer, limit: int | None, max_prompt_tokens: int, key: str) -> list[list[int]]:
@@ -116,7 +106,7 @@ def plot_curves(log_history: list[dict], path: Path) -> list[str]:
 def run(recipe: PpoRecipe) -> dict:
     import torch
     from datasets import Dataset, load_from_disk
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     path = stage_dir(recipe)
@@ -124,7 +114,7 @@ def run(recipe: PpoRecipe) -> dict:
     cfg, train = recipe.ppo, recipe.train
     policy_path = model_folder(recipe, recipe.model, "model")
     reward_path = model_folder(recipe, cfg.reward_model, "ppo.reward_model")
-    check_reward_model(reward_path, "ppo.reward_model")
+    reward_model = load_reward_model(reward_path, "ppo.reward_model")
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy_path), padding_side="left")
     reward_tokenizer = AutoTokenizer.from_pretrained(str(reward_path))
@@ -161,8 +151,7 @@ def run(recipe: PpoRecipe) -> dict:
     torch.manual_seed(train.seed)
     policy = AutoModelForCausalLM.from_pretrained(str(policy_path))
     reference = AutoModelForCausalLM.from_pretrained(str(policy_path))
-    reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_path), num_labels=1)
-    value_model = AutoModelForSequenceClassification.from_pretrained(str(reward_path), num_labels=1)
+    value_model = copy.deepcopy(reward_model)  # the value model starts as the reward model
     for model in (policy, reference, reward_model, value_model):
         model.config.pad_token_id = tokenizer.pad_token_id
     reference.eval()
