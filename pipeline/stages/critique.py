@@ -14,38 +14,36 @@ from __future__ import annotations
 import json
 import math
 
-from pipeline.config import CritiqueRecipe
+from pipeline.config import CritiqueRecipe, ModelSpec
 from pipeline.judge.parse import ParseError, parse_critique
 from pipeline.report import figure
-from pipeline.runs import atomic_write_text
+from pipeline.runs import StageFailed, atomic_write_text
 from pipeline.stages.sft import REPORT, check_inputs, finish, train_stage
 from pipeline.train import MODEL, is_main_process
 
 
-def generate_critiques(model, tokenizer, messages: list[list[dict]], max_new_tokens: int,
-                       batch_size: int) -> list[str]:
-    """Greedy answers to the user turn(s) of each chat (the assistant turn is left out)."""
-    import torch
+def generate_critiques(model_dir, messages: list[list[dict]], max_new_tokens: int, batch_size: int,
+                       dtype: str = "float32") -> list[str]:
+    """Greedy answers to the user turn(s) of each chat (the assistant turn is left out), from the
+    hf backend (batched, left-padded, the model's chat template)."""
+    from pipeline.llm.base import GenRequest
+    from pipeline.llm.hf import HFBackend
 
-    prompts = [tokenizer.apply_chat_template([m for m in chat if m["role"] != "assistant"],
-                                             tokenize=False, add_generation_prompt=True) for chat in messages]
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow every prompt directly
-    out = []
+    backend = HFBackend(ModelSpec(name="critique", backend="hf", path=str(model_dir), batch_size=batch_size,
+                                  dtype=dtype))
+    params = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
+    requests = [GenRequest(key=str(i), messages=tuple(m for m in chat if m["role"] != "assistant"), params=params)
+                for i, chat in enumerate(messages)]
+    texts: dict[str, str] = {}
+    errors: list[str] = []
     try:
-        model.eval()
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)
-            with torch.no_grad():
-                ids = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tokenizer.pad_token_id)
-            new = ids[:, batch["input_ids"].shape[1]:]
-            out += tokenizer.batch_decode(new, skip_special_tokens=True)
+        backend.generate(requests, lambda req, res: texts.__setitem__(req.key, res.text),
+                         lambda req, reason: errors.append(reason))
     finally:
-        tokenizer.padding_side = side
-    return out
+        backend.close()
+    if errors:
+        raise StageFailed(f"critique: {len(errors)} of {len(requests)} evaluation critiques failed, first: {errors[0]}")
+    return [texts[r.key] for r in requests]
 
 
 def _correlation(fn, xs, ys):
@@ -97,20 +95,13 @@ def scatter_plot(rows: list[dict], out) -> None:
 
 def evaluate_model(model_dir, eval_ds, section) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    cuda = torch.cuda.is_available()
     # bf16 on a GPU that has it: a 13B model in fp32 would barely fit on one card.
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    if cuda:
-        model = model.to("cuda")
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     rows = eval_ds.select(range(min(section.eval_items, len(eval_ds))))
     judge = rows["overall_score"] if "overall_score" in rows.column_names else [None] * len(rows)
-    texts = generate_critiques(model, tokenizer, rows["messages"], section.max_new_tokens, section.batch_size)
+    texts = generate_critiques(model_dir, rows["messages"], section.max_new_tokens, section.batch_size,
+                               "bfloat16" if bf16 else "float32")
     return score_critiques(texts, judge)
 
 

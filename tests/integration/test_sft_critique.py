@@ -137,8 +137,6 @@ def critique_rows(n: int, offset: int = 0) -> list[dict]:
 
 
 def test_critique_model_learns_to_end_with_a_score_that_follows_the_prompt(tiny_pool, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     data = save_chats(tmp_path / "crit", {"train": critique_rows(36), "test": critique_rows(12, offset=1)})
     recipe = CritiqueRecipe.model_validate({
         "stage": "critique", "run": {"name": "t", "root": str(tmp_path / "runs")}, "model": str(tiny_pool[0]),
@@ -148,9 +146,7 @@ def test_critique_model_learns_to_end_with_a_score_that_follows_the_prompt(tiny_
     test = critique_rows(12, offset=1)
 
     # The untrained model's greedy text is noise: it does not parse.
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_pool[0]))
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_pool[0]))
-    texts = critique.generate_critiques(base, tokenizer, [r["messages"] for r in test], 16, 12)
+    texts = critique.generate_critiques(tiny_pool[0], [r["messages"] for r in test], 16, 12)
     before = critique.score_critiques(texts, [r["overall_score"] for r in test])
 
     summary = critique.run(recipe)
