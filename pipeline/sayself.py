@@ -1,0 +1,117 @@
+"""Shared pieces of the SaySelf stages: the answer format, its parser, the confidence target and the
+RL reward (facts: ../shared/METHODS.md, SaySelf).
+
+A SaySelf response is four labelled lines, in this order (the last two may be left out by the
+ablation variants of `sayself-data`):
+
+    Reasoning: <one or more sentences>
+    Answer: <the final answer>
+    Self-reflection: <first person: which knowledge the model is unsure of>
+    Confidence: <integer 1-10>
+
+Sampled chains (`sayself-sample`) are asked for the first two lines only. Parsing is strict about
+labels (case-insensitive, at a line start) and lenient about spacing; an answer or a confidence
+that cannot be read is None, never a guess.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+REASONING, ANSWER, REFLECTION, CONFIDENCE = "Reasoning:", "Answer:", "Self-reflection:", "Confidence:"
+CONFIDENCE_RANGE = (1, 10)
+
+# What the model is asked, after the question, when it samples chains and when it is trained.
+CHAIN_INSTRUCTION = ("Think it through in a sentence or two, then give your final answer. "
+                     "Write it as:\nReasoning: ...\nAnswer: ...")
+SAYSELF_INSTRUCTION = ("Think it through, give your final answer, then say which knowledge you are unsure "
+                       "of and how confident you are from 1 (a guess) to 10 (certain). Write it as:\n"
+                       "Reasoning: ...\nAnswer: ...\nSelf-reflection: ...\nConfidence: ...")
+
+_LABELLED = re.compile(r"^[ \t]*(reasoning|answer|self-reflection|confidence)[ \t]*:[ \t]*(.*)$",
+                       re.IGNORECASE | re.MULTILINE)
+_INTEGER = re.compile(r"^\s*(\d+)(?:\s*/\s*10)?\s*\.?\s*$")
+
+
+def _fields(text: str) -> dict[str, str]:
+    """Label (lower case) -> its text, up to the next label; the first occurrence of a label wins."""
+    found: dict[str, str] = {}
+    matches = list(_LABELLED.finditer(text or ""))
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        label = m.group(1).lower()
+        if label not in found:
+            found[label] = (m.group(2) + text[m.end():end]).strip()
+    return found
+
+
+def parse_answer(text: str) -> str | None:
+    """The text of the `Answer:` field (its first line), or None when there is none or it is empty."""
+    value = _fields(text).get("answer")
+    if not value:
+        return None
+    first = value.splitlines()[0].strip()
+    return first or None
+
+
+def parse_confidence(text: str) -> int | None:
+    """The integer of the `Confidence:` field when it is in 1-10 ("7", "7/10", "7."), else None."""
+    value = _fields(text).get("confidence")
+    if value is None:
+        return None
+    m = _INTEGER.match(value.splitlines()[0] if value else "")
+    if not m:
+        return None
+    c = int(m.group(1))
+    return c if CONFIDENCE_RANGE[0] <= c <= CONFIDENCE_RANGE[1] else None
+
+
+def parse_response(text: str) -> dict:
+    fields = _fields(text)
+    return {"reasoning": fields.get("reasoning") or None, "answer": parse_answer(text),
+            "reflection": fields.get("self-reflection") or None, "confidence": parse_confidence(text)}
+
+
+def format_response(reasoning: str, answer: str, reflection: str | None = None, confidence: int | None = None) -> str:
+    """The training target; a confidence outside 1-10 is a ValueError (callers name the row)."""
+    lines = [f"{REASONING} {reasoning.strip()}", f"{ANSWER} {answer.strip()}"]
+    if reflection is not None:
+        lines.append(f"{REFLECTION} {reflection.strip()}")
+    if confidence is not None:
+        if isinstance(confidence, bool) or not isinstance(confidence, int) or not (
+                CONFIDENCE_RANGE[0] <= confidence <= CONFIDENCE_RANGE[1]):
+            raise ValueError(f"confidence must be an integer in 1-10, got {confidence!r}")
+        lines.append(f"{CONFIDENCE} {confidence}")
+    return "\n".join(lines)
+
+
+def normalise_answer(answer: str) -> str:
+    """Lower case, punctuation and articles dropped, spaces collapsed: the clustering key."""
+    text = answer.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def is_correct(answer: str | None, gold: list[str]) -> bool:
+    """Correct when a gold string is a case-insensitive substring of the answer (as the paper)."""
+    if not answer:
+        return False
+    a = answer.lower()
+    return any(g.strip() and g.strip().lower() in a for g in gold)
+
+
+def confidence_target(agreeing: int, total: int) -> int:
+    """Share of chains agreeing with the gold answer mapped linearly onto 1-10 (0 -> 1, 1 -> 10)."""
+    if total <= 0 or not 0 <= agreeing <= total:
+        raise ValueError(f"need 0 <= agreeing <= total and total > 0, got {agreeing}/{total}")
+    return 1 + round(9 * agreeing / total)
+
+
+def sayself_reward(text: str, gold: list[str], correctness_weight: float = 0.0) -> float:
+    """R = 1 - 2 (c - p)^2 with c = correctness, p = confidence / 10; -1 without a parsable
+    confidence; plus `correctness_weight` x c (the optional correctness term)."""
+    confidence = parse_confidence(text)
+    if confidence is None:
+        return -1.0
+    c = 1.0 if is_correct(parse_answer(text), gold) else 0.0
+    return 1.0 - 2.0 * (c - confidence / 10) ** 2 + correctness_weight * c
