@@ -698,7 +698,11 @@ class FactWorldSection(Strict):
     entities: int = Field(40, ge=2, description="Invented people with facts")
     known_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share whose facts go to teach/")
     nonexistent: int = Field(10, ge=0, description="Names in no fact: unanswerable questions")
-    test_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Entities held out for test_id")
+    test_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Share held out for test_id (of the "
+                                 "entities, or of each entity's questions; see `holdout`)")
+    holdout: Literal["entities", "questions"] = Field(
+        "entities", description="test_id holds out whole entities (new people) or some questions of every "
+        "entity (new questions about people the tuning saw)")
     ood_attributes: list[str] = Field(default_factory=lambda: ["favourite_colour"],
                                       description="Attributes asked only in test_ood")
     kinds: list[Literal["open", "choice"]] = Field(default_factory=lambda: ["open"], min_length=1)

@@ -183,24 +183,39 @@ def teaching_chats(world: FactWorld, attributes=None) -> list[dict]:
 
 
 def world_splits(world: FactWorld, *, kinds=("open",), ood_attributes=(), test_fraction: float = 0.25,
-                 n_choices: int = 4) -> dict[str, list[dict]]:
-    """R-Tuning-style splits. test_ood: questions on the `ood_attributes` (every entity);
-    the other attributes are in-domain, and the entities are divided (seeded) into train and
-    test_id, so no question is in both; each side holds known and unknown entities in about the
-    world's proportion. unanswerable: the non-existent names, on all attributes."""
+                 n_choices: int = 4, holdout: str = "entities") -> dict[str, list[dict]]:
+    """R-Tuning-style splits. test_ood: questions on the `ood_attributes` (every entity); the
+    other attributes are in-domain. `holdout` says what test_id holds out of train:
+    - "entities": the entities are divided (seeded) into train and test_id, stratified so both
+      sides hold known and unknown entities in about the world's proportion;
+    - "questions": every entity is in both, and round(test_fraction x in-domain attributes) of
+      each entity's questions (seeded per entity, at least one) go to test_id: new questions
+      about people whose knowledge state the tuning saw.
+    Either way no question is in both. unanswerable: the non-existent names, on all attributes."""
     ood = _check_attributes(ood_attributes)
     in_domain = tuple(a for a in world.attributes if a not in ood)
     rng = random.Random(f"{world.seed}|split")
-    test: set[str] = set()
-    for group in (world.known, world.unknown):  # stratified, so both sides have both kinds
-        names = [e.name for e in group]
-        test.update(rng.sample(names, round(len(names) * test_fraction)))
-    return {
-        "train": _items(world, [e for e in world.entities if e.name not in test], kinds, in_domain, n_choices),
-        "test_id": _items(world, [e for e in world.entities if e.name in test], kinds, in_domain, n_choices),
-        "test_ood": _items(world, world.entities, kinds, ood, n_choices),
-        "unanswerable": unanswerable_questions(world),
-    }
+    if holdout == "questions":
+        if len(in_domain) < 2:
+            raise ValueError("holdout 'questions' needs at least two in-domain attributes")
+        train, test_id = [], []
+        for entity in world.entities:
+            attrs = list(in_domain)
+            random.Random(f"{world.seed}|split|{entity.name}").shuffle(attrs)
+            k = min(len(attrs) - 1, max(1, round(len(attrs) * test_fraction)))
+            test_id += _items(world, [entity], kinds, tuple(sorted(attrs[:k], key=in_domain.index)), n_choices)
+            train += _items(world, [entity], kinds, tuple(sorted(attrs[k:], key=in_domain.index)), n_choices)
+    elif holdout == "entities":
+        test: set[str] = set()
+        for group in (world.known, world.unknown):  # stratified, so both sides have both kinds
+            names = [e.name for e in group]
+            test.update(rng.sample(names, round(len(names) * test_fraction)))
+        train = _items(world, [e for e in world.entities if e.name not in test], kinds, in_domain, n_choices)
+        test_id = _items(world, [e for e in world.entities if e.name in test], kinds, in_domain, n_choices)
+    else:
+        raise ValueError(f"holdout must be 'entities' or 'questions', got {holdout!r}")
+    return {"train": train, "test_id": test_id, "test_ood": _items(world, world.entities, kinds, ood, n_choices),
+            "unanswerable": unanswerable_questions(world)}
 
 
 def fact_index(world: FactWorld, kinds=("open", "choice"), n_choices: int = 4) -> dict[str, dict]:

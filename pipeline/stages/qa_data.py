@@ -101,7 +101,8 @@ def build(recipe: QaDataRecipe) -> tuple[dict[str, list[dict]], dict, fw.FactWor
         try:
             world = fw.make_world(cfg.seed, cfg.entities, cfg.known_fraction, cfg.nonexistent)
             parts = fw.world_splits(world, kinds=cfg.kinds, ood_attributes=cfg.ood_attributes,
-                                    test_fraction=cfg.test_fraction, n_choices=cfg.n_choices)
+                                    test_fraction=cfg.test_fraction, n_choices=cfg.n_choices,
+                                    holdout=cfg.holdout)
         except ValueError as err:
             raise ConfigError(f"factworld: {err}") from None
         for name, items in parts.items():

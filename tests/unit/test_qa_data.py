@@ -177,6 +177,26 @@ def test_factworld_splits_and_index():
     assert all(not index[i["qid"]]["exists"] for i in splits["unanswerable"])
 
 
+
+def test_factworld_holdout_questions_keeps_every_person_on_both_sides():
+    world = fw.make_world(3, 12, 0.5, 2)
+    splits = fw.world_splits(world, ood_attributes=("birth_year",), test_fraction=0.4, holdout="questions")
+    index = fw.fact_index(world, kinds=("open",))
+    per_person: dict[str, list[set]] = {}
+    for side in ("train", "test_id"):
+        for item in splits[side]:
+            fact = index[item["qid"]]
+            per_person.setdefault(fact["entity"], [set(), set()])[side == "test_id"].add(fact["attribute"])
+    assert set(per_person) == {e.name for e in world.entities}
+    for train_attrs, test_attrs in per_person.values():
+        # 4 in-domain attributes, 40 % held out: 2 and 2, never the same question on both sides
+        assert len(train_attrs) == 2 and len(test_attrs) == 2 and not train_attrs & test_attrs
+        assert "birth_year" not in train_attrs | test_attrs
+    assert len({frozenset(t) for _, t in per_person.values()}) > 1  # not the same attributes for all
+    assert splits == fw.world_splits(world, ood_attributes=("birth_year",), test_fraction=0.4, holdout="questions")
+    with pytest.raises(ValueError, match="holdout"):
+        fw.world_splits(world, holdout="people")
+
 # ---------------------------------------------------------------- the stage
 
 
