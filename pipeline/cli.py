@@ -33,8 +33,14 @@ STAGE_MODULES = {
     "rtuning-data": "pipeline.stages.rtuning_data",
     "rtuning-eval": "pipeline.stages.rtuning_eval",
     "unknown-eval": "pipeline.stages.unknown_eval",
+    "sayself-sample": "pipeline.stages.sayself_sample",
+    "sayself-cluster": "pipeline.stages.sayself_cluster",
+    "sayself-rationale": "pipeline.stages.sayself_rationale",
+    "sayself-data": "pipeline.stages.sayself_data",
 }
 SHARDED_STAGES = {"generate"}
+# Unsharded stages with ledgered requests: `run(recipe, retry_failed=...)`.
+RETRY_STAGES = {"sayself-sample", "sayself-rationale"}
 # Training stages resume from checkpoints/ when they were interrupted; --force trains afresh.
 TRAINING_STAGES = {"sft", "reward", "dpo", "ppo", "critique"}
 
@@ -55,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--shard", type=int, help="run only this shard (0-based); no merge")
             p.add_argument("--num-shards", type=int, help="number of shards (default: launch.num_shards)")
             p.add_argument("--merge", action="store_true", help="only merge finished shards")
+            p.add_argument("--retry-failed", action="store_true",
+                           help="send again the requests the ledger records as failed")
+        if stage in RETRY_STAGES:
             p.add_argument("--retry-failed", action="store_true",
                            help="send again the requests the ledger records as failed")
         if stage == "annotate":
@@ -104,6 +113,8 @@ def _run_stage(args) -> int:
                    retry_failed=args.retry_failed)
     elif args.command == "annotate":
         module.run(recipe, retry_failed=args.retry_failed, batch=args.batch)
+    elif args.command in RETRY_STAGES:
+        module.run(recipe, retry_failed=args.retry_failed)
     else:
         module.run(recipe)
     return 0

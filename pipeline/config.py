@@ -726,6 +726,122 @@ class QaDataRecipe(Strict):
         return [(f"inputs.sources[{i}].path", s.path) for i, s in enumerate(self.inputs.sources)]
 
 
+# --- SaySelf -----------------------------------------------------------------------------------
+
+
+class SayselfSampleInputs(Strict):
+    items: StageRef | str = Field(description="QA items (QA_FEATURES): the qa-data output or a DatasetDict folder")
+    split: str = Field("train", description="The training questions to sample chains for")
+
+
+class SayselfSampleSection(Strict):
+    samples: int = Field(10, ge=1, description="Reasoning chains sampled per question (the paper: 100)")
+    temperature: float = Field(1.2, gt=0, le=2, description="Sampling temperature (the paper: about 1.2)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1, description="New tokens per chain")
+    seed: int = Field(0, description="Seeds every chain's own sampling seed (part of its ledger key)")
+    limit: int | None = Field(None, ge=1, description="Only the first N questions of the split (smoke runs)")
+    max_failure_fraction: float = Field(0.05, ge=0, le=1, description="Fail the stage when more requests fail")
+
+
+class SayselfSampleRecipe(Strict):
+    stage: Literal["sayself-sample"]
+    run: RunSection
+    model: ModelSpec = Field(description="The model whose chains are sampled (hf or openai backend)")
+    inputs: SayselfSampleInputs
+    sayself: SayselfSampleSection = SayselfSampleSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        named = {"inputs.items": self.inputs.items}
+        if self.model.path:
+            named["model.path"] = self.model.path
+        return _local_paths(**named)
+
+
+class SayselfClusterInputs(Strict):
+    samples: StageRef | str = Field(description="The sayself-sample output (or its dataset folder)")
+
+
+class SayselfClusterSection(Strict):
+    method: Literal["answer", "embedding"] = Field(
+        "answer", description="answer: chains with the same normalised final answer; embedding: greedy "
+        "grouping by cosine similarity of the chains' sentence embeddings (needs the `embed` extra)")
+    threshold: float = Field(0.9, gt=0, le=1, description="embedding: a chain joins the first cluster whose "
+                             "representative it matches at least this well")
+    batch_size: int = Field(64, ge=1, description="embedding: chains per forward pass")
+    device: str = Field("auto", description="embedding: 'auto' (cuda when present), 'cpu', 'cuda:0'")
+
+
+class SayselfClusterRecipe(Strict):
+    stage: Literal["sayself-cluster"]
+    run: RunSection
+    inputs: SayselfClusterInputs
+    cluster: SayselfClusterSection = SayselfClusterSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(**{"inputs.samples": self.inputs.samples})
+
+
+class SayselfRationaleInputs(Strict):
+    clusters: StageRef | str = Field(description="The sayself-cluster output (or its dataset folder)")
+
+
+class SayselfRationaleSection(Strict):
+    judge: ModelSpec = Field(description="The model that writes the rationales: an `openai`-backend model")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_new_tokens: int = Field(256, ge=16)
+    max_representatives: int = Field(6, ge=2, description="Show the judge at most this many clusters "
+                                     "(the largest) per question")
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _judge_is_remote(self) -> "SayselfRationaleSection":
+        if self.judge.backend != "openai":
+            raise ValueError("judge: the rationale writer must use backend 'openai' (any OpenAI-compatible server)")
+        return self
+
+
+class SayselfRationaleRecipe(Strict):
+    stage: Literal["sayself-rationale"]
+    run: RunSection
+    inputs: SayselfRationaleInputs
+    rationale: SayselfRationaleSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(**{"inputs.clusters": self.inputs.clusters})
+
+
+class SayselfDataInputs(Strict):
+    dataset: StageRef | str = Field(description="The sayself-rationale output (sayself-cluster's is enough for "
+                                    "the variants without a self-reflection)")
+
+
+class SayselfDataSection(Strict):
+    variant: Literal["full", "no-rationale", "no-confidence", "constant"] = Field(
+        "full", description="full: reasoning, answer, self-reflection, confidence; no-rationale: without the "
+        "self-reflection; no-confidence: without the confidence; constant: reasoning, answer and the same "
+        "confidence for every question (`constant_confidence`), no self-reflection")
+    constant_confidence: int | None = Field(None, ge=1, le=10, description="constant: the confidence written; "
+                                            "None = the rounded mean of the questions' targets")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="Share of questions held out as split `test` "
+                                 "(seeded, by qid); 0 = train only")
+    seed: int = 0
+
+
+class SayselfDataRecipe(Strict):
+    stage: Literal["sayself-data"]
+    run: RunSection
+    inputs: SayselfDataInputs
+    sayself: SayselfDataSection = SayselfDataSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(**{"inputs.dataset": self.inputs.dataset})
+
+
 STAGE_RECIPES: dict[str, type[Strict]] = {
     "prompts": PromptsRecipe,
     "generate": GenerateRecipe,
@@ -743,6 +859,10 @@ STAGE_RECIPES: dict[str, type[Strict]] = {
     "rtuning-data": RtuningDataRecipe,
     "rtuning-eval": RtuningEvalRecipe,
     "unknown-eval": UnknownEvalRecipe,
+    "sayself-sample": SayselfSampleRecipe,
+    "sayself-cluster": SayselfClusterRecipe,
+    "sayself-rationale": SayselfRationaleRecipe,
+    "sayself-data": SayselfDataRecipe,
 }
 
 

@@ -115,3 +115,42 @@ def sayself_reward(text: str, gold: list[str], correctness_weight: float = 0.0) 
         return -1.0
     c = 1.0 if is_correct(parse_answer(text), gold) else 0.0
     return 1.0 - 2.0 * (c - confidence / 10) ** 2 + correctness_weight * c
+
+
+# "B", "b.", "(B)", "B) teal", "B: teal"; a bare letter followed by a word ("A lute") is not one.
+_LETTER = re.compile(r"^(?:\(([A-Za-z])\)|([A-Za-z])(?:[.):]|$))")
+
+
+def choice_letter(answer: str | None, choices: list[str]) -> str | None:
+    """The option letter an answer to a multiple-choice item names, or None when it names none of
+    `choices`. The option's own text (compared normalised: "a lute" is option "lute") is tried
+    first, then a letter at the start ("B", "(b)", "B. teal")."""
+    if not answer or not choices:
+        return None
+    letters = string.ascii_uppercase[: len(choices)]
+    key = normalise_answer(answer)
+    for letter, choice in zip(letters, choices):
+        if key and key == normalise_answer(choice):
+            return letter
+    m = _LETTER.match(answer.strip())
+    letter = (m.group(1) or m.group(2)).upper() if m else None
+    return letter if letter and letter in letters else None
+
+
+def item_answer(answer: str | None, item: dict) -> str | None:
+    """An answer as graded against a QA item (pipeline.records.QA_FEATURES): the option letter for
+    a choice item when the answer names one, else the answer as written."""
+    if answer is not None and item.get("kind") == "choice":
+        return choice_letter(answer, item.get("choices") or []) or answer
+    return answer
+
+
+def item_correct(answer: str | None, item: dict) -> bool:
+    """Choice items: the answer names the right option; open items: `is_correct` on the gold
+    strings; unanswerable items are never answered correctly."""
+    kind = item.get("kind")
+    if kind == "choice":
+        return choice_letter(answer, item.get("choices") or []) == string.ascii_uppercase[item["answer_index"]]
+    if kind == "open":
+        return is_correct(answer, list(item.get("answers") or []))
+    return False

@@ -10,8 +10,8 @@
 endpoints with urllib only, so importing this package pulls in the standard library alone:
 the aiohttp server (`make_app`) is loaded on first use. See `server.py` for the endpoints,
 `rating.py` for the rating rule, `textgen.py` for how answers are made up, `judge.py` for how
-judge prompts are answered (with the rating rule) and `batches.py` for the Files and Batches
-endpoints.
+judge prompts are answered (with the rating rule), `sayself.py` for the SaySelf rationale and
+chain prompts, and `batches.py` for the Files and Batches endpoints.
 """
 
 from __future__ import annotations

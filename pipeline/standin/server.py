@@ -12,6 +12,8 @@ Endpoints
                                 When the first user message is a judge prompt of
                                 `pipeline.judge.rubric`, the answer is a judge's, from the
                                 fixed rating rule (see `judge.py`), in text or JSON form.
+                                SaySelf rationale and chain prompts get the fixed rules
+                                of `sayself.py`.
     GET  /v1/models             the stand-in model ids.
     /v1/files, /v1/batches      OpenAI's Files and Batch API, in memory (see `batches.py`).
     GET  /standin/stats         counters, peak concurrency and a log of every chat request
@@ -51,7 +53,7 @@ import time
 
 from aiohttp import web
 
-from pipeline.standin import batches, judge
+from pipeline.standin import batches, judge, sayself
 from pipeline.standin.settings import FIELD_TYPES, FLAG_FOR_FIELD, StandinSettings, check_value, updated
 from pipeline.standin.textgen import generate_answer, message_text
 
@@ -360,6 +362,13 @@ def _answer_body(state: dict, s: StandinSettings, body: dict, sha: str, attempt:
             entry["malformed"] = variant
         else:
             reply = judge.answer(prompt, structured)
+    else:
+        temperature = 1.0 if body.get("temperature") is None else float(body["temperature"])
+        found = sayself.reply(body["messages"], body["model"], temperature, body.get("seed"))
+        if found is not None:  # a SaySelf rationale or chain request (fixed rules, see sayself.py)
+            kind, reply = found
+            if kind == "sayself-rationale":
+                entry["judge"] = kind
     result = _completion(body, reply)
     state["prompt_tokens"] += result["usage"]["prompt_tokens"]
     state["completion_tokens"] += result["usage"]["completion_tokens"]

@@ -1,0 +1,227 @@
+"""Stage `sayself-sample`: N reasoning chains per training question (SaySelf step 1).
+
+Input: `inputs.items`, QA items (`pipeline.records.QA_FEATURES`, the qa-data output), split
+`inputs.split`. Open and choice items are asked; unanswerable items have no gold answer to agree
+with, so they are skipped and counted. `model` is any ModelSpec: a local `hf` model or a model
+behind an OpenAI-compatible API (`openai`).
+
+Each question is asked `sayself.samples` times, as one user turn: `question_text(item)` (context,
+question, lettered options for choice items) + a blank line + `pipeline.sayself.CHAIN_INSTRUCTION`,
+at `sayself.temperature`. Every chain is its own ledgered request: chain j of a question gets the
+sampling seed `base + j` (base drawn from `sayself.seed` and the qid), so the N chains have N
+distinct keys and a rerun (or a kill and rerun) sends only the chains the ledger lacks. Failed
+requests go to the ledger with their reason; `--retry-failed` sends them again; the stage fails
+when they pass `sayself.max_failure_fraction`.
+
+The final answer of a chain is `pipeline.sayself.parse_answer`; for a choice item an option
+letter or the option's text both count (`item_answer`: stored as the letter). A chain without a
+parsable answer is counted (per question and in total) and left out, never kept as an empty
+answer. `correct` is `pipeline.sayself.item_correct` (gold substring; the right letter).
+
+Output (`data/runs/<run>/sayself-sample/`): `dataset/` (DatasetDict, split `train`: the item's QA
+columns + `chains` [{text, answer, correct}] + `asked`, `unparsable`, `failed` (counts of this
+question's chains)), `ledger.jsonl`, `failures.jsonl`, `summary.json`, `config.yaml`, `_SUCCESS` last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+from pipeline.config import ConfigError, SayselfSampleRecipe
+from pipeline.ledger import Ledger, request_key
+from pipeline.llm.base import GenRequest, GenResult, make_backend
+from pipeline.runs import (DATASET, StageFailed, atomic_dir, atomic_write_text, clear_done, mark_done,
+                           resolve_input, save_config, stage_dir, write_json)
+from pipeline.sayself import CHAIN_INSTRUCTION, item_answer, item_correct, parse_answer
+from pipeline.stages.rtuning import check_item, question_text
+
+log = logging.getLogger(__name__)
+
+# Part of every chain's ledger key: bump it when the prompt shape changes.
+SAMPLE_VERSION = "sayself-sample-v1"
+LEDGER = "ledger.jsonl"
+FAILURES = "failures.jsonl"
+SPLIT = "train"
+QA_COLUMNS = ("qid", "dataset", "domain", "kind", "question", "context", "choices", "answer_index", "answers")
+
+
+def load_rows(recipe, ref, key: str, need: set[str], split: str = SPLIT) -> tuple[list[dict], Path]:
+    """Rows of `split` of a DatasetDict input; ConfigError naming `key` when it is unusable."""
+    from datasets import DatasetDict, load_from_disk
+
+    path = resolve_input(recipe, ref, key)
+    try:
+        data = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {path} is not a `datasets` folder ({err})") from None
+    if not isinstance(data, DatasetDict) or split not in data:
+        raise ConfigError(f"{key}: {path} has no split {split!r}")
+    missing = need - set(data[split].column_names)
+    if missing:
+        raise ConfigError(f"{key}: split {split!r} of {path} lacks column(s) {', '.join(sorted(missing))}")
+    rows = data[split].to_list()
+    if not rows:
+        raise ConfigError(f"{key}: split {split!r} of {path} is empty")
+    return rows, path
+
+
+def chain_prompt(item: dict) -> tuple[dict, ...]:
+    return ({"role": "user", "content": f"{question_text(item)}\n\n{CHAIN_INSTRUCTION}"},)
+
+
+def chain_seeds(seed: int, qid: str, samples: int) -> list[int]:
+    """Distinct sampling seeds of a question's chains (31-bit, as every backend accepts)."""
+    base = int(hashlib.sha256(f"sayself-sample:{seed}:{qid}".encode()).hexdigest(), 16) % 2**31
+    return [(base + j) % 2**31 for j in range(samples)]
+
+
+def plan_requests(items: list[dict], recipe: SayselfSampleRecipe, identity: dict) -> list[list[GenRequest]]:
+    """Per question, its chains' requests (the same plan on every run: keys never move)."""
+    s = recipe.sayself
+    plan = []
+    for item in items:
+        messages = chain_prompt(item)
+        row = []
+        for seed in chain_seeds(s.seed, item["qid"], s.samples):
+            params = {"temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens,
+                      "seed": seed}
+            row.append(GenRequest(key=request_key(identity, SAMPLE_VERSION, messages, params),
+                                  messages=messages, params=params))
+        plan.append(row)
+    return plan
+
+
+def read_chain(item: dict, text: str) -> dict | None:
+    """{text, answer, correct} of one sampled chain, or None when it has no parsable answer."""
+    answer = item_answer(parse_answer(text), item)
+    if answer is None:
+        return None
+    return {"text": text, "answer": answer, "correct": item_correct(answer, item)}
+
+
+def load_items(recipe: SayselfSampleRecipe) -> tuple[list[dict], int, Path]:
+    """(answerable items, unanswerable ones skipped, input folder)."""
+    rows, path = load_rows(recipe, recipe.inputs.items, "inputs.items", set(QA_COLUMNS), recipe.inputs.split)
+    if recipe.sayself.limit:
+        rows = rows[: recipe.sayself.limit]
+    for i, row in enumerate(rows):
+        check_item(row, f"inputs.items split {recipe.inputs.split!r} row {i}")
+    items = [{k: row[k] for k in QA_COLUMNS} for row in rows if row["kind"] != "unanswerable"]
+    if not items:
+        raise ConfigError(f"inputs.items: split {recipe.inputs.split!r} of {path} has no answerable question")
+    return items, len(rows) - len(items), path
+
+
+def _send(backend, todo: list[GenRequest], qid_of: dict[str, str], ledger: Ledger, name: str) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"sayself-sample {name}", unit="chain", dynamic_ncols=True, mininterval=0.5)
+    tally = {"failed": 0, "tokens": 0}
+    started = time.monotonic()
+
+    def on_done(req: GenRequest, result: GenResult) -> None:
+        ledger.record_ok(req.key, {"text": result.text, "prompt_tokens": result.prompt_tokens,
+                                   "completion_tokens": result.completion_tokens,
+                                   "finish_reason": result.finish_reason}, qid=qid_of[req.key])
+        tally["tokens"] += result.completion_tokens
+        # refresh=False: a forced redraw per chain would bypass mininterval and flood a log file
+        bar.set_postfix(failed=tally["failed"], refresh=False,
+                        tok_s=f"{tally['tokens'] / max(time.monotonic() - started, 1e-9):.0f}")
+        bar.update()
+
+    def on_error(req: GenRequest, reason: str) -> None:
+        ledger.record_failure(req.key, reason, qid=qid_of[req.key])
+        tally["failed"] += 1
+        bar.set_postfix(failed=tally["failed"], refresh=False)
+        bar.update()
+
+    try:
+        backend.generate(todo, on_done, on_error)
+    finally:
+        backend.close()
+        bar.close()
+
+
+def run(recipe: SayselfSampleRecipe, retry_failed: bool = False) -> dict:
+    from datasets import Dataset, DatasetDict
+
+    started = time.time()
+    items, skipped, items_path = load_items(recipe)
+    try:
+        backend = make_backend(recipe.model)
+    except ValueError as err:  # a model folder that is not one
+        raise ConfigError(f"model: {err}") from None
+    plan = plan_requests(items, recipe, backend.identity())
+    path = stage_dir(recipe)
+    clear_done(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_config(path, recipe)
+
+    with Ledger(path / LEDGER) as ledger:
+        qid_of = {req.key: item["qid"] for item, row in zip(items, plan) for req in row}
+        todo = [req for row in plan for req in row
+                if not ledger.is_ok(req.key) and (retry_failed or not ledger.failure(req.key))]
+        planned = sum(len(row) for row in plan)
+        print(f"sayself-sample: {len(items)} questions x {recipe.sayself.samples} chains = {planned}; "
+              f"{planned - len(todo)} in the ledger, {len(todo)} to send")
+        if todo:
+            _send(backend, todo, qid_of, ledger, recipe.model.name)
+
+        rows, failures = [], []
+        totals = Counter()
+        by_kind: dict[str, Counter] = {}
+        for item, row in zip(items, plan):
+            chains, unparsable, failed = [], 0, 0
+            for req in row:
+                result = ledger.result(req.key)
+                if result is None:
+                    failed += 1
+                    failure = ledger.failure(req.key) or {"reason": "no outcome recorded"}
+                    failures.append({"key": req.key, "qid": item["qid"], "reason": failure.get("reason")})
+                    continue
+                chain = read_chain(item, result["text"])
+                if chain is None:
+                    unparsable += 1
+                else:
+                    chains.append(chain)
+            rows.append({**item, "chains": chains, "asked": len(row), "unparsable": unparsable, "failed": failed})
+            counts = by_kind.setdefault(item["kind"], Counter())
+            counts.update(questions=1, chains=len(chains), correct=sum(c["correct"] for c in chains),
+                          unparsable=unparsable, failed=failed)
+            totals.update(chains=len(chains), unparsable=unparsable, failed=failed,
+                          correct=sum(c["correct"] for c in chains),
+                          no_parsable_chain=int(not chains))
+    atomic_write_text(path / FAILURES, "".join(json.dumps(f) + "\n" for f in failures))
+    limit = recipe.sayself.max_failure_fraction
+    if failures and len(failures) / planned > limit:
+        reasons = Counter(f["reason"] for f in failures).most_common(3)
+        raise StageFailed(
+            f"sayself-sample: {len(failures)} of {planned} requests failed (more than max_failure_fraction="
+            f"{limit}); see {path / FAILURES}; commonest reasons: "
+            + "; ".join(f"{n}x {r}" for r, n in reasons) + ". Fix the cause and rerun with --retry-failed.")
+
+    with atomic_dir(path / DATASET) as tmp:
+        DatasetDict({SPLIT: Dataset.from_list(rows)}).save_to_disk(str(tmp))
+    parsed = totals["chains"] + totals["unparsable"]
+    summary = {
+        "stage": recipe.stage, "model": recipe.model.name, "items": str(items_path), "split": recipe.inputs.split,
+        "questions": len(rows), "unanswerable_skipped": skipped, "samples_per_question": recipe.sayself.samples,
+        "chains_planned": planned, "chains_kept": totals["chains"], "chains_unparsable": totals["unparsable"],
+        "chains_failed": totals["failed"], "chains_correct": totals["correct"],
+        "unparsable_fraction": round(totals["unparsable"] / parsed, 4) if parsed else None,
+        "questions_without_parsable_chain": totals["no_parsable_chain"],
+        "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
+        "seconds": round(time.time() - started, 1),
+    }
+    write_json(path / "summary.json", summary)
+    mark_done(path, {"questions": len(rows), "chains": totals["chains"]})
+    print(f"sayself-sample: {len(rows)} questions ({skipped} unanswerable skipped), {totals['chains']} chains kept "
+          f"({totals['correct']} correct); {totals['unparsable']} chains without a parsable answer left out, "
+          f"{totals['failed']} failed; {totals['no_parsable_chain']} questions without any parsable chain "
+          f"-> {path / DATASET}")
+    return summary
