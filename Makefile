@@ -20,7 +20,7 @@ TRAIN = $(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file recipes/a
 	--num_processes $(NPROC) $(if $(and $(filter ddp,$(ACCELERATE)),$(filter-out 1,$(NPROC))),--multi_gpu) \
 	-m pipeline,$(PY) -m pipeline)
 
-.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning unknown-eval validate clean-demo
+.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -93,6 +93,18 @@ rtuning: qa-data  ## R-Tuning chain on the demo recipes: probe -> data -> sft ->
 	$(PY) -m pipeline rtuning-data recipes/demo/rtuning-data.yaml $(RUN_ARG) $(ARGS)
 	$(TRAIN) sft recipes/demo/rtuning-sft.yaml run.name=$(RUN)-rtuning inputs.dataset.run=$(RUN) $(ARGS)
 	$(PY) -m pipeline rtuning-eval recipes/demo/rtuning-eval.yaml run.name=$(RUN)-rtuning inputs.items.run=$(RUN) $(ARGS)
+
+sayself: qa-data  ## SaySelf chain on the demo recipes: sample -> cluster -> rationale -> data -> sft (starts the stand-in)
+	@set -e; tmp=$$(mktemp -d); \
+	$(PY) -m pipeline.standin --port 0 --port-file $$tmp/port > $$tmp/standin.log 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; rm -rf $$tmp' EXIT; \
+	while [ ! -s $$tmp/port ]; do kill -0 $$pid 2>/dev/null || { cat $$tmp/standin.log; exit 1; }; sleep 0.1; done; \
+	url=http://127.0.0.1:$$(cat $$tmp/port)/v1; \
+	$(PY) -m pipeline sayself-sample recipes/demo/sayself-sample.yaml $(RUN_ARG) model.base_url=$$url $(ARGS); \
+	$(PY) -m pipeline sayself-cluster recipes/demo/sayself-cluster.yaml $(RUN_ARG) $(ARGS); \
+	$(PY) -m pipeline sayself-rationale recipes/demo/sayself-rationale.yaml $(RUN_ARG) rationale.judge.base_url=$$url $(ARGS)
+	$(PY) -m pipeline sayself-data recipes/demo/sayself-data.yaml $(RUN_ARG) $(ARGS)
+	$(TRAIN) sft recipes/demo/sayself-sft.yaml run.name=$(RUN)-sayself inputs.dataset.run=$(RUN) $(ARGS)
 
 unknown-eval: $(STAMP)  ## UnknownBench-style refusal and elicited confidence (RECIPE=recipes/demo/unknown-eval.yaml)
 	$(PY) -m pipeline unknown-eval $(or $(RECIPE),recipes/demo/unknown-eval.yaml) $(RUN_ARG) $(ARGS)
