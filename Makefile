@@ -9,23 +9,37 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-RUN_ARG = run.name=$(RUN)
+RUN_ARG = run.name=$(RUN) $(LAUNCH_ARGS)
 
 # Training stages run in this process, or under `accelerate launch` when ACCELERATE names a config
 # in recipes/accelerate/ (ddp, zero2, zero3) with NPROC processes. On CPU, ddp with NPROC > 1
 # needs --multi_gpu (gloo): accelerate's --cpu would silently start a single process.
 NPROC ?= 1
 ACCELERATE ?=
-TRAIN = $(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file recipes/accelerate/$(ACCELERATE).yaml \
+# Where stages run: LAUNCHER=local (this shell) or LAUNCHER=slurm PROFILE=<recipes/slurm/ name>:
+# submitted as sbatch jobs; training stages then take ACCELERATE, NPROC (processes per node) and
+# NODES from here and run under srun + accelerate launch on the cluster, not in this shell.
+LAUNCHER ?= local
+PROFILE  ?=
+NODES    ?=
+PIPELINE ?= recipes/pipelines/demo.yaml
+SLURM_ARGS = launch.launcher=slurm $(if $(PROFILE),launch.profile=$(PROFILE)) \
+	$(if $(ACCELERATE),launch.accelerate=$(ACCELERATE)) \
+	$(if $(filter-out 1,$(NPROC)),launch.processes_per_node=$(NPROC)) $(if $(NODES),launch.nodes=$(NODES))
+LAUNCH_ARGS = $(if $(filter slurm,$(LAUNCHER)),$(SLURM_ARGS))
+
+# Never wrap the submitting process in accelerate launch: under Slurm the job does that.
+TRAIN = $(if $(and $(ACCELERATE),$(filter-out slurm,$(LAUNCHER))),$(VENV)/bin/accelerate launch --config_file recipes/accelerate/$(ACCELERATE).yaml \
 	--num_processes $(NPROC) $(if $(and $(filter ddp,$(ACCELERATE)),$(filter-out 1,$(NPROC))),--multi_gpu) \
 	-m pipeline,$(PY) -m pipeline)
 
-.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo
+.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo all status serve slurm-local
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "  variables: RUN=<run name> (default demo), RECIPE=<yaml>, ARGS='key=value --force ...',"
 	@echo "             ACCELERATE=ddp|zero2|zero3 NPROC=<processes> (training stages)"
+	@echo "             LAUNCHER=local|slurm PROFILE=<recipes/slurm name> NODES=<n> (training), PIPELINE=<yaml> (make all)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +56,7 @@ test: $(STAMP)  ## the whole test suite (unit + integration)
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)  ## tests not marked slow
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not slurm" tests
 
 bench: $(STAMP)  ## benchmarks (print figures): hf batching; judge throughput, rerun, memory, tokens; training overhead
 	$(PY) bench/generate.py
@@ -111,6 +125,18 @@ unknown-eval: $(STAMP)  ## UnknownBench-style refusal and elicited confidence (R
 
 standin: $(STAMP)  ## run the stand-in OpenAI-compatible server in the foreground (PORT=8765; NOT a real model)
 	$(PY) -m pipeline.standin --port $(or $(PORT),8765)
+
+all: $(STAMP)  ## every stage of PIPELINE in order, skipping finished ones (LAUNCHER=slurm PROFILE=...: submitted, chained with afterok)
+	$(PY) -m pipeline all $(PIPELINE) run.name=$(RUN) --launcher $(LAUNCHER) $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
+
+status: $(STAMP)  ## every stage and shard of run RUN: done / running / failed / missing, Slurm job state, failure reasons
+	$(PY) -m pipeline status $(RUN)
+
+serve: $(STAMP)  ## submit vLLM servers for a pool or judge (RECIPE=recipes/slurm/serve/ultrafeedback-pool.yaml; ARGS=--dry-run)
+	$(PY) -m pipeline serve $(or $(RECIPE),recipes/slurm/serve/ultrafeedback-pool.yaml) $(ARGS)
+
+slurm-local: $(STAMP)  ## start a one-node Slurm here to try LAUNCHER=slurm PROFILE=local (root; apt-installs slurm-wlm + munge)
+	$(PY) -m pipeline.slurm_local up
 
 clean-demo:  ## delete the outputs of run RUN (data/runs/$(RUN))
 	rm -rf data/runs/$(RUN)

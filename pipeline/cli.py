@@ -1,7 +1,11 @@
 """`rlhf <stage> RECIPE [key=value ...]`: the one entry point (also `python -m pipeline`).
 
-Exit codes: 0 done (or skipped: already done), 1 the stage ran and failed (too many failed
-requests, say), 2 bad input (recipe, data files, options), 130 interrupted.
+Also `rlhf validate`, `rlhf status RUN`, `rlhf all PIPELINE` (pipeline/run_all.py) and `rlhf serve`
+(pipeline/serve.py). With `launch.launcher=slurm` a stage is submitted (pipeline/slurm.py), not run.
+
+Exit codes: 0 done (or skipped: already done, or submitted), 1 the stage ran and failed (too many
+failed requests, say), 2 bad input (recipe, data files, options), 75 stopped inside a Slurm job
+to be requeued (pipeline/preempt.py), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -76,6 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check recipes without running anything")
     v.add_argument("recipes", nargs="+", help="YAML recipes")
     v.add_argument("--no-inputs", action="store_true", help="do not check that input files exist")
+    s = sub.add_parser("status", help="state of every stage (and shard) of a run, with Slurm jobs and failures")
+    s.add_argument("run", help="run name (a folder under --root)")
+    s.add_argument("--root", default="data/runs", help="folder holding the runs (default: data/runs)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    a = sub.add_parser("all", help="run the stage recipes of a pipeline file in order, or submit them chained")
+    a.add_argument("pipeline", help="pipeline YAML (a `stages:` list of recipes)")
+    a.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every stage (run.name=...)")
+    a.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: run here, in order; slurm: submit every stage, each after the one before")
+    a.add_argument("--profile", help="Slurm profile (recipes/slurm/<name>.yaml) for every stage")
+    m = sub.add_parser("serve", help="submit vLLM servers (one Slurm job per model) that write their URLs to files")
+    m.add_argument("recipe", help="serve recipe (e.g. recipes/slurm/serve/ultrafeedback-pool.yaml)")
+    m.add_argument("--dry-run", action="store_true", help="render the scripts; submit nothing")
     return parser
 
 
@@ -104,6 +121,20 @@ def _run_stage(args) -> int:
             from pipeline.train import CHECKPOINTS
 
             shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
+    from pipeline import preempt, slurm
+
+    kind = "sharded" if sharded else "training" if args.command in TRAINING_STAGES else "data"
+    slurm.check_launch(recipe, args.recipe, kind, TRAINING_STAGES)
+    if recipe.launch.launcher == "slurm":  # submit the stage's jobs; each runs it with launcher=local
+        job_args = (["--retry-failed"] if retry else []) + ([f"--batch {args.batch}"] if getattr(args, "batch", None) else [])
+        slurm.submit_stage(recipe, args.recipe, kind, TRAINING_STAGES, job_args=job_args,
+                           shard=getattr(args, "shard", None), num_shards=getattr(args, "num_shards", None),
+                           merge_only=getattr(args, "merge", False), retry=retry)
+        return 0
+    preempt.install(training=kind == "training")
+    from pipeline.serve import resolve_url_files
+
+    resolve_url_files(recipe)  # base_url_file -> base_url, now that the stage starts
     import datasets
 
     datasets.disable_progress_bars()  # "Saving the dataset" bars would bury the stage's own output
@@ -125,7 +156,12 @@ def _validate(args) -> int:
     bad = 0
     for recipe in args.recipes:
         try:
-            load_recipe(recipe, check_inputs=not args.no_inputs)
+            from pipeline import run_all
+
+            if run_all.is_pipeline_file(recipe):  # a pipeline: each of its stage recipes
+                run_all.validate(recipe, check_inputs=not args.no_inputs)
+            else:
+                load_recipe(recipe, check_inputs=not args.no_inputs)
             print(f"ok     {recipe}")
         except ConfigError as err:
             bad += 1
@@ -134,6 +170,24 @@ def _validate(args) -> int:
         print(f"{bad} of {len(args.recipes)} recipe(s) invalid", file=sys.stderr)
         return 2
     return 0
+
+
+def _status(args) -> int:
+    from pipeline import status
+
+    return status.main(args.run, args.root, as_json=args.json)
+
+
+def _serve(args) -> int:
+    from pipeline import serve
+
+    return serve.main(args.recipe, dry_run=args.dry_run)
+
+
+def _all(args) -> int:
+    from pipeline import run_all
+
+    return run_all.run(args.pipeline, args.overrides, launcher=args.launcher, profile=args.profile)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     assert set(STAGE_MODULES) <= set(STAGE_RECIPES)
+    from pipeline.preempt import EXIT_CODE, Preempted
     from pipeline.runs import StageFailed
 
     try:
-        return _validate(args) if args.command == "validate" else _run_stage(args)
+        return {"validate": _validate, "status": _status, "all": _all, "serve": _serve}.get(args.command, _run_stage)(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -164,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
+    except Preempted as err:  # inside a Slurm job: the work is saved, the job requeues itself
+        print(f"preempted: {err}", file=sys.stderr)
+        return EXIT_CODE
 
 
 if __name__ == "__main__":

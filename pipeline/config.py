@@ -49,8 +49,132 @@ class StageRef(Strict):
 
 
 class LaunchSection(Strict):
-    launcher: Literal["local"] = "local"
+    launcher: Literal["local", "slurm"] = Field(
+        "local", description="local: run in this process; slurm: render sbatch scripts and submit them")
     num_shards: int = Field(1, ge=1, description="Shards of a data stage (each a separate job)")
+    profile: str | None = Field(None, description="slurm: cluster profile, a name in recipes/slurm/ or a YAML path")
+    nodes: int | None = Field(None, ge=1, description="slurm, training stages only: nodes (default: the profile's)")
+    processes_per_node: int | None = Field(
+        None, ge=1, description="training under slurm: processes per node (default: the profile's gpus_per_node, else 1)")
+    accelerate: str | None = Field(
+        None, description="training under slurm: accelerate config, ddp|zero2|zero3 (recipes/accelerate/) or a "
+        "path; default ddp when more than one process")
+    time: str | None = Field(None, description="slurm: time limit per job (default: the profile's)")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _slurm_time(cls, value: Any) -> Any:
+        return _slurm_time_limit(value)
+
+
+# --- Slurm -------------------------------------------------------------------------------------
+# A cluster profile is its own small YAML file (recipes/slurm/<name>.yaml), not part of a recipe:
+# the same recipe runs on any cluster. A pipeline file lists stage recipes to run in order.
+
+_SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}")
+_SLURM_MEM = re.compile(r"\d+[KMGT]?")
+
+
+def _slurm_time_limit(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        # YAML 1.1 reads an unquoted 2:00:00 as 7200 (base 60): minutes or seconds, nobody knows.
+        raise ValueError(f"quote the time limit (\"2:00:00\") or write D-HH:MM:SS (0-02:00:00); "
+                         f"unquoted, YAML reads H:MM:SS as a number ({value})")
+    if value is not None and (not isinstance(value, str) or not _SLURM_TIME.fullmatch(value)):
+        raise ValueError("a Slurm time limit: \"minutes\", \"H:MM:SS\" or D-HH:MM:SS")
+    return value
+
+
+class SlurmProfile(Strict):
+    """Where and with what the jobs of a stage run (sbatch options and the job's shell set-up)."""
+
+    partition: str = Field(description="sbatch --partition")
+    account: str | None = Field(None, description="sbatch --account")
+    qos: str | None = Field(None, description="sbatch --qos")
+    time: str = Field("04:00:00", description="Time limit per job: minutes, H:MM:SS or D-HH:MM:SS")
+    nodes: int = Field(1, ge=1, description="Nodes per training job (data-stage jobs take one node each)")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node; also the default processes per node")
+    cpus_per_task: int = Field(1, ge=1, description="CPUs per job (per node for training jobs)")
+    mem: str | None = Field(None, description="Memory per node as sbatch --mem takes it (64G); None: the default")
+    setup: list[str] = Field(default_factory=list,
+                             description="Shell lines run before the stage (module load ..., source .venv/bin/activate)")
+    env: dict[str, str] = Field(default_factory=dict, description="Variables exported in the job (never secrets: "
+                                "API keys travel in the submitting environment, which sbatch passes on)")
+    python: str | None = Field(None, description="Interpreter on the nodes; default: the one that submits")
+    requeue: bool = Field(True, description="sbatch --requeue: a preempted or signalled job goes back to the queue")
+    signal_seconds: int = Field(300, ge=10, description="USR1 this long before the time limit: the stage saves "
+                                "its work (ledger / checkpoint) and the job requeues itself")
+    max_parallel_shards: int | None = Field(None, ge=1, description="Array throttle: shards running at once")
+    sbatch: list[str] = Field(default_factory=list, description="More sbatch options, one per item (--constraint=a100)")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _slurm_time(cls, value: Any) -> Any:
+        return _slurm_time_limit(value)
+
+    @field_validator("mem")
+    @classmethod
+    def _slurm_mem(cls, value: str | None) -> str | None:
+        if value is not None and not _SLURM_MEM.fullmatch(value):
+            raise ValueError("a Slurm memory size such as 64G or 16000M")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if _SECRET_KEY.search(name) or name.upper().endswith("KEY"):
+                raise ValueError(f"{name}: looks like a secret; export it in the submitting shell instead "
+                                 "(sbatch passes the environment on; a rendered script never holds it)")
+        return value
+
+
+class PipelineStep(Strict):
+    recipe: str = Field(description="A stage recipe (YAML path)")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides for this stage")
+
+
+class PipelineFile(Strict):
+    """`rlhf all PIPELINE`: stage recipes in order; each later stage names its inputs by stage."""
+
+    stages: list[PipelineStep] = Field(min_length=1)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _plain_paths(cls, value: Any) -> Any:
+        # A bare path is shorthand for {recipe: path}.
+        return [{"recipe": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+
+class ServedModel(Strict):
+    name: str = Field(description="The name clients ask for (a pool entry's `model`, or `name`); the URL file's name")
+    model: str = Field(description="What vLLM loads: a Hugging Face id or a model folder on the cluster")
+    gpus: int = Field(1, ge=1, description="GPUs of one node, the tensor-parallel size")
+    args: list[str] = Field(default_factory=list, description="More `vllm serve` arguments (--max-model-len, 4096)")
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("use letters, digits, '_', '.', '-' (it names the URL file)")
+        return value
+
+
+class ServeRecipe(Strict):
+    """`rlhf serve RECIPE`: one Slurm job per model running `vllm serve` on a GPU node; once the
+    server answers, the job writes its URL to `<url_dir>/<name>.url`, which a pool entry or a
+    judge names as `base_url_file`."""
+
+    profile: str = Field(description="Slurm profile (recipes/slurm/<name>.yaml) of the GPU nodes")
+    url_dir: str = Field("data/servers", description="Where the URL files, scripts and logs go")
+    time: str | None = Field(None, description="How long the servers run (default: the profile's time)")
+    vllm: str = Field("vllm", description="The vllm command on the nodes (after the profile's setup lines)")
+    models: list[ServedModel] = Field(min_length=1)
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _slurm_time(cls, value: Any) -> Any:
+        return _slurm_time_limit(value)
 
 
 class ModelSpec(Strict):
@@ -71,6 +195,9 @@ class ModelSpec(Strict):
     # openai
     model: str | None = Field(None, description="openai: model id at the server (default: name)")
     base_url: str | None = Field(None, description="openai: server URL; None = api.openai.com")
+    base_url_file: str | None = Field(None, description="openai: a file holding the server URL, read into "
+                                      "base_url when the stage starts (an `rlhf serve` job writes it once its "
+                                      "server answers)")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: env variable holding the key")
     max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
     timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout (client's own)")

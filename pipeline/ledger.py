@@ -78,6 +78,21 @@ def _read_records(path: Path, repair: bool) -> Iterator[tuple[dict, int, int]]:
             os.fsync(handle.fileno())
 
 
+def outcomes(paths: Iterable[Path]) -> tuple[set[str], dict[str, dict]]:
+    """(keys that succeeded, failure record by key) over ledger files, read only and with the
+    Ledger's rules (a success anywhere clears a failure): what `rlhf status` reports."""
+    ok: set[str] = set()
+    failed: dict[str, dict] = {}
+    for path in paths:
+        for rec, _, _ in _read_records(Path(path), repair=False):
+            if rec["status"] == "ok":
+                ok.add(rec["key"])
+                failed.pop(rec["key"], None)
+            elif rec["key"] not in ok:
+                failed[rec["key"]] = rec
+    return ok, failed
+
+
 class Ledger:
     """Outcomes by key, from `path` (written) and `also_read` (other shards' files, read only).
 

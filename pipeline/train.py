@@ -110,8 +110,9 @@ def trl_config(config_cls, train: TrainSection, stage_path: Path, **extra):
         deepspeed=train.deepspeed,
         **precision(train),
     )
-    if train.gradient_checkpointing:
-        kwargs["activation_checkpointing"] = True  # transformers 5's name for gradient checkpointing
+    # transformers 5's name for gradient checkpointing, set either way: TRL configs default the old
+    # name to True, which would turn it on (slower) for a recipe that says false.
+    kwargs["activation_checkpointing"] = train.gradient_checkpointing
     if train.min_learning_rate is not None:
         if train.lr_scheduler != "cosine":
             raise ConfigError("train.min_learning_rate needs train.lr_scheduler: cosine")
@@ -154,6 +155,9 @@ def train_or_resume(trainer, resume: str | None) -> tuple[int, float | None]:
     transformers 5.23 takes one step too many when resuming from a checkpoint that already
     reached max_steps (a run killed between its last save and `_SUCCESS`), so such a checkpoint
     is loaded instead of trained from.
+
+    Inside a Slurm job a preemption request (pipeline.preempt) saves a checkpoint, stops
+    training and raises `Preempted`, so the stage is not marked done and the job requeues.
     """
     import json
 
@@ -163,8 +167,15 @@ def train_or_resume(trainer, resume: str | None) -> tuple[int, float | None]:
             trainer._load_from_checkpoint(resume)
             trainer.state.global_step = state["global_step"]
             return state["global_step"], None
+    from pipeline import preempt
+
     resumed_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0
+    stopper = preempt.trainer_callback() if preempt.active() else None  # inside a Slurm job
+    if stopper is not None:
+        trainer.add_callback(stopper)
     result = trainer.train(resume_from_checkpoint=resume)
+    if stopper is not None and stopper.stopped and result.global_step < trainer.state.max_steps:
+        raise preempt.Preempted(f"checkpoint-{result.global_step} saved; the requeued job resumes from it")
     # A resumed run with no step left reports a loss of 0, which would mislead.
     return result.global_step, (result.training_loss if result.global_step > resumed_step else None)
 

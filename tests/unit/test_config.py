@@ -18,8 +18,9 @@ from pipeline.config import (STAGE_RECIPES, ConfigError, GenerateRecipe, Prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
-# Not stage recipes: accelerate launch configs and Slurm profiles have their own formats.
-NOT_STAGE_RECIPES = {"accelerate", "slurm"}
+# Not stage recipes: accelerate launch configs, Slurm profiles and pipeline files (lists of
+# stage recipes, validated in tests/unit/test_slurm_launch.py) have their own formats.
+NOT_STAGE_RECIPES = {"accelerate", "slurm", "pipelines"}
 
 SECRET_LIKE = re.compile(r"sk-[A-Za-z0-9_-]{8,}")
 

@@ -1,0 +1,110 @@
+"""`rlhf all PIPELINE [key=value ...] [--launcher local|slurm] [--profile P]`: the stage recipes
+of a pipeline file (`recipes/pipelines/*.yaml`), in order.
+
+    stages:
+      - recipes/demo/prompts.yaml
+      - {recipe: recipes/demo/generate.yaml, overrides: [launch.num_shards=4]}
+
+Overrides on the command line apply to every stage, after the stage's own (`run.name=try2`).
+A stage already done (`_SUCCESS`) is skipped. Locally each stage runs through the normal CLI in
+this process, and the first that fails stops the rest. With `--launcher slurm` every stage is
+checked first (recipe, profile, launch settings; a bad one submits nothing), then each is
+submitted with its first jobs waiting on the previous stage's last job (`afterok`), so a failure
+cancels everything after it. Input files of a stage that follows one still to run are checked
+when its job starts (an earlier stage may be what makes them).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.config import ConfigError, PipelineFile, format_validation_error, load_recipe
+
+
+def load_pipeline(path: str | Path) -> PipelineFile:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+    if not isinstance(tree, dict) or "stages" not in tree:
+        raise ConfigError(f"{path}: a pipeline is a YAML mapping with a `stages:` list of recipes")
+    try:
+        return PipelineFile.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(str(path), err)) from None
+
+
+def is_pipeline_file(path: str | Path) -> bool:
+    try:
+        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(tree, dict) and "stages" in tree and "stage" not in tree
+
+
+def validate(path: str | Path, check_inputs: bool = True) -> list:
+    """Every stage recipe of the pipeline, loaded (`rlhf validate` accepts pipeline files too)."""
+    pipeline = load_pipeline(path)
+    return [load_recipe(step.recipe, step.overrides, check_inputs=check_inputs) for step in pipeline.stages]
+
+
+def _kind(stage: str) -> str:
+    from pipeline.cli import SHARDED_STAGES, TRAINING_STAGES
+
+    return "sharded" if stage in SHARDED_STAGES else "training" if stage in TRAINING_STAGES else "data"
+
+
+def run(path: str, overrides: list[str], launcher: str = "local", profile: str | None = None) -> int:
+    from pipeline.cli import TRAINING_STAGES
+    from pipeline.cli import main as rlhf
+    from pipeline.runs import is_done, stage_dir
+
+    pipeline = load_pipeline(path)
+    common = [*overrides, f"launch.launcher={launcher}"] + ([f"launch.profile={profile}"] if profile else [])
+    steps, pending = [], False
+    for step in pipeline.stages:
+        # Inputs are checked now only while every earlier stage is done: a later stage's inputs
+        # may be what an earlier one makes.
+        recipe = load_recipe(step.recipe, [*step.overrides, *common], check_inputs=not pending)
+        done = is_done(stage_dir(recipe))
+        steps.append((step, recipe, done))
+        pending = pending or not done
+    if launcher == "local":
+        for step, recipe, done in steps:
+            if done:
+                print(f"all: {recipe.stage} already done ({stage_dir(recipe)}); skipped")
+                continue
+            code = rlhf([recipe.stage, step.recipe, *step.overrides, *common])
+            if code:
+                print(f"all: stopped at {recipe.stage} (exit {code})")
+                return code
+        return 0
+
+    from pipeline import slurm
+
+    plans = [None if done else slurm.prepare_stage(recipe, step.recipe, _kind(recipe.stage), TRAINING_STAGES)
+             for step, recipe, done in steps]  # every check and script before the first sbatch
+    after: list[str] = []
+    submitted: list[str] = []
+    try:
+        for (step, recipe, done), plan in zip(steps, plans):
+            if plan is None:
+                print(f"all: {recipe.stage} already done ({stage_dir(recipe)}); skipped")
+                continue
+            record = slurm.submit_prepared(plan, after=after)
+            submitted += [job["id"] for job in record["jobs"]]
+            after = [record["final"]] if record["final"] else after
+    except BaseException:
+        for job_id in submitted:  # leave the queue as it was
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+        raise
+    print(f"all: {len(submitted)} job(s) submitted; `rlhf status {steps[0][1].run.name}` shows where they are")
+    return 0

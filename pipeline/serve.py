@@ -1,0 +1,108 @@
+"""`rlhf serve RECIPE [--dry-run]`: model servers on a Slurm cluster for the generation pool or
+the judge (a ServeRecipe, e.g. recipes/slurm/serve/ultrafeedback-pool.yaml).
+
+One job per model runs `vllm serve` on one GPU node (tensor parallel over `gpus`); once the server
+answers, the job writes its URL to `<url_dir>/<name>.url` (and removes it when it ends). A pool
+entry or a judge with `base_url_file: <url_dir>/<name>.url` reads it when its stage starts. The
+scripts (`<url_dir>/<name>.sbatch`), logs and `jobs.json` (name -> job id) sit beside the URLs.
+`--dry-run` renders the scripts and submits nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.config import ConfigError, ServeRecipe, format_validation_error
+from pipeline.runs import atomic_write_text, write_json
+
+
+def load(path: str | Path) -> ServeRecipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"serve recipe not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return ServeRecipe.model_validate(tree if isinstance(tree, dict) else {})
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: not valid YAML") from None
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(str(path), err)) from None
+
+
+def render(recipe: ServeRecipe, origin: str) -> dict[str, str]:
+    """{model name: sbatch script}."""
+    from pipeline import slurm
+
+    profile_path, profile = slurm.load_profile(recipe.profile, origin)
+    names = [m.name for m in recipe.models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{origin}: models: names must be unique (each names a URL file)")
+    url_dir = Path(recipe.url_dir).resolve()
+    scripts = {}
+    for served in recipe.models:
+        scripts[served.name] = slurm.render_template(
+            "serve.sh.jinja", origin, served=served, profile=profile, profile_name=profile_path.stem,
+            time=recipe.time or profile.time, workdir=Path.cwd(), log=url_dir / "logs" / f"{served.name}-%j.out",
+            url_file=url_dir / f"{served.name}.url", vllm=recipe.vllm, python=profile.python or sys.executable)
+    return scripts
+
+
+def _model_specs(node, key: str):
+    """(recipe key, ModelSpec) of every model a recipe names (pool entries, judges)."""
+    from pydantic import BaseModel
+
+    from pipeline.config import ModelSpec
+
+    if isinstance(node, ModelSpec):
+        yield key, node
+    elif isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            yield from _model_specs(getattr(node, name), f"{key}.{name}" if key else name)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            yield from _model_specs(item, f"{key}[{i}]")
+    elif isinstance(node, dict):
+        for name, item in node.items():
+            yield from _model_specs(item, f"{key}.{name}")
+
+
+def resolve_url_files(recipe) -> None:
+    """Read each `base_url_file` into its model's `base_url` (when the stage starts, so that a
+    server started after the stage was submitted is found)."""
+    for key, spec in _model_specs(recipe, ""):
+        if not spec.base_url_file:
+            continue
+        path = Path(spec.base_url_file)
+        url = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+        if not url:
+            raise ConfigError(f"{key}.base_url_file: no server URL in {path} yet (is its `rlhf serve` job up? "
+                              f"the file appears once the server answers)")
+        spec.base_url = url
+
+
+def main(path: str, dry_run: bool = False) -> int:
+    from pipeline import slurm
+
+    recipe = load(path)
+    scripts = render(recipe, path)
+    if not dry_run:
+        slurm.need_slurm_commands()
+    url_dir = Path(recipe.url_dir)
+    (url_dir / "logs").mkdir(parents=True, exist_ok=True)
+    jobs = {}
+    for name, text in scripts.items():
+        script = url_dir / f"{name}.sbatch"
+        atomic_write_text(script, text)
+        if dry_run:
+            print(f"serve: {name}: {script} (not submitted)")
+            continue
+        jobs[name] = slurm.sbatch(script, [])
+        print(f"serve: {name}: job {jobs[name]}; its URL will be in {url_dir / (name + '.url')}")
+    if jobs:
+        write_json(url_dir / "jobs.json", {"submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": jobs})
+    return 0
