@@ -255,7 +255,13 @@ def test_kill_minus_9_never_pays_twice(tmp_path, standin):
         standin.reset()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if attempt < 4:
-            time.sleep(rng.uniform(1.5, 3.0))  # past start-up, into the requests
+            # Into the requests, whatever the machine's load: wait for this run's first new
+            # ledger record (not a fixed sleep, which a slow start-up outlasts), then a bit more.
+            deadline = time.monotonic() + 120
+            while (proc.poll() is None and time.monotonic() < deadline
+                   and len(_ledger_ok_keys(stage_path(tmp_path))) <= len(paid_before)):
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.4))
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
                 kills += 1
