@@ -108,7 +108,7 @@ rtuning: qa-data  ## R-Tuning chain on the demo recipes: probe -> data -> sft ->
 	$(TRAIN) sft recipes/demo/rtuning-sft.yaml run.name=$(RUN)-rtuning inputs.dataset.run=$(RUN) $(ARGS)
 	$(PY) -m pipeline rtuning-eval recipes/demo/rtuning-eval.yaml run.name=$(RUN)-rtuning inputs.items.run=$(RUN) $(ARGS)
 
-sayself: qa-data  ## SaySelf chain on the demo recipes: sample -> cluster -> rationale -> data -> sft (starts the stand-in)
+sayself: qa-data  ## SaySelf chain on the demo recipes: sample -> cluster -> rationale -> data -> sft -> rl -> eval (starts the stand-in)
 	@set -e; tmp=$$(mktemp -d); \
 	$(PY) -m pipeline.standin --port 0 --port-file $$tmp/port > $$tmp/standin.log 2>&1 & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; rm -rf $$tmp' EXIT; \
@@ -119,6 +119,8 @@ sayself: qa-data  ## SaySelf chain on the demo recipes: sample -> cluster -> rat
 	$(PY) -m pipeline sayself-rationale recipes/demo/sayself-rationale.yaml $(RUN_ARG) rationale.judge.base_url=$$url $(ARGS)
 	$(PY) -m pipeline sayself-data recipes/demo/sayself-data.yaml $(RUN_ARG) $(ARGS)
 	$(TRAIN) sft recipes/demo/sayself-sft.yaml run.name=$(RUN)-sayself inputs.dataset.run=$(RUN) $(ARGS)
+	$(TRAIN) sayself-rl recipes/demo/sayself-rl.yaml run.name=$(RUN)-sayself inputs.items.run=$(RUN) $(ARGS)
+	$(PY) -m pipeline sayself-eval recipes/demo/sayself-eval.yaml run.name=$(RUN)-sayself inputs.items.run=$(RUN) $(ARGS)
 
 unknown-eval: $(STAMP)  ## UnknownBench-style refusal and elicited confidence (RECIPE=recipes/demo/unknown-eval.yaml)
 	$(PY) -m pipeline unknown-eval $(or $(RECIPE),recipes/demo/unknown-eval.yaml) $(RUN_ARG) $(ARGS)

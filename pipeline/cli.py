@@ -41,12 +41,14 @@ STAGE_MODULES = {
     "sayself-cluster": "pipeline.stages.sayself_cluster",
     "sayself-rationale": "pipeline.stages.sayself_rationale",
     "sayself-data": "pipeline.stages.sayself_data",
+    "sayself-rl": "pipeline.stages.sayself_rl",
+    "sayself-eval": "pipeline.stages.sayself_eval",
 }
 SHARDED_STAGES = {"generate"}
 # Unsharded stages with ledgered requests: `run(recipe, retry_failed=...)`.
 RETRY_STAGES = {"sayself-sample", "sayself-rationale"}
 # Training stages resume from checkpoints/ when they were interrupted; --force trains afresh.
-TRAINING_STAGES = {"sft", "reward", "dpo", "ppo", "critique"}
+TRAINING_STAGES = {"sft", "reward", "dpo", "ppo", "critique", "sayself-rl"}
 
 
 def _parser() -> argparse.ArgumentParser:

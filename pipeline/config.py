@@ -423,6 +423,7 @@ class TinyModelsRecipe(Strict):
     run: RunSection
     count: int = Field(4, ge=1, le=8, description="Models in the pool")
     seed: int = 0
+    launch: LaunchSection = LaunchSection()
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -969,6 +970,106 @@ class SayselfDataRecipe(Strict):
         return _local_paths(**{"inputs.dataset": self.inputs.dataset})
 
 
+def _model_ref_is_a_model(tree: Any) -> Any:
+    # A stage ref for `model` means that stage's model folder, not its dataset.
+    if isinstance(tree, dict) and isinstance(tree.get("model"), dict):
+        tree = {**tree, "model": {"output": "model", **tree["model"]}}
+    return tree
+
+
+class SayselfRlInputs(Strict):
+    items: StageRef | str = Field(description="QA items (QA_FEATURES): the qa-data output or a DatasetDict folder")
+    split: str = Field("train", description="The questions the RL samples answers to (unanswerable ones skipped)")
+    eval_split: str | None = Field(None, description="Questions scored before and after training; None: the "
+                                   "first `sayself.eval_questions` of `split`, which the RL also trains on")
+
+
+class SayselfRlSection(Strict):
+    num_generations: int = Field(8, ge=2, description="Completions sampled per question (GRPO's group); "
+                                 "train.global_batch_size must be a multiple of it")
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature of the RL completions")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_completion_length: int = Field(256, ge=1, description="New tokens per completion")
+    beta: float = Field(0.04, ge=0, description="KL coefficient towards the starting model (0: no reference model)")
+    correctness_weight: float = Field(0.0, ge=0, description="Reward += weight x correctness (the paper's reward: 0)")
+    limit: int | None = Field(None, ge=1, description="Only the first N questions of `inputs.split` (smoke runs)")
+    eval_questions: int = Field(64, ge=1, description="Questions answered greedily before and after training")
+    eval_batch_size: int = Field(16, ge=1, description="Prompts per generate() call in the before/after scoring")
+
+
+class SayselfRlRecipe(Strict):
+    stage: Literal["sayself-rl"]
+    run: RunSection
+    model: StageRef | str = Field(description="The SaySelf-SFT model: a folder, or the sft stage's model")
+    inputs: SayselfRlInputs
+    train: TrainSection = TrainSection()
+    sayself: SayselfRlSection = SayselfRlSection()
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_output(cls, tree: Any) -> Any:
+        return _model_ref_is_a_model(tree)
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> "SayselfRlRecipe":
+        # GRPO samples global_batch_size completions per optimizer step (per-device batch x processes x
+        # accumulation) and compares each question's num_generations completions with each other.
+        if self.train.global_batch_size % self.sayself.num_generations:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"sayself.num_generations={self.sayself.num_generations}: a GRPO step samples global_batch_size "
+                "completions (per_device_batch_size x processes x gradient accumulation), in whole groups of "
+                "num_generations per question")
+        if self.train.max_length <= self.sayself.max_completion_length:
+            raise ValueError(f"train.max_length={self.train.max_length} leaves no room for a prompt before "
+                             f"sayself.max_completion_length={self.sayself.max_completion_length} new tokens")
+        return self
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(model=self.model, **{"inputs.items": self.inputs.items})
+
+
+class SayselfEvalInputs(Strict):
+    items: StageRef | str = Field(description="QA items (QA_FEATURES): the qa-data output or a DatasetDict folder")
+    splits: list[str] = Field(default_factory=lambda: ["test_id", "test_ood", "unanswerable"], min_length=1,
+                              description="Splits evaluated; each also reported per `dataset` of its items")
+
+    @field_validator("splits")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a split is listed twice")
+        return value
+
+
+class SayselfEvalSection(Strict):
+    max_new_tokens: int = Field(256, ge=1, description="New tokens per greedy answer")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call (left padded)")
+    bins: int = Field(10, ge=1, description="Equal-width bins of ECE and the reliability diagram")
+    limit: int | None = Field(None, ge=1, description="Only the first N items of each split (smoke runs)")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda:0'")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU that has it, else float32")
+
+
+class SayselfEvalRecipe(Strict):
+    stage: Literal["sayself-eval"]
+    run: RunSection
+    model: StageRef | str = Field(description="The model to evaluate: a folder, or a training stage's model")
+    inputs: SayselfEvalInputs
+    sayself: SayselfEvalSection = SayselfEvalSection()
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_output(cls, tree: Any) -> Any:
+        return _model_ref_is_a_model(tree)
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return _local_paths(model=self.model, **{"inputs.items": self.inputs.items})
+
+
 STAGE_RECIPES: dict[str, type[Strict]] = {
     "prompts": PromptsRecipe,
     "generate": GenerateRecipe,
@@ -990,6 +1091,8 @@ STAGE_RECIPES: dict[str, type[Strict]] = {
     "sayself-cluster": SayselfClusterRecipe,
     "sayself-rationale": SayselfRationaleRecipe,
     "sayself-data": SayselfDataRecipe,
+    "sayself-rl": SayselfRlRecipe,
+    "sayself-eval": SayselfEvalRecipe,
 }
 
 

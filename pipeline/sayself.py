@@ -23,11 +23,9 @@ REASONING, ANSWER, REFLECTION, CONFIDENCE = "Reasoning:", "Answer:", "Self-refle
 CONFIDENCE_RANGE = (1, 10)
 
 # What the model is asked, after the question, when it samples chains and when it is trained.
-CHAIN_INSTRUCTION = ("Think it through in a sentence or two, then give your final answer. "
-                     "Write it as:\nReasoning: ...\nAnswer: ...")
-SAYSELF_INSTRUCTION = ("Think it through, give your final answer, then say which knowledge you are unsure "
-                       "of and how confident you are from 1 (a guess) to 10 (certain). Write it as:\n"
-                       "Reasoning: ...\nAnswer: ...\nSelf-reflection: ...\nConfidence: ...")
+CHAIN_INSTRUCTION = "Reply in two lines: Reasoning: <brief>, then Answer: <final answer>."
+SAYSELF_INSTRUCTION = ("Reply in four lines: Reasoning: <brief>, Answer: <final answer>, "
+                       "Self-reflection: <what you are unsure of>, Confidence: <1-10>.")
 
 _LABELLED = re.compile(r"^[ \t]*(reasoning|answer|self-reflection|confidence)[ \t]*:[ \t]*(.*)$",
                        re.IGNORECASE | re.MULTILINE)
@@ -107,13 +105,17 @@ def confidence_target(agreeing: int, total: int) -> int:
     return 1 + round(9 * agreeing / total)
 
 
-def sayself_reward(text: str, gold: list[str], correctness_weight: float = 0.0) -> float:
+def sayself_reward(text: str, gold: list[str], correctness_weight: float = 0.0, *,
+                   correct: bool | None = None) -> float:
     """R = 1 - 2 (c - p)^2 with c = correctness, p = confidence / 10; -1 without a parsable
-    confidence; plus `correctness_weight` x c (the optional correctness term)."""
+    confidence; plus `correctness_weight` x c (the optional correctness term). c is the gold
+    substring test unless `correct` gives it already graded (`item_correct` of a choice item)."""
     confidence = parse_confidence(text)
     if confidence is None:
         return -1.0
-    c = 1.0 if is_correct(parse_answer(text), gold) else 0.0
+    if correct is None:
+        correct = is_correct(parse_answer(text), gold)
+    c = 1.0 if correct else 0.0
     return 1.0 - 2.0 * (c - confidence / 10) ** 2 + correctness_weight * c
 
 

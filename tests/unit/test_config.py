@@ -403,3 +403,10 @@ def test_key_from_the_environment_never_reaches_the_saved_config(tmp_path, monke
     assert fake not in saved and "FAKE0123456789" not in saved
     assert "TEST_FAKE_API_KEY" in saved
     assert fake not in dump_recipe(recipe)
+
+
+def test_every_stage_recipe_has_a_launch_section():
+    # The CLI reads `recipe.launch` for every stage (local or slurm); a recipe class without one
+    # crashed `rlhf tiny-models` once.
+    missing = [stage for stage, cls in STAGE_RECIPES.items() if "launch" not in cls.model_fields]
+    assert not missing, missing
