@@ -33,7 +33,7 @@ TRAIN = $(if $(and $(ACCELERATE),$(filter-out slurm,$(LAUNCHER))),$(VENV)/bin/ac
 	--num_processes $(NPROC) $(if $(and $(filter ddp,$(ACCELERATE)),$(filter-out 1,$(NPROC))),--multi_gpu) \
 	-m pipeline,$(PY) -m pipeline)
 
-.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo all status serve slurm-local
+.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo all status report serve slurm-local
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -133,6 +133,9 @@ all: $(STAMP)  ## every stage of PIPELINE in order, skipping finished ones (LAUN
 
 status: $(STAMP)  ## every stage and shard of run RUN: done / running / failed / missing, Slurm job state, failure reasons
 	$(PY) -m pipeline status $(RUN)
+
+report: $(STAMP)  ## one page (data/runs/RUN/REPORT.md + .html): every stage's summary and plots, for RUN and its RUN-* runs
+	$(PY) -m pipeline report $(or $(REPORT_RUNS),$(RUN) $(notdir $(wildcard data/runs/$(RUN)-*)))
 
 serve: $(STAMP)  ## submit vLLM servers for a pool or judge (RECIPE=recipes/slurm/serve/ultrafeedback-pool.yaml; ARGS=--dry-run)
 	$(PY) -m pipeline serve $(or $(RECIPE),recipes/slurm/serve/ultrafeedback-pool.yaml) $(ARGS)

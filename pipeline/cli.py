@@ -1,7 +1,8 @@
 """`rlhf <stage> RECIPE [key=value ...]`: the one entry point (also `python -m pipeline`).
 
-Also `rlhf validate`, `rlhf status RUN`, `rlhf all PIPELINE` (pipeline/run_all.py) and `rlhf serve`
-(pipeline/serve.py). With `launch.launcher=slurm` a stage is submitted (pipeline/slurm.py), not run.
+Also `rlhf validate`, `rlhf status RUN`, `rlhf report RUN ...` (pipeline/run_report.py),
+`rlhf all PIPELINE` (pipeline/run_all.py) and `rlhf serve` (pipeline/serve.py). With
+`launch.launcher=slurm` a stage is submitted (pipeline/slurm.py), not run.
 
 Exit codes: 0 done (or skipped: already done, or submitted), 1 the stage ran and failed (too many
 failed requests, say), 2 bad input (recipe, data files, options), 75 stopped inside a Slurm job
@@ -86,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run name (a folder under --root)")
     s.add_argument("--root", default="data/runs", help="folder holding the runs (default: data/runs)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
+    r = sub.add_parser("report", help="one page (REPORT.md and REPORT.html) with every stage's summary and plots")
+    r.add_argument("runs", nargs="+", metavar="run", help="run names (folders under --root); the page goes in the first")
+    r.add_argument("--root", default="data/runs", help="folder holding the runs (default: data/runs)")
     a = sub.add_parser("all", help="run the stage recipes of a pipeline file in order, or submit them chained")
     a.add_argument("pipeline", help="pipeline YAML (a `stages:` list of recipes)")
     a.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every stage (run.name=...)")
@@ -180,6 +184,12 @@ def _status(args) -> int:
     return status.main(args.run, args.root, as_json=args.json)
 
 
+def _report(args) -> int:
+    from pipeline import run_report
+
+    return run_report.main(args.runs, args.root)
+
+
 def _serve(args) -> int:
     from pipeline import serve
 
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runs import StageFailed
 
     try:
-        return {"validate": _validate, "status": _status, "all": _all, "serve": _serve}.get(args.command, _run_stage)(args)
+        return {"validate": _validate, "status": _status, "all": _all, "serve": _serve, "report": _report}.get(args.command, _run_stage)(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,55 @@
+"""`rlhf report`: one page with every stage's state, summary and plots, in pipeline order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.report import figure
+from pipeline.runs import mark_done, write_json
+
+
+def _stage(root, run, name, summary=None, done=True, plot=None):
+    path = root / run / name
+    path.mkdir(parents=True)
+    if summary is not None:
+        write_json(path / "summary.json", summary)
+    if plot:
+        with figure(path / "report" / f"{plot}.png") as (fig, ax):
+            ax.plot([0, 1], [1, 0])
+    if done:
+        mark_done(path, {})
+    return path
+
+
+def test_report_gathers_stages_in_pipeline_order_with_plots_and_no_secrets(tmp_path, capsys):
+    root = tmp_path / "runs"
+    # made in the wrong order on purpose: the page follows the pipeline, not the folders' times
+    _stage(root, "r", "reward", {"accuracy": 0.8125, "api_key": "sk-abcdefghijklmnop"}, plot="accuracy")
+    _stage(root, "r", "pairs", {"pairs_train": 42, "splits": {"train_prefs": 42}}, plot="margins")
+    _stage(root, "r", "generate", {"completions": 304, "note": "key sk-zyxwvutsrqponmlk leaked"})
+    annotate = _stage(root, "r", "annotate", done=False)
+    (annotate / "ledger.jsonl").write_text(json.dumps({"key": "k1", "status": "failed", "reason": "HTTP 500"}) + "\n")
+    _stage(root, "r-rtuning", "rtuning-eval", {"splits": {"test_id": {"ap": 0.765}}})
+
+    assert main(["report", "r", "r-rtuning", "--root", str(root)]) == 0
+    page = (root / "r" / "REPORT.md").read_text()
+    html = (root / "r" / "REPORT.html").read_text()
+    order = [page.index(f"### {name} (") for name in ("generate", "annotate", "pairs", "reward", "rtuning-eval")]
+    assert order == sorted(order)
+    assert "### annotate (failed)" in page and "### reward (done)" in page
+    assert "| accuracy | 0.8125 |" in page and "| splits.train_prefs | 42 |" in page
+    assert "| splits.test_id.ap | 0.765 |" in page
+    assert "sk-" not in page and "sk-" not in html and "<redacted>" in page
+    for rel in ("reward/report/accuracy.png", "pairs/report/margins.png"):
+        assert f"]({rel})" in page and f"src='{rel}'" in html and (root / "r" / rel).is_file()
+    assert "report: 2 run(s), 5 stages, 2 plots" in capsys.readouterr().out
+
+
+def test_report_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    assert main(["report", "r", "nope", "--root", str(tmp_path / "runs")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "r" / "REPORT.md").exists()
