@@ -899,6 +899,9 @@ class SayselfClusterSection(Strict):
                              "representative it matches at least this well")
     batch_size: int = Field(64, ge=1, description="embedding: chains per forward pass")
     device: str = Field("auto", description="embedding: 'auto' (cuda when present), 'cpu', 'cuda:0'")
+    when_none_correct: Literal["own", "gold"] = Field(
+        "own", description="The pair to train on when no chain is correct: own = the largest cluster's "
+        "representative (the model's own best guess); gold = the gold answer with a fixed reasoning sentence")
 
 
 class SayselfClusterRecipe(Strict):

@@ -20,10 +20,13 @@ per chain by the sample stage, so the grouping method cannot change it):
 - `majority_answer`: the most frequent normalised answer among the chains (as first written);
 - the pair to train on (`reasoning`, `answer`, `target_source`): when some chain is correct, the
   representative of the largest cluster whose representative is correct (`"chain"`; failing that,
-  the first correct chain), its own reasoning and answer. When none is correct, the gold answer
-  (a choice item's letter) with `GOLD_REASONING`, a short sentence we wrote (`"gold"`): the
-  reasoning of a wrong cluster argued for another answer, and training on it followed by the gold
-  answer would teach a chain that does not lead to its own conclusion. Its confidence is then 1.
+  the first correct chain), its own reasoning and answer. When none is correct, per
+  `cluster.when_none_correct`: `own` (default) the representative of the largest cluster, the
+  model's own best guess with its own reasoning (`"majority"`), so the SFT teaches the model to
+  rate the answer it would give, which is what calibration at test time measures; or `gold`: the
+  gold answer (a choice item's letter) with `GOLD_REASONING`, a short sentence we wrote
+  (`"gold"`; not a wrong cluster's reasoning, which argued for another answer). Either way its
+  confidence is 1.
 A question with no parsable chain at all has no share to compute and no reasoning of the
 model's; it is left out and counted (`questions_without_chains`).
 
@@ -125,7 +128,7 @@ def majority_answer(chains: Sequence[dict]) -> str:
     return next(c["answer"] for c in chains if counts[normalise_answer(c["answer"])] == best)
 
 
-def summarise(row: dict, groups: list[list[int]]) -> dict:
+def summarise(row: dict, groups: list[list[int]], when_none_correct: str = "own") -> dict:
     """The output row of one question from its chains and their clusters (index lists)."""
     chains = row["chains"]
     groups = sorted(groups, key=len, reverse=True)  # stable: equal sizes keep their order
@@ -133,6 +136,10 @@ def summarise(row: dict, groups: list[list[int]]) -> dict:
                  "correct": bool(chains[g[0]]["correct"])} for g in groups]
     agreeing = sum(bool(c["correct"]) for c in chains)
     target = {"reasoning": GOLD_REASONING, "answer": gold_answer(row), "target_source": "gold"}
+    if not agreeing and when_none_correct == "own":
+        first = groups[0][0]
+        reasoning = parse_response(chains[first]["text"])["reasoning"] or GOLD_REASONING
+        target = {"reasoning": reasoning, "answer": chains[first]["answer"], "target_source": "majority"}
     if agreeing:
         # Representatives of correct clusters, largest first, then any other correct chain
         # (an embedding cluster can hold a correct chain behind a wrong representative).
@@ -174,7 +181,7 @@ def run(recipe: SayselfClusterRecipe) -> dict:
         else:
             groups = by_embedding(vectors[start:start + len(row["chains"])], recipe.cluster.threshold)
             start += len(row["chains"])
-        out.append(summarise(row, groups))
+        out.append(summarise(row, groups, recipe.cluster.when_none_correct))
     if not out:
         raise StageFailed(f"sayself-cluster: none of the {len(rows)} questions in {samples_path} has a chain with a "
                           "parsable answer; see the sayself-sample summary (chains_unparsable)")

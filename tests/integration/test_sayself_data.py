@@ -21,7 +21,7 @@ from pipeline.records import QA_FEATURES, qa_item
 from pipeline.runs import StageFailed
 from pipeline.sayself import SAYSELF_INSTRUCTION, confidence_target, parse_response
 from pipeline.stages.rtuning import question_text
-from pipeline.stages.sayself_cluster import GOLD_REASONING, by_answer, summarise
+from pipeline.stages.sayself_cluster import by_answer, summarise
 from pipeline.stages.sayself_rationale import FIXED_SURE, FIXED_UNSURE
 
 OPEN = [qa_item("t", "Which city was Fio Sosemor born in?", "open", answers=["Quellmarsh"]),
@@ -146,8 +146,9 @@ def test_cluster_counts_agreement_on_hand_made_chains(tmp_path, capsys):
     assert (first["majority_answer"], first["reasoning"], first["answer"], first["target_source"]) == (
         "Quellmarsh", "q1", "Quellmarsh", "chain")
     assert [(c["answer"], c["size"]) for c in second["clusters"]] == [("A", 3), ("C", 1)]
-    assert (second["agreeing"], second["confidence"], second["answer"], second["reasoning"]) == (0, 1, "B",
-                                                                                                GOLD_REASONING)
+    # no chain right: the model's own best guess (the largest cluster), at confidence 1
+    assert (second["agreeing"], second["confidence"], second["answer"], second["target_source"]) == (0, 1, "A",
+                                                                                                    "majority")
     assert summary["confidence_histogram"]["6"] == 1 and summary["confidence_histogram"]["1"] == 1
     assert (tmp_path / "runs" / "t" / "sayself-cluster" / "_SUCCESS").is_file()
 

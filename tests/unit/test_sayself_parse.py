@@ -150,9 +150,13 @@ def test_summarise_counts_agreement_and_picks_the_largest_correct_cluster():
     assert (out["reasoning"], out["answer"], out["target_source"]) == ("q1", "Quellmarsh", "chain")
 
 
-def test_summarise_without_a_correct_chain_trains_on_the_gold_answer():
-    row = {**CHOICE, "chains": [chain("A", False), chain("C", False), chain("A", False)]}
+def test_summarise_without_a_correct_chain_trains_on_the_models_own_guess_or_the_gold_answer():
+    row = {**CHOICE, "chains": [chain("C", False), chain("A", False, "my guess"), chain("A", False)]}
+    # default: the largest cluster's representative, the model's own best guess, at confidence 1
     out = summarise(row, by_answer(row["chains"]))
+    assert (out["confidence"], out["answer"], out["reasoning"], out["target_source"]) == (1, "A", "my guess",
+                                                                                          "majority")
+    out = summarise(row, by_answer(row["chains"]), "gold")
     assert (out["confidence"], out["answer"], out["reasoning"], out["target_source"]) == (1, "B", GOLD_REASONING,
                                                                                           "gold")
     assert majority_answer(row["chains"]) == "A"
