@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the project with test extras
 
-demo: $(STAMP)  ## the offline demo: data path (stand-in server), every training stage, R-Tuning, unknown-eval
+demo: $(STAMP)  ## the offline demo: data path (stand-in server), every training stage, R-Tuning, unknown-eval, SaySelf
 	$(PY) -m pipeline.demo --run $(RUN) $(ARGS)
 
 test: $(STAMP)  ## the whole test suite (unit + integration)

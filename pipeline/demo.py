@@ -108,9 +108,29 @@ def main(argv: list[str] | None = None) -> int:
     rtuning_run = [f"run.name={args.run}-rtuning"] + (["--force"] if args.force else [])
     for stage, recipe, extra in (("qa-data", "qa-data", common), ("rtuning-probe", "rtuning-probe", common),
                                  ("rtuning-data", "rtuning-data", common),
-                                 ("sft", "rtuning-sft", [*rtuning_run, f"inputs.dataset.run={args.run}"]),
+                                 ("sft", "rtuning-sft", [*rtuning_run, f"inputs.dataset.run={args.run}",
+                                                         f"model={models}/tiny-a"]),
                                  ("rtuning-eval", "rtuning-eval", [*rtuning_run, f"inputs.items.run={args.run}"]),
                                  ("unknown-eval", "unknown-eval", common)):
+        code = rlhf([stage, str(RECIPES / f"{recipe}.yaml"), *extra])
+        if code:
+            return code
+    # SaySelf: chains and rationales from the stand-in (a fixed rule: the untrained tiny model
+    # writes no parsable answer), then SFT, RL and evaluation of the tiny model (plumbing only).
+    sayself_run = [f"run.name={args.run}-sayself", f"inputs.items.run={args.run}"] + (["--force"] if args.force else [])
+    with tempfile.TemporaryDirectory() as tmp, start_standin(tmp) as standin:
+        for stage, extra in (("sayself-sample", [*common, f"model.base_url={standin.base_url}"]),
+                             ("sayself-cluster", common),
+                             ("sayself-rationale", [*common, f"rationale.judge.base_url={standin.base_url}"])):
+            code = rlhf([stage, str(RECIPES / f"{stage}.yaml"), *extra])
+            if code:
+                return code
+    for stage, recipe, extra in (("sayself-data", "sayself-data", common),
+                                 ("sft", "sayself-sft", [f"run.name={args.run}-sayself", f"model={models}/tiny-a",
+                                                         f"inputs.dataset.run={args.run}"]
+                                  + (["--force"] if args.force else [])),
+                                 ("sayself-rl", "sayself-rl", sayself_run),
+                                 ("sayself-eval", "sayself-eval", sayself_run)):
         code = rlhf([stage, str(RECIPES / f"{recipe}.yaml"), *extra])
         if code:
             return code
@@ -118,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     _show_judging(Path("data/runs"), args.run)
     _show_training(Path("data/runs"), args.run)
     print(f"R-Tuning: {Path('data/runs') / (args.run + '-rtuning') / 'rtuning-eval' / 'eval.json'}; "
-          f"unknown-eval: {Path('data/runs') / args.run / 'unknown-eval' / 'summary.json'}")
+          f"unknown-eval: {Path('data/runs') / args.run / 'unknown-eval' / 'summary.json'}; "
+          f"SaySelf: {Path('data/runs') / (args.run + '-sayself') / 'sayself-eval' / 'eval.json'}")
     return 0
 
 
