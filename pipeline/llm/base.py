@@ -53,3 +53,20 @@ def make_backend(spec) -> Backend:
 
         return OpenAIBackend(spec)
     raise ValueError(f"unknown backend {spec.backend!r}")
+
+
+def generate_all(backend: Backend, requests: Sequence[GenRequest], what: str) -> list[str]:
+    """Every request's text, in order, then the backend closed; any failure fails the stage
+    (evaluations need every answer: a missing one would change the metric silently)."""
+    from pipeline.runs import StageFailed
+
+    texts: dict[str, str] = {}
+    errors: list[str] = []
+    try:
+        backend.generate(requests, lambda req, res: texts.__setitem__(req.key, res.text),
+                         lambda req, reason: errors.append(reason))
+    finally:
+        backend.close()
+    if errors:
+        raise StageFailed(f"{what}: {len(errors)} of {len(requests)} failed, first: {errors[0]}")
+    return [texts[r.key] for r in requests]

@@ -17,7 +17,7 @@ import math
 from pipeline.config import CritiqueRecipe, ModelSpec
 from pipeline.judge.parse import ParseError, parse_critique
 from pipeline.report import figure
-from pipeline.runs import StageFailed, atomic_write_text
+from pipeline.runs import atomic_write_text
 from pipeline.stages.sft import REPORT, check_inputs, finish, train_stage
 from pipeline.train import MODEL, is_main_process
 
@@ -26,7 +26,7 @@ def generate_critiques(model_dir, messages: list[list[dict]], max_new_tokens: in
                        dtype: str = "float32") -> list[str]:
     """Greedy answers to the user turn(s) of each chat (the assistant turn is left out), from the
     hf backend (batched, left-padded, the model's chat template)."""
-    from pipeline.llm.base import GenRequest
+    from pipeline.llm.base import GenRequest, generate_all
     from pipeline.llm.hf import HFBackend
 
     backend = HFBackend(ModelSpec(name="critique", backend="hf", path=str(model_dir), batch_size=batch_size,
@@ -34,16 +34,7 @@ def generate_critiques(model_dir, messages: list[list[dict]], max_new_tokens: in
     params = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
     requests = [GenRequest(key=str(i), messages=tuple(m for m in chat if m["role"] != "assistant"), params=params)
                 for i, chat in enumerate(messages)]
-    texts: dict[str, str] = {}
-    errors: list[str] = []
-    try:
-        backend.generate(requests, lambda req, res: texts.__setitem__(req.key, res.text),
-                         lambda req, reason: errors.append(reason))
-    finally:
-        backend.close()
-    if errors:
-        raise StageFailed(f"critique: {len(errors)} of {len(requests)} evaluation critiques failed, first: {errors[0]}")
-    return [texts[r.key] for r in requests]
+    return generate_all(backend, requests, "critique: evaluation critiques")
 
 
 def _correlation(fn, xs, ys):

@@ -35,7 +35,7 @@ import time
 
 from pipeline.config import ConfigError, ModelSpec, SayselfEvalRecipe
 from pipeline.metrics import auroc, brier, expected_calibration_error, reliability_bins, reliability_diagram
-from pipeline.runs import StageFailed, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
+from pipeline.runs import atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
 from pipeline.sayself import SAYSELF_INSTRUCTION, item_answer, item_correct, parse_response
 from pipeline.stages.rtuning import load_splits, question_text
 from pipeline.train import model_folder
@@ -74,7 +74,7 @@ def generate(model_dir, items: list[dict], *, max_new_tokens: int, batch_size: i
     """One response per item to `sayself_prompt(item)` from the hf backend; greedy unless a
     temperature is given. A failed batch fails the stage (StageFailed): an evaluation with holes
     would report numbers on a different set of questions."""
-    from pipeline.llm.base import GenRequest
+    from pipeline.llm.base import GenRequest, generate_all
     from pipeline.llm.hf import HFBackend
 
     backend = HFBackend(ModelSpec(name="sayself", backend="hf", path=str(model_dir), batch_size=batch_size,
@@ -83,16 +83,7 @@ def generate(model_dir, items: list[dict], *, max_new_tokens: int, batch_size: i
     if temperature > 0:
         params["seed"] = seed
     requests = [GenRequest(key=str(i), messages=sayself_prompt(item), params=params) for i, item in enumerate(items)]
-    texts: dict[str, str] = {}
-    errors: list[str] = []
-    try:
-        backend.generate(requests, lambda req, res: texts.__setitem__(req.key, res.text),
-                         lambda req, reason: errors.append(reason))
-    finally:
-        backend.close()
-    if errors:
-        raise StageFailed(f"{len(errors)} of {len(requests)} generations failed, first: {errors[0]}")
-    return [texts[r.key] for r in requests]
+    return generate_all(backend, requests, "sayself-eval: generations")
 
 
 def grade(item: dict, text: str) -> dict:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from pipeline.cli import main
 from pipeline.report import figure
 from pipeline.runs import mark_done, write_json
