@@ -1165,19 +1165,25 @@ def format_validation_error(origin: str, err: ValidationError) -> str:
     return f"{origin}: " + "; ".join(unique)
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in `path`; a missing file or bad YAML is a ConfigError naming the file
+    (and the line, where the parser knows it)."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None,
                 check_inputs: bool = True):
     """Read, override, validate. `check_inputs=False` skips the input-files check (used to
     validate every shipped recipe, whose inputs may be produced by earlier stages)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    tree = read_yaml(path, "recipe")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping with a `stage:` key")
     for text in overrides:

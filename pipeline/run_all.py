@@ -22,18 +22,12 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import ConfigError, PipelineFile, format_validation_error, load_recipe
+from pipeline.config import ConfigError, PipelineFile, format_validation_error, load_recipe, read_yaml
 
 
 def load_pipeline(path: str | Path) -> PipelineFile:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+    tree = read_yaml(path, "pipeline")
     if not isinstance(tree, dict) or "stages" not in tree:
         raise ConfigError(f"{path}: a pipeline is a YAML mapping with a `stages:` list of recipes")
     try:

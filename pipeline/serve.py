@@ -14,22 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from pipeline.config import ConfigError, ServeRecipe, format_validation_error
+from pipeline.config import ConfigError, ServeRecipe, format_validation_error, read_yaml
 from pipeline.runs import atomic_write_text, write_json
 
 
 def load(path: str | Path) -> ServeRecipe:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"serve recipe not found: {path}")
+    tree = read_yaml(path, "serve recipe")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
         return ServeRecipe.model_validate(tree if isinstance(tree, dict) else {})
-    except yaml.YAMLError:
-        raise ConfigError(f"{path}: not valid YAML") from None
     except ValidationError as err:
         raise ConfigError(format_validation_error(str(path), err)) from None
 

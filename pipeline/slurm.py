@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import ConfigError, SlurmProfile, dump_recipe, format_validation_error, redact
+from pipeline.config import ConfigError, SlurmProfile, dump_recipe, format_validation_error, read_yaml, redact
 from pipeline.preempt import EXIT_CODE as PREEMPTED_CODE
 from pipeline.runs import atomic_write_text, is_done, shard_dir, stage_dir, write_json
 
@@ -79,11 +79,7 @@ def load_profile(name: str | None, origin: str) -> tuple[Path, SlurmProfile]:
     if path is None:
         raise ConfigError(f"{origin}: launch.profile: no Slurm profile {name!r} "
                           f"(looked for recipes/slurm/{name}.yaml; profiles: {known})")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+    tree = read_yaml(path, "Slurm profile")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a Slurm profile is a YAML mapping (partition: ..., time: ...)")
     try:
