@@ -99,10 +99,15 @@ def is_correct(answer: str | None, gold: list[str]) -> bool:
 
 
 def confidence_target(agreeing: int, total: int) -> int:
-    """Share of chains agreeing with the gold answer mapped linearly onto 1-10 (0 -> 1, 1 -> 10)."""
+    """Share s of chains agreeing with the gold answer as the confidence c in 1-10 whose c/10 is
+    nearest to s (halves round up; s below 0.15 gives 1, the floor of the scale).
+
+    c/10 is what the confidence means everywhere else (the RL reward's p, ECE, Brier), so the
+    target must be the representable probability closest to the share; the linear map 1 + 9s
+    (0 -> 1, 1 -> 10) overstates every share below 1, by up to 0.1 (s = 0.1 -> 2)."""
     if total <= 0 or not 0 <= agreeing <= total:
         raise ValueError(f"need 0 <= agreeing <= total and total > 0, got {agreeing}/{total}")
-    return 1 + round(9 * agreeing / total)
+    return max(1, (20 * agreeing + total) // (2 * total))  # floor(10 s + 1/2) in integers
 
 
 def sayself_reward(text: str, gold: list[str], correctness_weight: float = 0.0, *,

@@ -76,8 +76,8 @@ def test_grading_against_items():
     assert not item_correct("anything", qa_item("t", "Who is Zed Vorn?", "unanswerable"))
 
 
-@pytest.mark.parametrize("agreeing, total, target", [(0, 10, 1), (10, 10, 10), (1, 10, 2), (5, 10, 5),
-                                                     (2, 3, 7), (1, 1, 10)])
+@pytest.mark.parametrize("agreeing, total, target", [(0, 10, 1), (10, 10, 10), (1, 10, 1), (2, 10, 2),
+                                                     (5, 10, 5), (1, 4, 3), (2, 3, 7), (1, 1, 10)])
 def test_confidence_target_maps_the_share_onto_1_to_10(agreeing, total, target):
     assert confidence_target(agreeing, total) == target
 
@@ -145,7 +145,7 @@ def test_summarise_counts_agreement_and_picks_the_largest_correct_cluster():
     assert [(c["answer"], c["size"], c["correct"]) for c in out["clusters"]] == [
         ("Bravonne", 3, False), ("Quellmarsh", 2, True), ("Ostrelby", 1, False)]
     assert out["clusters"][1]["representative"] == row["chains"][1]["text"]
-    assert (out["agreeing"], out["total"], out["confidence"]) == (2, 6, confidence_target(2, 6)) == (2, 6, 4)
+    assert (out["agreeing"], out["total"], out["confidence"]) == (2, 6, confidence_target(2, 6)) == (2, 6, 3)
     assert out["majority_answer"] == "Bravonne"
     assert (out["reasoning"], out["answer"], out["target_source"]) == ("q1", "Quellmarsh", "chain")
 
