@@ -15,19 +15,14 @@ only; that setting is not asserted."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
-
-from pipeline.cli import STAGE_MODULES
-from pipeline.config import STAGE_RECIPES
+from test_sayself_data import stage
 
 
 @pytest.mark.slow
 def test_rtuning_ranks_answers_better_than_vanilla_and_refuses_the_unknowable(tmp_path, tiny_pool, capsys):
-    def run(stage, tree):
-        tree = {"stage": stage, **tree, "run": {"root": str(tmp_path / "runs"), **tree["run"]}}
-        return importlib.import_module(STAGE_MODULES[stage]).run(STAGE_RECIPES[stage].model_validate(tree))
+    def run(name, tree):
+        return stage(tmp_path, name, tree)
 
     def train(steps, lr):
         return {"max_steps": steps, "global_batch_size": 16, "per_device_batch_size": 16, "learning_rate": lr,

@@ -33,8 +33,10 @@ CHOICE = [qa_item("t", q, "choice", choices=c, answer_index=i) for q, c, i in (
 UNANSWERABLE = qa_item("t", "Which instrument does Zorvath Quillane play?", "unanswerable")
 
 
-def stage(tmp_path: Path, name: str, tree: dict, **kwargs):
-    tree = {"stage": name, **tree, "run": {"name": "t", "root": str(tmp_path / "runs"), **tree.get("run", {})}}
+def stage(root: Path, name: str, tree: dict, **kwargs):
+    """Run stage `name` in-process from a recipe tree, under `root`/runs (run name "t" unless the
+    tree names one); the stage tests of SaySelf and the method checks share it."""
+    tree = {"stage": name, **tree, "run": {"name": "t", "root": str(root / "runs"), **tree.get("run", {})}}
     recipe = STAGE_RECIPES[name].model_validate(tree)
     return importlib.import_module(STAGE_MODULES[name]).run(recipe, **kwargs)
 

@@ -28,7 +28,6 @@ Settings come from SS_* environment variables, so `python tests/integration/test
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_sayself_data import stage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,7 +48,8 @@ def knob(name, default):
 def settings() -> dict:
     return {"people": knob("PEOPLE", 80), "seed": knob("SEED", 0), "teach_steps": knob("TEACH_STEPS", 1200),
             "samples": knob("SAMPLES", 10), "temperature": knob("TEMP", 0.3), "sft_steps": knob("SFT_STEPS", 1500),
-            "sft_lr": knob("SFT_LR", 1e-3), "rl_steps": knob("RL_STEPS", 40), "rl_lr": knob("RL_LR", 1e-4), "replay": knob("REPLAY", 1)}
+            "sft_lr": knob("SFT_LR", 1e-3), "rl_steps": knob("RL_STEPS", 40), "rl_lr": knob("RL_LR", 1e-4),
+            "replay": knob("REPLAY", 1)}
 
 
 def experiment(root: Path, model: Path, cfg: dict, log=print) -> dict:
@@ -56,17 +57,14 @@ def experiment(root: Path, model: Path, cfg: dict, log=print) -> dict:
     stated confidence and ECE}."""
     from datasets import Dataset, DatasetDict, load_from_disk
 
-    from pipeline.cli import STAGE_MODULES
-    from pipeline.config import STAGE_RECIPES
     from pipeline.metrics import expected_calibration_error
     from pipeline.sayself import CHAIN_INSTRUCTION, SAYSELF_INSTRUCTION
     from pipeline.standin import start_standin
 
     runs = root / "runs"
 
-    def run(stage, tree):
-        tree = {"stage": stage, **tree, "run": {"root": str(runs), **tree["run"]}}
-        return importlib.import_module(STAGE_MODULES[stage]).run(STAGE_RECIPES[stage].model_validate(tree))
+    def run(name, tree):
+        return stage(root, name, tree)
 
     def train(steps, lr, max_length, batch=16):
         return {"max_steps": steps, "global_batch_size": batch, "per_device_batch_size": batch, "learning_rate": lr,
@@ -112,8 +110,8 @@ def experiment(root: Path, model: Path, cfg: dict, log=print) -> dict:
     results, arms = {}, {"constant": ("constant", "sft"), "sayself": ("full", "sft")}
     if cfg["rl_steps"]:
         arms["sayself-rl"] = ("full", "sayself-rl")
-    for arm, (variant, stage) in arms.items():
-        if stage == "sft":
+    for arm, (variant, trainer) in arms.items():
+        if trainer == "sft":
             run("sayself-data", {"run": {"name": arm}, "inputs": {"dataset": {"stage": "sayself-rationale",
                                                                            "run": "world"}},
                                  "sayself": {"variant": variant}})
@@ -131,7 +129,7 @@ def experiment(root: Path, model: Path, cfg: dict, log=print) -> dict:
                                "sayself": {"num_generations": 8, "temperature": 1.0, "max_completion_length": 96,
                                            "beta": 0.04, "eval_questions": 32, "eval_batch_size": 32},
                                "train": {**train(cfg["rl_steps"], cfg["rl_lr"], 256, batch=32), "logging_steps": 10}})
-        report = run("sayself-eval", {"run": {"name": arm}, "model": {"stage": stage},
+        report = run("sayself-eval", {"run": {"name": arm}, "model": {"stage": trainer},
                                       "inputs": {"items": items, "splits": ["test_id"]},
                                       "sayself": {"max_new_tokens": 128, "batch_size": 64}})
         rows = load_from_disk(str(runs / arm / "sayself-eval" / "predictions"))["test_id"]

@@ -11,7 +11,6 @@ R = 1 - 2(1 - p)^2 wants it up.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import shutil
@@ -21,13 +20,14 @@ import pytest
 from datasets import Dataset, DatasetDict, load_from_disk
 from pydantic import ValidationError
 
-from pipeline.cli import STAGE_MODULES, main as rlhf
+from pipeline.cli import main as rlhf
 from pipeline.config import STAGE_RECIPES, ConfigError, load_recipe
 from pipeline.records import QA_FEATURES, qa_item
 from pipeline.sayself import SAYSELF_INSTRUCTION, format_response
 from pipeline.stages.rtuning import question_text
 from pipeline.stages.sayself_eval import grade, group_metrics, sayself_prompt, split_metrics, table
 from pipeline.stages.sayself_rl import item_reward, reward_function, score
+from test_sayself_data import stage
 
 NAMES = ["Fio", "Brae", "Kel", "Ama", "Tor", "Lin", "Osk", "Ren", "Suz", "Vel", "Wyn", "Yul", "Zed", "Pim", "Quo",
          "Hal"]
@@ -36,11 +36,6 @@ NEVER = "Xquorvantle"  # a gold answer the taught model never writes
 
 def questions(gold: str, dataset: str = "w", names=NAMES) -> list[dict]:
     return [qa_item(dataset, f"Which city was {n} born in?", "open", answers=[gold]) for n in names]
-
-
-def stage(root: Path, name: str, tree: dict):
-    tree = {"stage": name, **tree, "run": {"name": "t", "root": str(root / "runs"), **tree.get("run", {})}}
-    return importlib.import_module(STAGE_MODULES[name]).run(STAGE_RECIPES[name].model_validate(tree))
 
 
 def save(folder: Path, splits: dict[str, list[dict]]) -> str:
