@@ -25,17 +25,26 @@ def pairs(n: int, offset: int = 0) -> list[dict]:
     return rows
 
 
-def test_reward_trains_on_two_processes_with_accelerate(tmp_path, tiny_pool):
-    DatasetDict({"train_prefs": Dataset.from_list(pairs(32)), "test_prefs": Dataset.from_list(pairs(8, 100))}
+def reward_recipe(tmp_path: Path, model: Path, name: str, train_rows: list[dict], test_rows: list[dict], *,
+                  launch: dict | None = None, **train) -> Path:
+    """Save the pairs to `tmp_path`/pairs and write `tmp_path`/reward.yaml, a reward recipe of run
+    `name` on them (3 steps of 8 pairs unless `train` says otherwise); return the YAML's path."""
+    DatasetDict({"train_prefs": Dataset.from_list(train_rows), "test_prefs": Dataset.from_list(test_rows)}
                 ).save_to_disk(str(tmp_path / "pairs"))
     recipe = {
-        "stage": "reward", "run": {"name": "ddp", "root": str(tmp_path / "runs")}, "model": str(tiny_pool[0]),
+        "stage": "reward", "run": {"name": name, "root": str(tmp_path / "runs")}, "model": str(model),
         "train": {"max_steps": 3, "global_batch_size": 8, "per_device_batch_size": 4, "learning_rate": 1e-3,
-                  "max_length": 64, "report_to": [], "logging_steps": 1, "save_steps": 100},
+                  "max_length": 64, "report_to": [], "logging_steps": 1, "save_steps": 100, **train},
         "reward": {"sources": [{"name": "t", "dataset": str(tmp_path / "pairs")}]},
+        **({"launch": launch} if launch else {}),
     }
     path = tmp_path / "reward.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_reward_trains_on_two_processes_with_accelerate(tmp_path, tiny_pool):
+    path = reward_recipe(tmp_path, tiny_pool[0], "ddp", pairs(32), pairs(8, 100))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "RLHF_LOG": "WARNING"}
     accelerate = Path(sys.executable).with_name("accelerate")

@@ -12,12 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-from datasets import Dataset, DatasetDict
-
 from pipeline.cli import main as rlhf
 from pipeline.preempt import EXIT_CODE, FLAG_ENV
 
+from test_distributed import reward_recipe
 from test_generate import _ledger_ok_keys, stage_path, standin_model, write_prompts, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,16 +52,7 @@ def test_a_training_stage_checkpoints_stops_and_resumes(tmp_path, tiny_pool, mon
              "chosen": [{"role": "assistant", "content": f"A careful answer to question {i}."}],
              "rejected": [{"role": "assistant", "content": "Whatever."}], "margin": 0.3, "source": "t"}
             for i in range(24)]
-    DatasetDict({"train_prefs": Dataset.from_list(rows[:20]), "test_prefs": Dataset.from_list(rows[20:])}
-                ).save_to_disk(str(tmp_path / "pairs"))
-    recipe = {
-        "stage": "reward", "run": {"name": "p", "root": str(tmp_path / "runs")}, "model": str(tiny_pool[0]),
-        "train": {"max_steps": 6, "global_batch_size": 4, "per_device_batch_size": 4, "learning_rate": 1e-3,
-                  "max_length": 64, "report_to": [], "logging_steps": 1, "save_steps": 100},
-        "reward": {"sources": [{"name": "t", "dataset": str(tmp_path / "pairs")}]},
-    }
-    path = tmp_path / "reward.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = reward_recipe(tmp_path, tiny_pool[0], "p", rows[:20], rows[20:], max_steps=6, global_batch_size=4)
     flag = tmp_path / "flag"
     flag.touch()  # as the batch script does on USR1, before the stage polls it
     monkeypatch.setenv(FLAG_ENV, str(flag))

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from datasets import Dataset, DatasetDict, load_from_disk
+from datasets import load_from_disk
 
 from pipeline.cli import main as rlhf
 from pipeline.slurm import job_records, job_states, submissions
 
-from test_distributed import pairs
+from test_distributed import pairs, reward_recipe
 from test_generate import _ledger_ok_keys, stage_path, standin_model, write_prompts, write_recipe
 
 pytestmark = pytest.mark.slurm
@@ -216,17 +216,9 @@ def test_a_failed_stage_cancels_the_next_and_status_says_why(tmp_path, slurm_clu
 
 
 def test_reward_on_one_node_with_two_ranks_under_srun_and_accelerate(tmp_path, slurm_cluster, tiny_pool):
-    DatasetDict({"train_prefs": Dataset.from_list(pairs(32)), "test_prefs": Dataset.from_list(pairs(8, 100))}
-                ).save_to_disk(str(tmp_path / "pairs"))
-    recipe = {
-        "stage": "reward", "run": {"name": "t", "root": str(tmp_path / "runs")}, "model": str(tiny_pool[0]),
-        "train": {"max_steps": 3, "global_batch_size": 8, "per_device_batch_size": 4, "learning_rate": 1e-3,
-                  "max_length": 64, "report_to": [], "logging_steps": 1, "save_steps": 100},
-        "reward": {"sources": [{"name": "t", "dataset": str(tmp_path / "pairs")}]},
-        "launch": {"launcher": "slurm", "profile": "local", "processes_per_node": 2, "accelerate": "ddp"},
-    }
-    path = tmp_path / "reward.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = reward_recipe(tmp_path, tiny_pool[0], "t", pairs(32), pairs(8, 100),
+                         launch={"launcher": "slurm", "profile": "local", "processes_per_node": 2,
+                                 "accelerate": "ddp"})
     assert rlhf(["reward", str(path)]) == 0
     stage, root = tmp_path / "runs" / "t" / "reward", tmp_path / "runs"
     script = (stage / "slurm" / "train.sbatch").read_text()

@@ -11,8 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-from datasets import Dataset, DatasetDict
+from test_distributed import reward_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,16 +21,8 @@ def test_reward_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path, tiny_p
              "chosen": [{"role": "assistant", "content": f"A careful answer to question {i}."}],
              "rejected": [{"role": "assistant", "content": "Whatever."}], "margin": 0.3, "source": "t"}
             for i in range(40)]
-    DatasetDict({"train_prefs": Dataset.from_list(rows[:32]), "test_prefs": Dataset.from_list(rows[32:])}
-                ).save_to_disk(str(tmp_path / "pairs"))
-    recipe = {
-        "stage": "reward", "run": {"name": "kill", "root": str(tmp_path / "runs")}, "model": str(tiny_pool[0]),
-        "train": {"max_steps": 40, "global_batch_size": 4, "per_device_batch_size": 4, "learning_rate": 1e-3,
-                  "max_length": 64, "report_to": [], "logging_steps": 1, "save_steps": 2, "save_total_limit": 2},
-        "reward": {"sources": [{"name": "t", "dataset": str(tmp_path / "pairs")}]},
-    }
-    path = tmp_path / "reward.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = reward_recipe(tmp_path, tiny_pool[0], "kill", rows[:32], rows[32:], max_steps=40, global_batch_size=4,
+                         save_steps=2, save_total_limit=2)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "RLHF_LOG": "WARNING"}
     cmd = [sys.executable, "-m", "pipeline", "reward", str(path)]
     checkpoints = tmp_path / "runs" / "kill" / "reward" / "checkpoints"
