@@ -141,7 +141,7 @@ serve: $(STAMP)  ## submit vLLM servers for a pool or judge (RECIPE=recipes/slur
 	$(PY) -m pipeline serve $(or $(RECIPE),recipes/slurm/serve/ultrafeedback-pool.yaml) $(ARGS)
 
 slurm-local: $(STAMP)  ## start a one-node Slurm here to try LAUNCHER=slurm PROFILE=local (root; apt-installs slurm-wlm + munge)
-	$(PY) -m pipeline.slurm_local up
+	$(PY) -m pipeline.launch.slurm_local up
 
 clean-demo:  ## delete the outputs of run RUN (data/runs/$(RUN))
 	rm -rf data/runs/$(RUN)

@@ -1,12 +1,12 @@
 """`rlhf <stage> RECIPE [key=value ...]`: the one entry point (also `python -m pipeline`).
 
 Also `rlhf validate`, `rlhf status RUN`, `rlhf report RUN ...` (pipeline/run_report.py),
-`rlhf all PIPELINE` (pipeline/run_all.py) and `rlhf serve` (pipeline/serve.py). With
-`launch.launcher=slurm` a stage is submitted (pipeline/slurm.py), not run.
+`rlhf all PIPELINE` (pipeline/launch/chain.py) and `rlhf serve` (pipeline/launch/serve.py). With
+`launch.launcher=slurm` a stage is submitted (pipeline/launch/slurm.py), not run.
 
 Exit codes: 0 done (or skipped: already done, or submitted), 1 the stage ran and failed (too many
 failed requests, say), 2 bad input (recipe, data files, options), 75 stopped inside a Slurm job
-to be requeued (pipeline/preempt.py), 130 interrupted.
+to be requeued (pipeline/launch/preempt.py), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def _run_stage(args) -> int:
             from pipeline.train import CHECKPOINTS
 
             shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
-    from pipeline import preempt, slurm
+    from pipeline.launch import preempt, slurm
 
     kind = "sharded" if sharded else "training" if args.command in TRAINING_STAGES else "data"
     slurm.check_launch(recipe, args.recipe, kind, TRAINING_STAGES)
@@ -138,7 +138,7 @@ def _run_stage(args) -> int:
                            merge_only=getattr(args, "merge", False), retry=retry)
         return 0
     preempt.install(training=kind == "training")
-    from pipeline.serve import resolve_url_files
+    from pipeline.launch.serve import resolve_url_files
 
     resolve_url_files(recipe)  # base_url_file -> base_url, now that the stage starts
     import datasets
@@ -162,7 +162,7 @@ def _validate(args) -> int:
     bad = 0
     for recipe in args.recipes:
         try:
-            from pipeline import run_all
+            from pipeline.launch import chain as run_all
 
             if run_all.is_pipeline_file(recipe):  # a pipeline: each of its stage recipes
                 run_all.validate(recipe, check_inputs=not args.no_inputs)
@@ -191,13 +191,13 @@ def _report(args) -> int:
 
 
 def _serve(args) -> int:
-    from pipeline import serve
+    from pipeline.launch import serve
 
     return serve.main(args.recipe, dry_run=args.dry_run)
 
 
 def _all(args) -> int:
-    from pipeline import run_all
+    from pipeline.launch import chain as run_all
 
     return run_all.run(args.pipeline, args.overrides, launcher=args.launcher, profile=args.profile)
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     assert set(STAGE_MODULES) <= set(STAGE_RECIPES)
-    from pipeline.preempt import EXIT_CODE, Preempted
+    from pipeline.launch.preempt import EXIT_CODE, Preempted
     from pipeline.runs import StageFailed
 
     try:

@@ -295,7 +295,7 @@ class GenerationSection(Strict):
             raise ValueError(
                 f"models_per_prompt={self.models_per_prompt} but the pool has {len(self.pool)} models"
             )
-        from pipeline.principles import validate_mix
+        from pipeline.methods.principles import validate_mix
 
         for source, mix in self.principle_mix.items():
             try:

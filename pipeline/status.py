@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline import slurm
+from pipeline.launch import slurm
 from pipeline.ledger import outcomes
 from pipeline.runs import SUCCESS, is_done
 

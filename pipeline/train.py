@@ -156,7 +156,7 @@ def train_or_resume(trainer, resume: str | None) -> tuple[int, float | None]:
     reached max_steps (a run killed between its last save and `_SUCCESS`), so such a checkpoint
     is loaded instead of trained from.
 
-    Inside a Slurm job a preemption request (pipeline.preempt) saves a checkpoint, stops
+    Inside a Slurm job a preemption request (pipeline.launch.preempt) saves a checkpoint, stops
     training and raises `Preempted`, so the stage is not marked done and the job requeues.
     """
     import json
@@ -167,7 +167,7 @@ def train_or_resume(trainer, resume: str | None) -> tuple[int, float | None]:
             trainer._load_from_checkpoint(resume)
             trainer.state.global_step = state["global_step"]
             return state["global_step"], None
-    from pipeline import preempt
+    from pipeline.launch import preempt
 
     resumed_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0
     stopper = preempt.trainer_callback() if preempt.active() else None  # inside a Slurm job

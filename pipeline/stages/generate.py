@@ -8,7 +8,7 @@ launcher computes the same one:
   ties broken at random; every model therefore gets an equal share of completions (+-1), and
   the pairs of models that meet vary;
 - principles: per source, the completions are split over principles by largest remainder on the
-  source's mix (recipe `generation.principle_mix`, else `pipeline.principles` defaults), then
+  source's mix (recipe `generation.principle_mix`, else `pipeline.methods.principles` defaults), then
   shuffled; a principle's text variant is drawn at random;
 - each completion gets its own sampling seed, derived from the recipe seed, prompt and model.
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, GenerateRecipe
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, GenResult, make_backend
-from pipeline.principles import (DEFAULT_PRINCIPLE_MIX, FALLBACK_PRINCIPLE_MIX, PRINCIPLE_PROMPTS,
+from pipeline.methods.principles import (DEFAULT_PRINCIPLE_MIX, FALLBACK_PRINCIPLE_MIX, PRINCIPLE_PROMPTS,
                                  PRINCIPLES_VERSION)
 from pipeline.records import COMPLETION_SET_FEATURES, unannotated_completion
 from pipeline.runs import (DATASET, StageFailed, atomic_dir, atomic_write_text, clear_done, is_done, mark_done,

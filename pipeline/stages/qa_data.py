@@ -1,14 +1,14 @@
 """Stage `qa-data`: QA items for R-Tuning, UnknownBench and SaySelf, in four splits.
 
 Reads each source in `inputs.sources` (a local JSONL, parquet file or `datasets` folder in one of
-the `pipeline.qa` formats: pararel, mmlu, hotpotqa, fever, wice, falseqa, nec, selfaware, qa) and
+the `pipeline.formats.qa` formats: pararel, mmlu, hotpotqa, fever, wice, falseqa, nec, selfaware, qa) and
 maps its rows to QA items (`pipeline.records.QA_FEATURES`); a bad row stops the stage before
 anything is written, naming file:line and the field. Per source, in order: keep `domains` (drop
 `exclude_domains`), keep `kinds`, then a seeded `sample`. The unanswerable sets are kept whole
 unless `kinds` says otherwise: their answerable controls (FalseQA label 0, SelfAware answerable)
 stay as open items, since UnknownBench compares refusals on both halves. Each source's items go to the split its `role` names.
 Optionally, a `factworld` section adds a synthetic world of invented people
-(`pipeline.factworld`): in-domain questions with entities divided between train and test_id,
+(`pipeline.methods.factworld`): in-domain questions with entities divided between train and test_id,
 `ood_attributes` in test_ood, questions about non-existent people in unanswerable.
 
 Within a split an item whose qid is already there (same dataset, question and context) is
@@ -33,9 +33,9 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from pipeline import factworld as fw
+from pipeline.methods import factworld as fw
 from pipeline.config import ConfigError, QaDataRecipe, QaSourceSpec
-from pipeline.qa import load_items
+from pipeline.formats.qa import load_items
 from pipeline.records import QA_FEATURES
 from pipeline.runs import DATASET, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
 

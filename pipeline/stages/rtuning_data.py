@@ -27,7 +27,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from pipeline.config import ConfigError, RtuningDataRecipe
 from pipeline.runs import (DATASET, atomic_dir, clear_done, mark_done, resolve_input, save_config, stage_dir,
                            write_json)
-from pipeline.stages.rtuning import (PROBE_QUESTION, REFUSALS, SURE, UNSURE, QAModel, check_item, entropy,
+from pipeline.methods.rtuning import (PROBE_QUESTION, REFUSALS, SURE, UNSURE, QAModel, check_item, entropy,
                                      gold_answer, question_text)
 from pipeline.train import model_folder
 

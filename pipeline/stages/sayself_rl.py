@@ -7,7 +7,7 @@ items have no gold answer to grade and are skipped (counted). Each question is o
 prompt, the sayself-data user turn: `question_text(item)` + a blank line + `SAYSELF_INSTRUCTION`.
 Prompts longer than `train.max_length - sayself.max_completion_length` tokens are dropped (counted).
 
-Reward of a completion, `pipeline.sayself.sayself_reward`: R = 1 - 2 (c - p)^2 with c the
+Reward of a completion, `pipeline.methods.sayself.sayself_reward`: R = 1 - 2 (c - p)^2 with c the
 correctness (gold substring; for a choice item the option it names, `item_correct`) and
 p = confidence / 10, -1 when no confidence can be read, plus `sayself.correctness_weight` x c
 (0 in the paper: its reward is proper but indifferent to being right). TRL passes the dataset's
@@ -48,8 +48,8 @@ from pathlib import Path
 from pipeline.config import ConfigError, SayselfRlRecipe
 from pipeline.report import figure
 from pipeline.runs import clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.sayself import item_correct, parse_answer, parse_confidence, sayself_reward
-from pipeline.stages.rtuning import load_splits
+from pipeline.methods.sayself import item_correct, parse_answer, parse_confidence, sayself_reward
+from pipeline.methods.rtuning import load_splits
 from pipeline.stages.sayself_eval import generate, load_tokenizer, resolve_dtype, sayself_prompt
 from pipeline.train import (MODEL, is_main_process, last_checkpoint, lora_config, model_folder, precision,
                             save_model, train_or_resume, trl_config)

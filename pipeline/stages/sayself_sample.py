@@ -6,17 +6,17 @@ with, so they are skipped and counted. `model` is any ModelSpec: a local `hf` mo
 behind an OpenAI-compatible API (`openai`).
 
 Each question is asked `sayself.samples` times, as one user turn: `question_text(item)` (context,
-question, lettered options for choice items) + a blank line + `pipeline.sayself.CHAIN_INSTRUCTION`,
+question, lettered options for choice items) + a blank line + `pipeline.methods.sayself.CHAIN_INSTRUCTION`,
 at `sayself.temperature`. Every chain is its own ledgered request: chain j of a question gets the
 sampling seed `base + j` (base drawn from `sayself.seed` and the qid), so the N chains have N
 distinct keys and a rerun (or a kill and rerun) sends only the chains the ledger lacks. Failed
 requests go to the ledger with their reason; `--retry-failed` sends them again; the stage fails
 when they pass `sayself.max_failure_fraction`.
 
-The final answer of a chain is `pipeline.sayself.parse_answer`; for a choice item an option
+The final answer of a chain is `pipeline.methods.sayself.parse_answer`; for a choice item an option
 letter or the option's text both count (`item_answer`: stored as the letter). A chain without a
 parsable answer is counted (per question and in total) and left out, never kept as an empty
-answer. `correct` is `pipeline.sayself.item_correct` (gold substring; the right letter).
+answer. `correct` is `pipeline.methods.sayself.item_correct` (gold substring; the right letter).
 
 Output (`data/runs/<run>/sayself-sample/`): `dataset/` (DatasetDict, split `train`: the item's QA
 columns + `chains` [{text, answer, correct}] + `asked`, `unparsable`, `failed` (counts of this
@@ -37,8 +37,8 @@ from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, GenResult, make_backend
 from pipeline.runs import (DATASET, StageFailed, atomic_dir, atomic_write_text, clear_done, mark_done,
                            resolve_input, save_config, stage_dir, write_json)
-from pipeline.sayself import CHAIN_INSTRUCTION, item_answer, item_correct, parse_answer
-from pipeline.stages.rtuning import check_item, question_text
+from pipeline.methods.sayself import CHAIN_INSTRUCTION, item_answer, item_correct, parse_answer
+from pipeline.methods.rtuning import check_item, question_text
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from pipeline.config import ConfigError, UnknownEvalRecipe
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, GenResult, make_backend
 from pipeline.records import QA_KINDS
-from pipeline.refusal import detect_refusal
+from pipeline.methods.refusal import detect_refusal
 from pipeline.report import figure
 from pipeline.runs import (StageFailed, atomic_write_text, clear_done, mark_done, resolve_input, save_config,
                            stage_dir, write_json)

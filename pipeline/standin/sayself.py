@@ -7,13 +7,13 @@ Rationale request (`sayself-rationale`; template pipeline/judge/templates/saysel
     read            the answer blocks between "[[ANSWER n NONCE]]" and "[[END n NONCE]]", the nonce
                     taken from the last marker before the final "## How to answer" heading (so text
                     inside a block cannot move the blocks' boundaries); each block's answer is
-                    its "Answer:" line (pipeline.sayself.parse_answer), else its last line.
+                    its "Answer:" line (pipeline.methods.sayself.parse_answer), else its last line.
     answer          "I am not sure whether the answer is A or B[ or C]; I do not reliably remember
                     the fact that decides between them." with the distinct answers (normalised,
                     first three, in block order); one distinct answer: "I am not sure that my
                     reasoning towards A holds; ...". A prompt it cannot read gets generated text.
 
-Chain request (`sayself-sample`: a user message ending in pipeline.sayself.CHAIN_INSTRUCTION)
+Chain request (`sayself-sample`: a user message ending in pipeline.methods.sayself.CHAIN_INSTRUCTION)
     candidates      the option letters when the message lists options ("A. ..." lines), else up
                     to four content words of the question (the stand-in knows no facts, so its
                     open answers are practically always wrong).
@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from pipeline.sayself import CHAIN_INSTRUCTION, normalise_answer, parse_answer
+from pipeline.methods.sayself import CHAIN_INSTRUCTION, normalise_answer, parse_answer
 from pipeline.standin.rating import content_words
 from pipeline.standin.textgen import message_text, model_quality
 

@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, RtuningDataRecipe, RtuningEvalRecipe, R
     RtuningProbeRecipe, SftRecipe
 from pipeline.records import QA_FEATURES, qa_item
 from pipeline.stages import rtuning_data, rtuning_eval, rtuning_probe, sft
-from pipeline.stages.rtuning import PROBE_QUESTION, REFUSALS, SURE, UNSURE, QAModel
+from pipeline.methods.rtuning import PROBE_QUESTION, REFUSALS, SURE, UNSURE, QAModel
 
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?", "What colour is snow?",
              "Who wrote the play about the Danish prince?", "Which planet is the largest?",
@@ -139,7 +139,7 @@ def test_r_tuning_u_marks_the_highest_entropy_fraction(world, probed, monkeypatc
 
 
 def test_r_tuning_u_samples_for_real(world, probed):
-    from pipeline.stages.rtuning import QAModel as Real
+    from pipeline.methods.rtuning import QAModel as Real
 
     qa = Real(world["model"], RtuningModelSection(batch_size=4, max_new_tokens=4))
     samples = qa.sample(world["items"], 3, 0.7, seed=1)
@@ -226,8 +226,8 @@ def test_r_tuning_u_needs_a_model(tmp_path):
 
 def test_every_r_tuning_r_refusal_is_read_as_a_refusal():
     # The phrases R-Tuning-R trains on must count as refusals when the tuned model says them.
-    from pipeline.refusal import detect_refusal
-    from pipeline.stages.rtuning import REFUSALS
+    from pipeline.methods.refusal import detect_refusal
+    from pipeline.methods.rtuning import REFUSALS
 
     assert all(detect_refusal(phrase) for phrase in REFUSALS)
     assert detect_refusal("Quellmarsh") is None

@@ -19,8 +19,8 @@ from pipeline.cli import STAGE_MODULES, main as rlhf
 from pipeline.config import STAGE_RECIPES, ConfigError
 from pipeline.records import QA_FEATURES, qa_item
 from pipeline.runs import StageFailed
-from pipeline.sayself import SAYSELF_INSTRUCTION, confidence_target, parse_response
-from pipeline.stages.rtuning import question_text
+from pipeline.methods.sayself import SAYSELF_INSTRUCTION, confidence_target, parse_response
+from pipeline.methods.rtuning import question_text
 from pipeline.stages.sayself_cluster import by_answer, summarise
 from pipeline.stages.sayself_rationale import FIXED_SURE, FIXED_UNSURE
 

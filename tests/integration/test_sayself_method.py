@@ -57,8 +57,8 @@ def experiment(root: Path, model: Path, cfg: dict, log=print) -> dict:
     stated confidence and ECE}."""
     from datasets import Dataset, DatasetDict, load_from_disk
 
-    from pipeline.metrics import expected_calibration_error
-    from pipeline.sayself import CHAIN_INSTRUCTION, SAYSELF_INSTRUCTION
+    from pipeline.methods.metrics import expected_calibration_error
+    from pipeline.methods.sayself import CHAIN_INSTRUCTION, SAYSELF_INSTRUCTION
     from pipeline.standin import start_standin
 
     runs = root / "runs"

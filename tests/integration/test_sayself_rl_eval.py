@@ -23,8 +23,8 @@ from pydantic import ValidationError
 from pipeline.cli import main as rlhf
 from pipeline.config import STAGE_RECIPES, ConfigError, load_recipe
 from pipeline.records import QA_FEATURES, qa_item
-from pipeline.sayself import SAYSELF_INSTRUCTION, format_response
-from pipeline.stages.rtuning import question_text
+from pipeline.methods.sayself import SAYSELF_INSTRUCTION, format_response
+from pipeline.methods.rtuning import question_text
 from pipeline.stages.sayself_eval import grade, group_metrics, sayself_prompt, split_metrics, table
 from pipeline.stages.sayself_rl import item_reward, reward_function, score
 from test_sayself_data import stage

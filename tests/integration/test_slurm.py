@@ -1,5 +1,5 @@
 """The Slurm launcher on a real one-node Slurm (Debian's slurm-wlm + munge, started for this
-session by pipeline.slurm_local; installed with apt-get when missing, which needs root).
+session by pipeline.launch.slurm_local; installed with apt-get when missing, which needs root).
 
 generate as a 4-task array + merge equals a local run; a cancelled array task is all that runs
 again when the stage is resubmitted; a failed stage cancels the stage chained after it and
@@ -20,7 +20,7 @@ import yaml
 from datasets import load_from_disk
 
 from pipeline.cli import main as rlhf
-from pipeline.slurm import job_records, job_states, submissions
+from pipeline.launch.slurm import job_records, job_states, submissions
 
 from test_distributed import pairs, reward_recipe
 from test_generate import _ledger_ok_keys, stage_path, standin_model, write_prompts, write_recipe
@@ -33,7 +33,7 @@ SECRET = "sk-slurmtest-0123456789abcdef"
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    from pipeline import slurm_local
+    from pipeline.launch import slurm_local
 
     reason = slurm_local.unavailable()
     if reason:

@@ -13,7 +13,7 @@ from datasets import Dataset, DatasetDict
 from pipeline.cli import main as rlhf
 from pipeline.config import ConfigError, load_recipe
 from pipeline.records import QA_FEATURES, qa_item
-from pipeline import refusal
+from pipeline.methods import refusal
 from pipeline.stages import unknown_eval
 from pipeline.stages.unknown_eval import detect_refusal, is_correct, parse_confidence
 

@@ -1,10 +1,10 @@
-"""pipeline.metrics on fixed inputs whose values are worked out by hand."""
+"""pipeline.methods.metrics on fixed inputs whose values are worked out by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.metrics import auroc, average_precision, brier, expected_calibration_error, reliability_bins
+from pipeline.methods.metrics import auroc, average_precision, brier, expected_calibration_error, reliability_bins
 
 
 def test_ece_by_hand():

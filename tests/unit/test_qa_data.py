@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import factworld as fw
+from pipeline.methods import factworld as fw
 from pipeline.config import QA_FORMATS, ConfigError, QaDataRecipe, load_recipe
-from pipeline.qa import load_items
+from pipeline.formats.qa import load_items
 from pipeline.records import QA_FEATURES
 
 ROOT = Path(__file__).resolve().parents[2]

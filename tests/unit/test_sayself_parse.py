@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.records import qa_item
-from pipeline.sayself import (CHAIN_INSTRUCTION, choice_letter, confidence_target, format_response, is_correct,
+from pipeline.methods.sayself import (CHAIN_INSTRUCTION, choice_letter, confidence_target, format_response, is_correct,
                               item_answer, item_correct, normalise_answer, parse_answer, parse_confidence,
                               parse_response, sayself_reward)
 from pipeline.stages.sayself_cluster import GOLD_REASONING, by_answer, greedy_clusters, majority_answer, summarise

@@ -13,7 +13,7 @@ import yaml
 from pipeline.cli import TRAINING_STAGES
 from pipeline.cli import main as rlhf
 from pipeline.config import ConfigError, load_recipe
-from pipeline.slurm import load_profile, prepare_stage, render_stage
+from pipeline.launch.slurm import load_profile, prepare_stage, render_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "sk-unittest-0123456789abcdef"
@@ -235,7 +235,7 @@ def test_vllm_server_jobs_render_and_publish_their_urls(tmp_path, monkeypatch, c
     assert "not submitted" in capsys.readouterr().out
 
     # A pool entry naming the URL file gets the URL when its stage starts, not before.
-    from pipeline.serve import resolve_url_files
+    from pipeline.launch.serve import resolve_url_files
 
     recipe = load_recipe(generate_recipe(tmp_path), ["generation.pool[0].base_url=null",
                                                      f"generation.pool[0].base_url_file={tmp_path / 'servers' / 'vicuna-33b.url'}"],

@@ -82,7 +82,7 @@ def run(path: str, overrides: list[str], launcher: str = "local", profile: str |
                 return code
         return 0
 
-    from pipeline import slurm
+    from pipeline.launch import slurm
 
     plans = [None if done else slurm.prepare_stage(recipe, step.recipe, _kind(recipe.stage), TRAINING_STAGES)
              for step, recipe, done in steps]  # every check and script before the first sbatch

@@ -21,7 +21,7 @@ Every job runs `python -m pipeline <stage> slurm/recipe.yaml launch.launcher=loc
 stage is imported by name, nothing is pickled. A later job waits on an earlier one with
 `--dependency=afterok:<id> --kill-on-invalid-dep=yes`, so a failure cancels what depends on it
 (state CANCELLED, reason DependencyNeverSatisfied) instead of leaving it queued for ever.
-Preemption: see pipeline/preempt.py and the template (pipeline/templates/slurm/job.sh.jinja).
+Preemption: see pipeline/launch/preempt.py and the template (pipeline/launch/templates/slurm/job.sh.jinja).
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.config import ConfigError, SlurmProfile, dump_recipe, format_validation_error, read_yaml, redact
-from pipeline.preempt import EXIT_CODE as PREEMPTED_CODE
+from pipeline.launch.preempt import EXIT_CODE as PREEMPTED_CODE
 from pipeline.runs import atomic_write_text, is_done, shard_dir, stage_dir, write_json
 
 SLURM_DIR = "slurm"
 JOBS = "jobs.json"
 STATE = "state"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "slurm"
 # Squeue states in which a job may still run; anything else is over.
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -232,7 +232,7 @@ def _training_command(recipe, origin: str, profile: SlurmProfile, recipe_file: P
 
 
 def render_template(template: str, origin: str, **values) -> str:
-    """A script from pipeline/templates/slurm/; one holding anything secret-looking is refused."""
+    """A script from pipeline/launch/templates/slurm/; one holding anything secret-looking is refused."""
     text = _environment().get_template(template).render(**values)
     if redact(text) != text:
         raise ConfigError(f"{origin}: a rendered Slurm script would hold a secret-looking value (check the "

@@ -31,7 +31,7 @@ def load(path: str | Path) -> ServeRecipe:
 
 def render(recipe: ServeRecipe, origin: str) -> dict[str, str]:
     """{model name: sbatch script}."""
-    from pipeline import slurm
+    from pipeline.launch import slurm
 
     profile_path, profile = slurm.load_profile(recipe.profile, origin)
     names = [m.name for m in recipe.models]
@@ -81,7 +81,7 @@ def resolve_url_files(recipe) -> None:
 
 
 def main(path: str, dry_run: bool = False) -> int:
-    from pipeline import slurm
+    from pipeline.launch import slurm
 
     recipe = load(path)
     scripts = render(recipe, path)

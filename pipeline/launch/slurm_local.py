@@ -1,7 +1,7 @@
 """A one-node Slurm cluster on this machine: for the tests, and for trying the Slurm launcher.
 
-    python -m pipeline.slurm_local up [FOLDER]    # prints `export SLURM_CONF=...`
-    python -m pipeline.slurm_local down FOLDER
+    python -m pipeline.launch.slurm_local up [FOLDER]    # prints `export SLURM_CONF=...`
+    python -m pipeline.launch.slurm_local down FOLDER
 
 Needs root (the daemons run as root) and Debian's `slurm-wlm` and `munge`; `ensure_installed()`
 installs them with apt-get when they are missing. Everything else lives in one folder: the munge
@@ -129,7 +129,7 @@ def _free_port() -> int:
 
 def _config(folder: Path, host: str, cpus: int, munge_socket: Path) -> str:
     return "\n".join([
-        "# One-node cluster written by pipeline/slurm_local.py (see its docstring for why each line)",
+        "# One-node cluster written by pipeline/launch/slurm_local.py (see its docstring for why each line)",
         "ClusterName=rlhf-local",
         f"SlurmctldHost={host}(127.0.0.1)",
         f"SlurmctldPort={_free_port()}",
@@ -222,7 +222,7 @@ def _main(argv: list[str]) -> int:
     if len(argv) >= 1 and argv[0] == "up":
         cluster = start(argv[1] if len(argv) > 1 else None)
         print(f"export SLURM_CONF={cluster.conf}   # partition {cluster.partition}; profile recipes/slurm/local.yaml")
-        print(f"# stop it with: python -m pipeline.slurm_local down {cluster.folder}")
+        print(f"# stop it with: python -m pipeline.launch.slurm_local down {cluster.folder}")
         return 0
     if len(argv) == 2 and argv[0] == "down":
         folder = Path(argv[1])
@@ -232,7 +232,7 @@ def _main(argv: list[str]) -> int:
                 cluster.pids[name] = int((folder / pid_file).read_text().strip())
         cluster.stop()
         return 0
-    print("usage: python -m pipeline.slurm_local up [FOLDER] | down FOLDER", file=sys.stderr)
+    print("usage: python -m pipeline.launch.slurm_local up [FOLDER] | down FOLDER", file=sys.stderr)
     return 2
 
 

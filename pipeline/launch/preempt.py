@@ -1,6 +1,6 @@
 """Preemption inside a Slurm job: save the work done, exit, and let the job requeue itself.
 
-The batch script (pipeline/templates/slurm/job.sh.jinja) exports RLHF_PREEMPT_FLAG, a file path,
+The batch script (pipeline/launch/templates/slurm/job.sh.jinja) exports RLHF_PREEMPT_FLAG, a file path,
 and asks Slurm for USR1 some minutes before the time limit (`--signal=B:USR1@<s>`). On USR1 it
 creates that file, passes the signal on to a data stage's process, waits for the stage to exit,
 and requeues the job when the stage exited with EXIT_CODE.
