@@ -51,8 +51,9 @@ def write_sets(path: Path, prompts: int) -> Path:
 
 
 def recipe(tmp: Path, sets: Path, base_url: str, run: str, concurrency: int, **annotation):
-    from pipeline.config import load_recipe
     import yaml
+
+    from pipeline.stages import load_recipe
 
     data = {"stage": "annotate", "run": {"name": run, "root": str(tmp / "runs")},
             "inputs": {"completions": str(sets)},

@@ -47,8 +47,8 @@ def settings(args) -> dict:
 
 
 def ours(model: Path, data: Path, root: Path, args) -> tuple[float, float]:
-    from pipeline.config import RewardRecipe
     from pipeline.stages import reward
+    from pipeline.stages.reward import Recipe as RewardRecipe
 
     recipe = RewardRecipe.model_validate({
         "stage": "reward", "run": {"name": "bench", "root": str(root)}, "model": str(model),

@@ -12,44 +12,13 @@ to be requeued (pipeline/launch/preempt.py), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 
-from pipeline.config import STAGE_RECIPES, ConfigError, load_recipe
-
-# Stage name -> module with `run(recipe, ...)`. Each is imported only when asked for, so the CLI
-# starts fast and a job re-imports its stage by name.
-STAGE_MODULES = {
-    "tiny-models": "pipeline.stages.tiny_models",
-    "prompts": "pipeline.stages.prompts",
-    "generate": "pipeline.stages.generate",
-    "annotate": "pipeline.stages.annotate",
-    "pairs": "pipeline.stages.pairs",
-    "sft": "pipeline.stages.sft",
-    "reward": "pipeline.stages.reward",
-    "dpo": "pipeline.stages.dpo",
-    "ppo": "pipeline.stages.ppo",
-    "bestofn": "pipeline.stages.bestofn",
-    "critique": "pipeline.stages.critique",
-    "qa-data": "pipeline.stages.qa_data",
-    "rtuning-probe": "pipeline.stages.rtuning_probe",
-    "rtuning-data": "pipeline.stages.rtuning_data",
-    "rtuning-eval": "pipeline.stages.rtuning_eval",
-    "unknown-eval": "pipeline.stages.unknown_eval",
-    "sayself-sample": "pipeline.stages.sayself_sample",
-    "sayself-cluster": "pipeline.stages.sayself_cluster",
-    "sayself-rationale": "pipeline.stages.sayself_rationale",
-    "sayself-data": "pipeline.stages.sayself_data",
-    "sayself-rl": "pipeline.stages.sayself_rl",
-    "sayself-eval": "pipeline.stages.sayself_eval",
-}
-SHARDED_STAGES = {"generate"}
-# Unsharded stages with ledgered requests: `run(recipe, retry_failed=...)`.
-RETRY_STAGES = {"sayself-sample", "sayself-rationale"}
-# Training stages resume from checkpoints/ when they were interrupted; --force trains afresh.
-TRAINING_STAGES = {"sft", "reward", "dpo", "ppo", "critique", "sayself-rl"}
+from pipeline.config import ConfigError
+from pipeline.runs import RunOptions
+from pipeline.stages import STAGES, load_recipe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,27 +26,25 @@ def _parser() -> argparse.ArgumentParser:
         prog="rlhf", description="Preference data and RLHF pipeline: run one stage from a YAML recipe.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in STAGE_MODULES:
-        p = sub.add_parser(stage, help=f"run the {stage} stage")
+    for stage in STAGES.values():
+        p = sub.add_parser(stage.name, help=stage.help)
         p.add_argument("recipe", help="YAML recipe")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. generation.temperature=0.7 run.name=try2")
         p.add_argument("--force", action="store_true",
                        help="run even if the stage is marked done (the ledger still serves paid results)")
-        if stage in SHARDED_STAGES:
+        if stage.sharded:
             p.add_argument("--shard", type=int, help="run only this shard (0-based); no merge")
             p.add_argument("--num-shards", type=int, help="number of shards (default: launch.num_shards)")
-            p.add_argument("--merge", action="store_true", help="only merge finished shards")
+            p.add_argument("--merge", dest="merge_only", action="store_true", help="only merge finished shards")
+        if stage.retry:
             p.add_argument("--retry-failed", action="store_true",
-                           help="send again the requests the ledger records as failed")
-        if stage in RETRY_STAGES:
-            p.add_argument("--retry-failed", action="store_true",
-                           help="send again the requests the ledger records as failed")
-        if stage == "annotate":
-            p.add_argument("--retry-failed", action="store_true",
-                           help="send failed requests again and give unusable answers new re-asks")
+                           help="send again the requests the ledger records as failed" + (
+                               " and give unusable answers new re-asks" if stage.name == "annotate" else ""))
+        if stage.dry_run:
             p.add_argument("--dry-run", action="store_true",
-                           help="print the calls, tokens and cost still to pay; send nothing")
+                           help="check the inputs and print what would be done (calls, tokens, cost); change nothing")
+        if stage.batch:
             p.add_argument("--batch", choices=("submit", "collect"),
                            help="OpenAI Batch API: submit pending requests, or collect finished batches")
     v = sub.add_parser("validate", help="check recipes without running anything")
@@ -102,58 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options(args) -> RunOptions:
+    """The stage's flags as one RunOptions (a flag the stage does not offer keeps its default)."""
+    fields = RunOptions.__dataclass_fields__
+    return RunOptions(**{name: getattr(args, name) for name in fields if getattr(args, name, None) is not None})
+
+
 def _run_stage(args) -> int:
-    from pipeline.runs import clear_done, is_done, stage_dir
+    from pipeline.launch import run_stage
 
-    recipe = load_recipe(args.recipe, args.overrides, stage=args.command)
-    path = stage_dir(recipe)
-    sharded = args.command in SHARDED_STAGES
-    if sharded and args.num_shards is not None and args.num_shards < 1:
-        raise ConfigError("--num-shards must be at least 1")
-    retry = getattr(args, "retry_failed", False)
-    if getattr(args, "dry_run", False):
-        importlib.import_module(STAGE_MODULES[args.command]).run(recipe, dry=True)
-        return 0
-    if is_done(path) and not args.force and not retry and not getattr(args, "batch", None):
-        print(f"{args.command}: already done ({path}/_SUCCESS); use --force to run it again")
-        return 0
-    if args.force:
-        clear_done(path)
-        for shard in path.glob("shard-*-of-*"):
-            clear_done(shard)
-        if args.command in TRAINING_STAGES and int(os.environ.get("RANK", "0")) == 0:
-            import shutil
-
-            from pipeline.train import CHECKPOINTS
-
-            shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
-    from pipeline.launch import preempt, slurm
-
-    kind = "sharded" if sharded else "training" if args.command in TRAINING_STAGES else "data"
-    slurm.check_launch(recipe, args.recipe, kind, TRAINING_STAGES)
-    if recipe.launch.launcher == "slurm":  # submit the stage's jobs; each runs it with launcher=local
-        job_args = (["--retry-failed"] if retry else []) + ([f"--batch {args.batch}"] if getattr(args, "batch", None) else [])
-        slurm.submit_stage(recipe, args.recipe, kind, TRAINING_STAGES, job_args=job_args,
-                           shard=getattr(args, "shard", None), num_shards=getattr(args, "num_shards", None),
-                           merge_only=getattr(args, "merge", False), retry=retry)
-        return 0
-    preempt.install(training=kind == "training")
-    from pipeline.launch.serve import resolve_url_files
-
-    resolve_url_files(recipe)  # base_url_file -> base_url, now that the stage starts
-    import datasets
-
-    datasets.disable_progress_bars()  # "Saving the dataset" bars would bury the stage's own output
-    module = importlib.import_module(STAGE_MODULES[args.command])
-    if sharded:
-        module.run(recipe, shard=args.shard, num_shards=args.num_shards, merge_only=args.merge,
-                   retry_failed=args.retry_failed)
-    elif args.command == "annotate":
-        module.run(recipe, retry_failed=args.retry_failed, batch=args.batch)
-    elif args.command in RETRY_STAGES:
-        module.run(recipe, retry_failed=args.retry_failed)
-    else:
-        module.run(recipe)
+    run_stage(args.command, args.recipe, args.overrides, _options(args))
     return 0
 
 
@@ -162,10 +87,10 @@ def _validate(args) -> int:
     bad = 0
     for recipe in args.recipes:
         try:
-            from pipeline.launch import chain as run_all
+            from pipeline.launch import chain
 
-            if run_all.is_pipeline_file(recipe):  # a pipeline: each of its stage recipes
-                run_all.validate(recipe, check_inputs=not args.no_inputs)
+            if chain.is_pipeline_file(recipe):  # a pipeline: each of its stage recipes
+                chain.validate(recipe, check_inputs=not args.no_inputs)
             else:
                 load_recipe(recipe, check_inputs=not args.no_inputs)
             print(f"ok     {recipe}")
@@ -197,9 +122,9 @@ def _serve(args) -> int:
 
 
 def _all(args) -> int:
-    from pipeline.launch import chain as run_all
+    from pipeline.launch import chain
 
-    return run_all.run(args.pipeline, args.overrides, launcher=args.launcher, profile=args.profile)
+    return chain.run(args.pipeline, args.overrides, launcher=args.launcher, profile=args.profile)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    assert set(STAGE_MODULES) <= set(STAGE_RECIPES)
     from pipeline.launch.preempt import EXIT_CODE, Preempted
     from pipeline.runs import StageFailed
 

@@ -9,63 +9,99 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
 
-from datasets import Features, List, Value
-
 from pipeline.config import ConfigError
 
-PROMPT_FEATURES = Features(
-    {
-        "prompt_id": Value("string"),
-        "source": Value("string"),
-        "instruction": Value("string"),
-        "correct_answers": List(Value("string")),
-        "incorrect_answers": List(Value("string")),
-        "reference": Value("string"),
+# The `datasets` Features are built on first use (module __getattr__), so importing a stage to
+# validate its recipe does not import `datasets`.
+_FEATURE_NAMES = ("PROMPT_FEATURES", "ANNOTATION_FEATURES", "COMPLETION_FEATURES", "COMPLETION_SET_FEATURES",
+                  "QA_FEATURES")
+
+
+@functools.cache
+def _features() -> dict:
+    from datasets import Features, List, Value
+
+    PROMPT_FEATURES = Features(
+        {
+            "prompt_id": Value("string"),
+            "source": Value("string"),
+            "instruction": Value("string"),
+            "correct_answers": List(Value("string")),
+            "incorrect_answers": List(Value("string")),
+            "reference": Value("string"),
+        }
+    )
+
+    _RATED = {"Rating": Value("string"), "Rationale": Value("string")}
+    _TYPED = {
+        "Type": List(Value("string")),
+        "Rationale": Value("string"),
+        "Rating": Value("string"),
+        "Rationale For Rating": Value("string"),
     }
-)
-
-_RATED = {"Rating": Value("string"), "Rationale": Value("string")}
-_TYPED = {
-    "Type": List(Value("string")),
-    "Rationale": Value("string"),
-    "Rating": Value("string"),
-    "Rationale For Rating": Value("string"),
-}
-ANNOTATION_FEATURES = {
-    "instruction_following": _RATED,
-    "honesty": _RATED,
-    "truthfulness": _TYPED,
-    "helpfulness": _TYPED,
-}
-
-COMPLETION_FEATURES = {
-    "annotations": ANNOTATION_FEATURES,
-    "critique": Value("string"),
-    "custom_system_prompt": Value("string"),
-    "fine-grained_score": Value("float64"),
-    "model": Value("string"),
-    "overall_score": Value("float64"),
-    "principle": Value("string"),
-    "response": Value("string"),
-}
-
-COMPLETION_SET_FEATURES = Features(
-    {
-        "prompt_id": Value("string"),
-        "source": Value("string"),
-        "instruction": Value("string"),
-        "models": List(Value("string")),
-        "completions": List(COMPLETION_FEATURES),
-        "correct_answers": List(Value("string")),
-        "incorrect_answers": List(Value("string")),
-        "reference": Value("string"),
+    ANNOTATION_FEATURES = {
+        "instruction_following": _RATED,
+        "honesty": _RATED,
+        "truthfulness": _TYPED,
+        "helpfulness": _TYPED,
     }
-)
+
+    COMPLETION_FEATURES = {
+        "annotations": ANNOTATION_FEATURES,
+        "critique": Value("string"),
+        "custom_system_prompt": Value("string"),
+        "fine-grained_score": Value("float64"),
+        "model": Value("string"),
+        "overall_score": Value("float64"),
+        "principle": Value("string"),
+        "response": Value("string"),
+    }
+
+    COMPLETION_SET_FEATURES = Features(
+        {
+            "prompt_id": Value("string"),
+            "source": Value("string"),
+            "instruction": Value("string"),
+            "models": List(Value("string")),
+            "completions": List(COMPLETION_FEATURES),
+            "correct_answers": List(Value("string")),
+            "incorrect_answers": List(Value("string")),
+            "reference": Value("string"),
+        }
+    )
+
+    # One QA item. `kind`: open (free answer; correct when a gold answer is a substring of the
+    # model's), choice (`choices` listed as A, B, ...; `answer_index` is the right one), unanswerable
+    # (no answer exists: a false premise, an unknown entity; a good model refuses). `answers` holds the
+    # gold strings (for choice: the right choice's text; empty when unanswerable). `context` is given
+    # evidence (HotpotQA paragraphs, a FEVER/WiCE claim's evidence), else "". `domain` groups items
+    # for ID/OOD splits (a ParaRel relation, an MMLU subject, a fact-world attribute).
+    QA_FEATURES = Features(
+        {
+            "qid": Value("string"),
+            "dataset": Value("string"),
+            "domain": Value("string"),
+            "kind": Value("string"),
+            "question": Value("string"),
+            "context": Value("string"),
+            "choices": List(Value("string")),
+            "answer_index": Value("int64"),
+            "answers": List(Value("string")),
+        }
+    )
+    return {name: value for name, value in locals().items() if name in _FEATURE_NAMES}
+
+
+def __getattr__(name: str):
+    if name in _FEATURE_NAMES:
+        return _features()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def prompt_id(instruction: str) -> str:
@@ -156,27 +192,6 @@ def saved_rows(path: Path, split: str | None = None) -> Iterator[tuple[str, dict
 # --- question answering (R-Tuning, UnknownBench, SaySelf) ----------------------------------------
 
 QA_KINDS = ("open", "choice", "unanswerable")
-
-# One QA item. `kind`: open (free answer; correct when a gold answer is a substring of the
-# model's), choice (`choices` listed as A, B, ...; `answer_index` is the right one), unanswerable
-# (no answer exists: a false premise, an unknown entity; a good model refuses). `answers` holds the
-# gold strings (for choice: the right choice's text; empty when unanswerable). `context` is given
-# evidence (HotpotQA paragraphs, a FEVER/WiCE claim's evidence), else "". `domain` groups items
-# for ID/OOD splits (a ParaRel relation, an MMLU subject, a fact-world attribute).
-QA_FEATURES = Features(
-    {
-        "qid": Value("string"),
-        "dataset": Value("string"),
-        "domain": Value("string"),
-        "kind": Value("string"),
-        "question": Value("string"),
-        "context": Value("string"),
-        "choices": List(Value("string")),
-        "answer_index": Value("int64"),
-        "answers": List(Value("string")),
-    }
-)
-
 
 def qa_id(dataset: str, question: str, context: str = "") -> str:
     """Stable id of a QA item: sha256 of its dataset, question and context."""

@@ -1,7 +1,7 @@
 """`rlhf report RUN [RUN ...]`: one page gathering every stage's summary and plots.
 
 For each run (in the order given) and each stage folder in it, in pipeline order (the order of
-`pipeline.cli.STAGE_MODULES`; folders that are not stages come last): the stage's state as
+`pipeline.stages.STAGES`; folders that are not stages come last): the stage's state as
 `rlhf status` sees it (done / running / failed / missing, with the reason), its `summary.json`
 and `eval.json` flattened to a table, and the PNGs under its `report/` folder. Written as
 `<root>/<first run>/REPORT.md` (images linked by relative path, so the page opens in any Markdown
@@ -43,9 +43,9 @@ def _value(v) -> str:
 
 
 def _stage_order(name: str) -> tuple[int, str]:
-    from pipeline.cli import STAGE_MODULES
+    from pipeline.stages import STAGES
 
-    order = list(STAGE_MODULES)
+    order = list(STAGES)
     return (order.index(name) if name in order else len(order), name)
 
 

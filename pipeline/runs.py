@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +23,19 @@ from pipeline.config import ConfigError, StageRef, dump_recipe
 
 SUCCESS = "_SUCCESS"
 DATASET = "dataset"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The command-line options of a stage run; each stage reads the ones its table line offers."""
+
+    force: bool = False  # run even when done (the ledger still serves paid results)
+    retry_failed: bool = False  # send again the requests the ledger records as failed
+    shard: int | None = None  # sharded stages: run only this shard, no merge
+    num_shards: int | None = None  # sharded stages: default launch.num_shards
+    merge_only: bool = False  # sharded stages: only merge finished shards
+    dry_run: bool = False  # check inputs, print the plan; send, train and write nothing
+    batch: str | None = None  # annotate: "submit" or "collect" (OpenAI Batch API)
 
 
 class StageFailed(Exception):

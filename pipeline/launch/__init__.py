@@ -1,0 +1,43 @@
+"""Where a stage runs. `run_stage` checks and starts one stage run; the recipe's `launch.launcher`
+names the module here that runs it: `local` (this process) or `slurm` (sbatch jobs, each of which
+runs the stage again with launcher=local). A new place to run (Ray, say) is one new module with
+`launch(stage, recipe, origin, opts)` and its name in `LaunchSection.launcher`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+
+from pipeline.config import ConfigError
+from pipeline.runs import RunOptions, clear_done, is_done, stage_dir
+from pipeline.stages import STAGES, load_recipe
+
+
+def run_stage(stage_name: str, recipe_path: str, overrides: list[str] = (), opts: RunOptions = RunOptions()) -> None:
+    """Load the recipe, honour done markers and --force, check the launch settings, then hand the
+    stage to its launcher. Raises ConfigError (bad input) and StageFailed (the stage failed)."""
+    stage = STAGES[stage_name]
+    recipe = load_recipe(recipe_path, overrides, stage=stage.name)
+    path = stage_dir(recipe)
+    if opts.num_shards is not None and opts.num_shards < 1:
+        raise ConfigError("--num-shards must be at least 1")
+    if opts.dry_run:
+        stage.load().run(recipe, opts)
+        return
+    if is_done(path) and not opts.force and not opts.retry_failed and not opts.batch:
+        print(f"{stage.name}: already done ({path}/_SUCCESS); use --force to run it again")
+        return
+    if opts.force:
+        clear_done(path)
+        for shard in path.glob("shard-*-of-*"):
+            clear_done(shard)
+        if stage.kind == "train" and int(os.environ.get("RANK", "0")) == 0:
+            from pipeline.train import CHECKPOINTS
+
+            shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
+    from pipeline.launch import slurm
+
+    slurm.check_launch(recipe, recipe_path)
+    importlib.import_module(f"pipeline.launch.{recipe.launch.launcher}").launch(stage, recipe, recipe_path, opts)

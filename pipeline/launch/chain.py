@@ -17,12 +17,32 @@ when its job starts (an earlier stage may be what makes them).
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, field_validator
 
-from pipeline.config import ConfigError, PipelineFile, format_validation_error, load_recipe, read_yaml
+from pipeline.config import ConfigError, Strict, format_validation_error, read_yaml
+from pipeline.stages import load_recipe
+
+
+class PipelineStep(Strict):
+    recipe: str = Field(description="A stage recipe (YAML path)")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides for this stage")
+
+
+class PipelineFile(Strict):
+    """`rlhf all PIPELINE`: stage recipes in order; each later stage names its inputs by stage."""
+
+    stages: list[PipelineStep] = Field(min_length=1)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _plain_paths(cls, value: Any) -> Any:
+        # A bare path is shorthand for {recipe: path}.
+        return [{"recipe": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 def load_pipeline(path: str | Path) -> PipelineFile:
@@ -50,16 +70,9 @@ def validate(path: str | Path, check_inputs: bool = True) -> list:
     return [load_recipe(step.recipe, step.overrides, check_inputs=check_inputs) for step in pipeline.stages]
 
 
-def _kind(stage: str) -> str:
-    from pipeline.cli import SHARDED_STAGES, TRAINING_STAGES
-
-    return "sharded" if stage in SHARDED_STAGES else "training" if stage in TRAINING_STAGES else "data"
-
-
 def run(path: str, overrides: list[str], launcher: str = "local", profile: str | None = None) -> int:
-    from pipeline.cli import TRAINING_STAGES
-    from pipeline.cli import main as rlhf
-    from pipeline.runs import is_done, stage_dir
+    from pipeline.launch import run_stage
+    from pipeline.runs import RunOptions, StageFailed, is_done, stage_dir
 
     pipeline = load_pipeline(path)
     common = [*overrides, f"launch.launcher={launcher}"] + ([f"launch.profile={profile}"] if profile else [])
@@ -76,7 +89,15 @@ def run(path: str, overrides: list[str], launcher: str = "local", profile: str |
             if done:
                 print(f"all: {recipe.stage} already done ({stage_dir(recipe)}); skipped")
                 continue
-            code = rlhf([recipe.stage, step.recipe, *step.overrides, *common])
+            try:
+                run_stage(recipe.stage, step.recipe, [*step.overrides, *common], RunOptions())
+                code = 0
+            except ConfigError as err:
+                print(f"error: {err}", file=sys.stderr)
+                code = 2
+            except StageFailed as err:
+                print(f"failed: {err}", file=sys.stderr)
+                code = 1
             if code:
                 print(f"all: stopped at {recipe.stage} (exit {code})")
                 return code
@@ -84,7 +105,7 @@ def run(path: str, overrides: list[str], launcher: str = "local", profile: str |
 
     from pipeline.launch import slurm
 
-    plans = [None if done else slurm.prepare_stage(recipe, step.recipe, _kind(recipe.stage), TRAINING_STAGES)
+    plans = [None if done else slurm.prepare_stage(recipe, step.recipe)
              for step, recipe, done in steps]  # every check and script before the first sbatch
     after: list[str] = []
     submitted: list[str] = []

@@ -10,14 +10,47 @@ scripts (`<url_dir>/<name>.sbatch`), logs and `jobs.json` (name -> job id) sit b
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, field_validator
 
-from pipeline.config import ConfigError, ServeRecipe, format_validation_error, read_yaml
+from pipeline.config import ConfigError, Strict, format_validation_error, read_yaml, slurm_time_limit
 from pipeline.runs import atomic_write_text, write_json
+
+
+class ServedModel(Strict):
+    name: str = Field(description="The name clients ask for (a pool entry's `model`, or `name`); the URL file's name")
+    model: str = Field(description="What vLLM loads: a Hugging Face id or a model folder on the cluster")
+    gpus: int = Field(1, ge=1, description="GPUs of one node, the tensor-parallel size")
+    args: list[str] = Field(default_factory=list, description="More `vllm serve` arguments (--max-model-len, 4096)")
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("use letters, digits, '_', '.', '-' (it names the URL file)")
+        return value
+
+
+class ServeRecipe(Strict):
+    """`rlhf serve RECIPE`: one Slurm job per model running `vllm serve` on a GPU node; once the
+    server answers, the job writes its URL to `<url_dir>/<name>.url`, which a pool entry or a
+    judge names as `base_url_file`."""
+
+    profile: str = Field(description="Slurm profile (recipes/slurm/<name>.yaml) of the GPU nodes")
+    url_dir: str = Field("data/servers", description="Where the URL files, scripts and logs go")
+    time: str | None = Field(None, description="How long the servers run (default: the profile's time)")
+    vllm: str = Field("vllm", description="The vllm command on the nodes (after the profile's setup lines)")
+    models: list[ServedModel] = Field(min_length=1)
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _slurm_time(cls, value: Any) -> Any:
+        return slurm_time_limit(value)
 
 
 def load(path: str | Path) -> ServeRecipe:

@@ -34,13 +34,70 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, field_validator
 
-from pipeline.config import ConfigError, SlurmProfile, dump_recipe, format_validation_error, read_yaml, redact
+from pipeline.config import (
+    SECRET_KEY,
+    SLURM_MEM,
+    ConfigError,
+    Strict,
+    dump_recipe,
+    format_validation_error,
+    read_yaml,
+    redact,
+    slurm_time_limit,
+)
 from pipeline.launch.preempt import EXIT_CODE as PREEMPTED_CODE
 from pipeline.runs import atomic_write_text, is_done, shard_dir, stage_dir, write_json
+from pipeline.stages import STAGES
+
+
+class SlurmProfile(Strict):
+    """Where and with what the jobs of a stage run (sbatch options and the job's shell set-up)."""
+
+    partition: str = Field(description="sbatch --partition")
+    account: str | None = Field(None, description="sbatch --account")
+    qos: str | None = Field(None, description="sbatch --qos")
+    time: str = Field("04:00:00", description="Time limit per job: minutes, H:MM:SS or D-HH:MM:SS")
+    nodes: int = Field(1, ge=1, description="Nodes per training job (data-stage jobs take one node each)")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node; also the default processes per node")
+    cpus_per_task: int = Field(1, ge=1, description="CPUs per job (per node for training jobs)")
+    mem: str | None = Field(None, description="Memory per node as sbatch --mem takes it (64G); None: the default")
+    setup: list[str] = Field(default_factory=list,
+                             description="Shell lines run before the stage (module load ..., source .venv/bin/activate)")
+    env: dict[str, str] = Field(default_factory=dict, description="Variables exported in the job (never secrets: "
+                                "API keys travel in the submitting environment, which sbatch passes on)")
+    python: str | None = Field(None, description="Interpreter on the nodes; default: the one that submits")
+    requeue: bool = Field(True, description="sbatch --requeue: a preempted or signalled job goes back to the queue")
+    signal_seconds: int = Field(300, ge=10, description="USR1 this long before the time limit: the stage saves "
+                                "its work (ledger / checkpoint) and the job requeues itself")
+    max_parallel_shards: int | None = Field(None, ge=1, description="Array throttle: shards running at once")
+    sbatch: list[str] = Field(default_factory=list, description="More sbatch options, one per item (--constraint=a100)")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _slurm_time(cls, value: Any) -> Any:
+        return slurm_time_limit(value)
+
+    @field_validator("mem")
+    @classmethod
+    def _slurm_mem(cls, value: str | None) -> str | None:
+        if value is not None and not SLURM_MEM.fullmatch(value):
+            raise ValueError("a Slurm memory size such as 64G or 16000M")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if SECRET_KEY.search(name) or name.upper().endswith("KEY"):
+                raise ValueError(f"{name}: looks like a secret; export it in the submitting shell instead "
+                                 "(sbatch passes the environment on; a rendered script never holds it)")
+        return value
+
 
 SLURM_DIR = "slurm"
 JOBS = "jobs.json"
@@ -99,9 +156,11 @@ def _accelerate_config(name: str, origin: str) -> tuple[Path, dict]:
 # --- checks --------------------------------------------------------------------------------
 
 
-def check_launch(recipe, origin: str, kind: str, training_stages) -> None:
+def check_launch(recipe, origin: str) -> None:
     """Launch settings a stage cannot use, refused before anything runs or is submitted."""
     launch = recipe.launch
+    kind = STAGES[recipe.stage].launch_kind
+    training_stages = [stage.name for stage in STAGES.values() if stage.kind == "train"]
     if kind != "training":
         for key, value in (("nodes", launch.nodes), ("processes_per_node", launch.processes_per_node)):
             if value is not None and value > 1:
@@ -321,11 +380,12 @@ def sbatch(script: Path, after: list[str]) -> str:
     return done.stdout.strip().split(";")[0]
 
 
-def prepare_stage(recipe, origin: str, kind: str, training_stages, *, job_args: list[str] = (),
+def prepare_stage(recipe, origin: str, *, job_args: list[str] = (),
                   shard: int | None = None, num_shards: int | None = None, merge_only: bool = False,
                   retry: bool = False) -> dict:
     """Every check, and the rendered scripts, of one stage's submission; writes nothing."""
-    check_launch(recipe, origin, kind, training_stages)
+    check_launch(recipe, origin)
+    kind = STAGES[recipe.stage].launch_kind
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would submit the same jobs
         raise ConfigError(f"{origin}: launch.launcher=slurm: submit from one plain process, not under accelerate "
                           "launch or torchrun (the job starts those itself: launch.processes_per_node, "
@@ -387,6 +447,13 @@ def submit_prepared(plan: dict, after: list[str] = ()) -> dict:
     return record
 
 
-def submit_stage(recipe, origin: str, kind: str, training_stages, *, after: list[str] = (), **options) -> dict:
+def submit_stage(recipe, origin: str, *, after: list[str] = (), **options) -> dict:
     """Check, render and submit the jobs of one stage (options: see prepare_stage)."""
-    return submit_prepared(prepare_stage(recipe, origin, kind, training_stages, **options), after)
+    return submit_prepared(prepare_stage(recipe, origin, **options), after)
+
+
+def launch(stage, recipe, origin: str, opts) -> None:
+    """Submit the stage's jobs; each job runs it again with launch.launcher=local."""
+    job_args = (["--retry-failed"] if opts.retry_failed else []) + ([f"--batch {opts.batch}"] if opts.batch else [])
+    submit_stage(recipe, origin, job_args=job_args, shard=opts.shard, num_shards=opts.num_shards,
+                 merge_only=opts.merge_only, retry=opts.retry_failed)

@@ -41,16 +41,99 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pipeline.config import AnnotateRecipe, ConfigError
+from pydantic import Field, model_validator
+
+from pipeline import records
+from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict
 from pipeline.judge import rubric
 from pipeline.judge.parse import ParseError, parse_aspect, parse_compact, parse_critique
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.openai_backend import _reason
-from pipeline.records import COMPLETION_SET_FEATURES, empty_annotations, prompt_id, saved_rows
+from pipeline.records import empty_annotations, prompt_id, saved_rows
 from pipeline.report import figure
-from pipeline.runs import (DATASET, StageFailed, atomic_dir, atomic_write_text, clear_done, mark_done,
-                           resolve_input, save_config, stage_dir, write_json)
+from pipeline.runs import (
+    DATASET,
+    RunOptions,
+    StageFailed,
+    atomic_dir,
+    atomic_write_text,
+    clear_done,
+    mark_done,
+    resolve_input,
+    save_config,
+    stage_dir,
+    write_json,
+)
+
+
+class PriceSpec(Strict):
+    """Dollars per million tokens, as price lists state them."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class AnnotateInputs(Strict):
+    completions: StageRef | str = Field(
+        description="The generate stage output, or a dataset folder / JSONL / parquet in the "
+        "openbmb/UltraFeedback row shape"
+    )
+
+
+class AnnotationSection(Strict):
+    judge: ModelSpec = Field(description="The judge: an `openai`-backend model")
+    mode: Literal["faithful", "structured", "compact"] = Field(
+        "faithful", description="faithful: a call per aspect (UltraFeedback); structured: the same "
+        "calls answered as JSON with a schema; compact: one call for all four aspects"
+    )
+    critique: bool = Field(True, description="One critique call per completion (overall score 1-10)")
+    temperature: float = Field(0.0, ge=0, le=2)
+    aspect_max_tokens: int = Field(1024, ge=16)
+    critique_max_tokens: int = Field(1024, ge=16)
+    seed: int = Field(0, description="Seeds the order in which completions are shown to the judge")
+    max_reasks: int = Field(2, ge=0, description="Re-asks (with a corrective message) after an unusable answer")
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+    requests_per_minute: float | None = Field(None, gt=0, description="Client-side request throttle")
+    tokens_per_minute: float | None = Field(None, gt=0, description="Client-side token throttle")
+    budget_usd: float | None = Field(None, gt=0, description="Stop cleanly once this much is spent")
+    prices: dict[str, PriceSpec] = Field(
+        default_factory=dict, description="Judge model id -> price; needed for cost and budget"
+    )
+    allow_unknown_sources: bool = Field(False, description="Accept sources other than UltraFeedback's")
+    batch_poll_s: float = Field(30.0, gt=0, description="Batch API: seconds between status checks")
+    batch_max_requests: int = Field(50_000, ge=1, description="Batch API: requests per input file")
+    batch_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Batch API: bytes per input file")
+
+    @model_validator(mode="after")
+    def _judge_is_remote(self) -> "AnnotationSection":
+        if self.judge.backend != "openai":
+            raise ValueError("judge: the judge must use backend 'openai' (any OpenAI-compatible server)")
+        if self.budget_usd is not None and self.price is None:
+            raise ValueError(f"budget_usd is set but `prices` has no entry for judge model "
+                             f"{self.judge_model!r}: the spend cannot be counted")
+        return self
+
+    @property
+    def judge_model(self) -> str:
+        return self.judge.model or self.judge.name
+
+    @property
+    def price(self) -> PriceSpec | None:
+        return self.prices.get(self.judge_model)
+
+
+class Recipe(Strict):
+    stage: Literal["annotate"]
+    run: RunSection
+    inputs: AnnotateInputs
+    annotation: AnnotationSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return [("inputs.completions", self.inputs.completions)] if isinstance(self.inputs.completions, str) else []
+
 
 LEDGER = "ledger.jsonl"
 FAILURES = "failures.jsonl"
@@ -102,7 +185,7 @@ def check_row(row: dict, where: str, allow_unknown_sources: bool) -> dict:
     return out
 
 
-def load_rows(recipe: AnnotateRecipe) -> list[dict]:
+def load_rows(recipe: Recipe) -> list[dict]:
     path = resolve_input(recipe, recipe.inputs.completions, "inputs.completions")
     allow = recipe.annotation.allow_unknown_sources
     rows = [check_row(row, where, allow) for where, row in saved_rows(path)]
@@ -131,7 +214,7 @@ def shuffled_order(seed: int, pid: str, n: int) -> tuple[int, ...]:
     return tuple(order)
 
 
-def plan(rows: list[dict], recipe: AnnotateRecipe) -> list[Item]:
+def plan(rows: list[dict], recipe: Recipe) -> list[Item]:
     ann = recipe.annotation
     items = []
     for r, row in enumerate(rows):
@@ -147,7 +230,7 @@ def plan(rows: list[dict], recipe: AnnotateRecipe) -> list[Item]:
 class Requests:
     """Builds each item's first request: messages, parameters and ledger key."""
 
-    def __init__(self, rows: list[dict], recipe: AnnotateRecipe):
+    def __init__(self, rows: list[dict], recipe: Recipe):
         self.rows = rows
         self.ann = recipe.annotation
         self.structured = self.ann.mode == "structured"
@@ -285,7 +368,7 @@ class Outcome:
 
 
 class JudgeRun:
-    def __init__(self, recipe: AnnotateRecipe, rows: list[dict], ledger: Ledger, retry_failed: bool):
+    def __init__(self, recipe: Recipe, rows: list[dict], ledger: Ledger, retry_failed: bool):
         self.recipe = recipe
         self.ann = recipe.annotation
         self.rows = rows
@@ -754,7 +837,7 @@ def dry_run(run: JudgeRun, items: list[Item]) -> dict:
     return {"calls": calls, "prompt_tokens": tokens_in, "completion_tokens": tokens_out, "cost_usd": dollars}
 
 
-def run(recipe: AnnotateRecipe, retry_failed: bool = False, dry: bool = False, batch: str | None = None) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset
     from tqdm import tqdm
 
@@ -763,15 +846,15 @@ def run(recipe: AnnotateRecipe, retry_failed: bool = False, dry: bool = False, b
     stage_path = stage_dir(recipe)
     stage_path.mkdir(parents=True, exist_ok=True)
     with Ledger(stage_path / LEDGER) as ledger:
-        judge = JudgeRun(recipe, rows, ledger, retry_failed)
+        judge = JudgeRun(recipe, rows, ledger, opts.retry_failed)
         judge.api_key()  # a missing key is a config error before anything else
-        if dry:
+        if opts.dry_run:
             return dry_run(judge, items)
         clear_done(stage_path)
         save_config(stage_path, recipe)
-        if batch == "submit":
+        if opts.batch == "submit":
             return batch_submit(judge, items, stage_path)
-        if batch == "collect":
+        if opts.batch == "collect":
             batch_collect(judge, stage_path, recipe.annotation.batch_poll_s)
         judge.spent_before = spent_so_far(ledger, judge.price) - judge.tally.cost_usd
         started = time.monotonic()
@@ -811,7 +894,7 @@ def run(recipe: AnnotateRecipe, retry_failed: bool = False, dry: bool = False, b
             f"max_failure_fraction={limit}); see {stage_path / FAILURES}; commonest: "
             + "; ".join(f"{n}x {r}" for r, n in reasons) + ". Fix the cause and rerun with --retry-failed.")
     with atomic_dir(stage_path / DATASET) as tmp:
-        Dataset.from_list(out_rows, features=COMPLETION_SET_FEATURES).save_to_disk(str(tmp))
+        Dataset.from_list(out_rows, features=records.COMPLETION_SET_FEATURES).save_to_disk(str(tmp))
     report = write_report(out_rows, stage_path / "report")
     annotated = sum(len(r["completions"]) for r in out_rows)
     requests_this_run = tally.sent

@@ -27,12 +27,72 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any, Literal
 
-from pipeline.config import BestOfNRecipe, ConfigError, ModelSpec
-from pipeline.runs import (StageFailed, atomic_write_text, clear_done, mark_done, resolve_input, save_config,
-                           stage_dir, write_json)
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config import (
+    ConfigError,
+    LaunchSection,
+    ModelSpec,
+    RunSection,
+    StageRef,
+    Strict,
+    TrainInputs,
+    local_paths,
+    preference_defaults,
+)
 from pipeline.report import figure
+from pipeline.runs import (
+    RunOptions,
+    StageFailed,
+    atomic_write_text,
+    clear_done,
+    mark_done,
+    resolve_input,
+    save_config,
+    stage_dir,
+    write_json,
+)
 from pipeline.train import load_reward_model, model_folder
+
+
+class BestOfNSection(Strict):
+    reward_model: StageRef | str
+    n_values: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    prompts: int = Field(64, ge=1, description="Held-out prompts to sample for")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, description="Sequences per generate() / reward model call")
+    seed: int = 0
+
+    @field_validator("n_values")
+    @classmethod
+    def _n_values(cls, value: list[int]) -> list[int]:
+        if not value or any(n < 1 for n in value):
+            raise ValueError("give one or more n, each at least 1")
+        return sorted(set(value))
+
+
+class Recipe(Strict):
+    stage: Literal["bestofn"]
+    run: RunSection
+    model: StageRef | str = Field(description="Policy that samples")
+    inputs: TrainInputs
+    bestofn: BestOfNSection
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs_defaults(cls, tree: Any) -> Any:
+        # Prompts come from the held-out generation split (one row per prompt) of the pairs output.
+        return preference_defaults(tree, None, "test_gen", ("model", "bestofn.reward_model"))
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset,
+                                                 "bestofn.reward_model": self.bestofn.reward_model})
+
 
 REPORT = "report"
 
@@ -84,7 +144,7 @@ def load_scorer(path: Path):
     return model, tokenizer
 
 
-def sample(policy_path: Path, prompts: list[dict], per_prompt: int, recipe: BestOfNRecipe) -> list[list[str]]:
+def sample(policy_path: Path, prompts: list[dict], per_prompt: int, recipe: Recipe) -> list[list[str]]:
     """`per_prompt` completions for each prompt; seeds are fixed per request, so reruns agree."""
     from pipeline.llm.base import GenRequest
     from pipeline.llm.hf import HFBackend
@@ -149,7 +209,7 @@ def plot_curve(table: list[dict], mean_reward: float, out: Path) -> Path:
     return out
 
 
-def run(recipe: BestOfNRecipe, dry: bool = False) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from transformers import AutoTokenizer
 
     cfg = recipe.bestofn
@@ -163,7 +223,7 @@ def run(recipe: BestOfNRecipe, dry: bool = False) -> dict:
     rm, rm_tokenizer = load_scorer(rm_path)
     n_values = sorted(set([1, *cfg.n_values]))  # n=1 (plain sampling) is always the baseline
     per_prompt = n_values[-1]
-    if dry:
+    if opts.dry_run:
         plan = {"policy": str(policy_path), "reward_model": str(rm_path), "prompts": len(prompts),
                 "samples": len(prompts) * per_prompt}
         print(f"bestofn (dry run): {plan}")

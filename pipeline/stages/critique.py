@@ -13,13 +13,36 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Literal
 
-from pipeline.config import CritiqueRecipe, ModelSpec
+from pydantic import Field
+
+from pipeline.config import LaunchSection, ModelSpec, RunSection, Strict, TrainInputs, TrainSection, local_paths
 from pipeline.judge.parse import ParseError, parse_critique
 from pipeline.report import figure
-from pipeline.runs import atomic_write_text
+from pipeline.runs import RunOptions, atomic_write_text
 from pipeline.stages.sft import REPORT, check_inputs, finish, train_stage
 from pipeline.train import MODEL, is_main_process
+
+
+class CritiqueSection(Strict):
+    eval_items: int = Field(64, ge=1, description="Held-out critiques generated and scored in evaluation")
+    max_new_tokens: int = Field(512, ge=1)
+    batch_size: int = Field(8, ge=1, description="Prompts per generate() call in the evaluation")
+    assistant_only_loss: bool = Field(True, description="Loss on the critique only (needs generation tags)")
+
+
+class Recipe(Strict):
+    stage: Literal["critique"]
+    run: RunSection
+    model: str = Field(description="Base model folder")
+    inputs: TrainInputs
+    train: TrainSection = TrainSection()
+    critique: CritiqueSection = CritiqueSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset})
 
 
 def generate_critiques(model_dir, messages: list[list[dict]], max_new_tokens: int, batch_size: int,
@@ -96,8 +119,8 @@ def evaluate_model(model_dir, eval_ds, section) -> dict:
     return score_critiques(texts, judge)
 
 
-def run(recipe: CritiqueRecipe, dry: bool = False) -> dict:
-    if dry:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
+    if opts.dry_run:
         plan = check_inputs(recipe, recipe.critique.assistant_only_loss)
         print(f"critique (dry run): {plan}")
         return plan

@@ -16,12 +16,59 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any, Literal
 
-from pipeline.config import ConfigError, DpoRecipe
+from pydantic import Field, model_validator
+
+from pipeline.config import (
+    ConfigError,
+    LaunchSection,
+    RunSection,
+    StageRef,
+    Strict,
+    TrainInputs,
+    TrainSection,
+    local_paths,
+    preference_defaults,
+)
 from pipeline.report import figure
-from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import (is_main_process, last_checkpoint, lora_config, model_folder, save_model,
-                            train_or_resume, trl_config)
+from pipeline.runs import RunOptions, clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
+from pipeline.train import (
+    is_main_process,
+    last_checkpoint,
+    lora_config,
+    model_folder,
+    save_model,
+    train_or_resume,
+    trl_config,
+)
+
+
+class DpoSection(Strict):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero",
+                       "apo_down", "exo_pair", "aot", "aot_unpaired", "discopop", "sigmoid_norm"] = Field(
+        "sigmoid", description="TRL DPO loss type (sigmoid = the DPO paper's loss)")
+
+
+class Recipe(Strict):
+    stage: Literal["dpo"]
+    run: RunSection
+    model: StageRef | str = Field(description="Policy to start from (usually the sft stage's model)")
+    inputs: TrainInputs
+    train: TrainSection = TrainSection()
+    dpo: DpoSection = DpoSection()
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs_defaults(cls, tree: Any) -> Any:
+        # DPO reads the pairs stage's preference splits unless told otherwise.
+        return preference_defaults(tree, "train_prefs", "test_prefs", ("model",))
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset})
+
 
 REPORT = "report"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -76,14 +123,14 @@ def plot_rewards(log_history: list[dict], out: Path) -> Path | None:
     return out
 
 
-def run(recipe: DpoRecipe, dry: bool = False) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     # Check every input before writing anything.
     model_path = model_folder(recipe, recipe.model, "model")
     data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
     splits = load_pairs(data_path, "inputs.dataset", {"inputs.train_split": recipe.inputs.train_split,
                                                       "inputs.eval_split": recipe.inputs.eval_split})
     train_data, eval_data = splits["inputs.train_split"], splits.get("inputs.eval_split")
-    if dry:
+    if opts.dry_run:
         plan = {"model": str(model_path), "dataset": str(data_path), "train_pairs": len(train_data),
                 "eval_pairs": len(eval_data) if eval_data is not None else 0}
         print(f"dpo (dry run): {plan}")

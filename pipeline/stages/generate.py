@@ -32,15 +32,88 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from pipeline.config import ConfigError, GenerateRecipe
+from pydantic import Field, model_validator
+
+from pipeline import records
+from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, GenResult, make_backend
-from pipeline.methods.principles import (DEFAULT_PRINCIPLE_MIX, FALLBACK_PRINCIPLE_MIX, PRINCIPLE_PROMPTS,
-                                 PRINCIPLES_VERSION)
-from pipeline.records import COMPLETION_SET_FEATURES, unannotated_completion
-from pipeline.runs import (DATASET, StageFailed, atomic_dir, atomic_write_text, clear_done, is_done, mark_done,
-                           resolve_input, save_config, shard_dir, stage_dir, write_json)
+from pipeline.methods.principles import (
+    DEFAULT_PRINCIPLE_MIX,
+    FALLBACK_PRINCIPLE_MIX,
+    PRINCIPLE_PROMPTS,
+    PRINCIPLES_VERSION,
+)
+from pipeline.records import unannotated_completion
+from pipeline.runs import (
+    DATASET,
+    RunOptions,
+    StageFailed,
+    atomic_dir,
+    atomic_write_text,
+    clear_done,
+    is_done,
+    mark_done,
+    resolve_input,
+    save_config,
+    shard_dir,
+    stage_dir,
+    write_json,
+)
+
+
+class GenerateInputs(Strict):
+    prompts: StageRef | str = Field(description="The prompts stage output, or a dataset path")
+
+
+class GenerationSection(Strict):
+    pool: list[ModelSpec] = Field(min_length=1)
+    models_per_prompt: int = Field(4, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    seed: int = 0
+    principle_mix: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Per-source principle weights; overrides the defaults"
+    )
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _pool_fits(self) -> "GenerationSection":
+        names = [m.name for m in self.pool]
+        if len(set(names)) != len(names):
+            raise ValueError("pool: model names must be unique")
+        if self.models_per_prompt > len(self.pool):
+            raise ValueError(
+                f"models_per_prompt={self.models_per_prompt} but the pool has {len(self.pool)} models"
+            )
+        from pipeline.methods.principles import validate_mix
+
+        for source, mix in self.principle_mix.items():
+            try:
+                validate_mix(mix)
+            except ValueError as err:
+                raise ValueError(f"principle_mix.{source}: {err}") from None
+        return self
+
+
+class Recipe(Strict):
+    stage: Literal["generate"]
+    run: RunSection
+    inputs: GenerateInputs
+    generation: GenerationSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        files = [
+            (f"generation.pool[{i}].path", m.path) for i, m in enumerate(self.generation.pool) if m.path
+        ]
+        if isinstance(self.inputs.prompts, str):
+            files.append(("inputs.prompts", self.inputs.prompts))
+        return files
+
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +162,12 @@ def split_by_mix(count: int, mix: dict[str, float], rng: random.Random) -> list[
     return names
 
 
-def principle_mix_for(source: str, recipe: GenerateRecipe) -> dict[str, float]:
+def principle_mix_for(source: str, recipe: Recipe) -> dict[str, float]:
     overrides = recipe.generation.principle_mix
     return overrides.get(source) or DEFAULT_PRINCIPLE_MIX.get(source) or FALLBACK_PRINCIPLE_MIX
 
 
-def make_plan(prompts: list[dict], recipe: GenerateRecipe) -> list[list[PlannedCompletion]]:
+def make_plan(prompts: list[dict], recipe: Recipe) -> list[list[PlannedCompletion]]:
     gen = recipe.generation
     pool = [m.name for m in gen.pool]
     models = assign_models(len(prompts), pool, gen.models_per_prompt, gen.seed)
@@ -120,7 +193,7 @@ def make_plan(prompts: list[dict], recipe: GenerateRecipe) -> list[list[PlannedC
     return plan
 
 
-def _request(item: PlannedCompletion, prompt: dict, recipe: GenerateRecipe, identity: dict) -> GenRequest:
+def _request(item: PlannedCompletion, prompt: dict, recipe: Recipe, identity: dict) -> GenRequest:
     gen = recipe.generation
     messages = ({"role": "system", "content": item.system_prompt},
                 {"role": "user", "content": prompt["instruction"]})
@@ -130,7 +203,7 @@ def _request(item: PlannedCompletion, prompt: dict, recipe: GenerateRecipe, iden
     return GenRequest(key=key, messages=messages, params=params)
 
 
-def _load_prompts(recipe: GenerateRecipe) -> list[dict]:
+def _load_prompts(recipe: Recipe) -> list[dict]:
     from datasets import load_from_disk
 
     path = resolve_input(recipe, recipe.inputs.prompts, "inputs.prompts")
@@ -149,7 +222,7 @@ def _load_prompts(recipe: GenerateRecipe) -> list[dict]:
 class _Work:
     """Everything a shard or the merge needs: prompts, plan, backends, request per completion."""
 
-    def __init__(self, recipe: GenerateRecipe):
+    def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.prompts = _load_prompts(recipe)
         self.plan = make_plan(self.prompts, recipe)
@@ -291,7 +364,7 @@ def merge(work: _Work, num_shards: int) -> dict:
     if not rows:
         raise StageFailed("generate: no completion succeeded; nothing to write")
     with atomic_dir(stage_path / DATASET) as tmp:
-        Dataset.from_list(rows, features=COMPLETION_SET_FEATURES).save_to_disk(str(tmp))
+        Dataset.from_list(rows, features=records.COMPLETION_SET_FEATURES).save_to_disk(str(tmp))
     summary = {
         "prompts": len(work.prompts), "rows": len(rows), "prompts_without_completions": dropped,
         "completions": sum(per_model.values()), "failed_completions": failed,
@@ -313,21 +386,20 @@ def print_summary(summary: dict, stage_path: Path) -> None:
         print(f"  {source:<24} " + ", ".join(f"{p} {n}" for p, n in mix.items()))
 
 
-def run(recipe: GenerateRecipe, shard: int | None = None, num_shards: int | None = None,
-        merge_only: bool = False, retry_failed: bool = False) -> dict | None:
-    """Local run: every shard then the merge; `shard=i` runs one shard; `merge_only` merges."""
-    num_shards = num_shards or recipe.launch.num_shards
-    if shard is not None and not 0 <= shard < num_shards:
-        raise ConfigError(f"--shard {shard}: must be between 0 and {num_shards - 1} (--num-shards {num_shards})")
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict | None:
+    """Local run: every shard then the merge; `opts.shard=i` runs one shard; `opts.merge_only` merges."""
+    num_shards = opts.num_shards or recipe.launch.num_shards
+    if opts.shard is not None and not 0 <= opts.shard < num_shards:
+        raise ConfigError(f"--shard {opts.shard}: must be between 0 and {num_shards - 1} (--num-shards {num_shards})")
     work = _Work(recipe)
     stage_path = stage_dir(recipe)
     stage_path.mkdir(parents=True, exist_ok=True)
     clear_done(stage_path)
     save_config(stage_path, recipe)
-    if not merge_only:
-        for index in ([shard] if shard is not None else range(num_shards)):
-            run_shard(work, index, num_shards, retry_failed=retry_failed)
-    if shard is not None:
+    if not opts.merge_only:
+        for index in ([opts.shard] if opts.shard is not None else range(num_shards)):
+            run_shard(work, index, num_shards, retry_failed=opts.retry_failed)
+    if opts.shard is not None:
         return None  # array tasks: the merge is its own job, after all shards
     summary = merge(work, num_shards)
     print_summary(summary, stage_path)

@@ -63,12 +63,56 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pipeline.config import ConfigError, PairsRecipe
-from pipeline.records import prompt_id as make_prompt_id, saved_rows
+from pydantic import Field
+
+from pipeline.config import ConfigError, LaunchSection, RunSection, StageRef, Strict
+from pipeline.records import prompt_id as make_prompt_id
+from pipeline.records import saved_rows
 from pipeline.report import figure
-from pipeline.runs import (DATASET, atomic_dir, clear_done, mark_done, resolve_input, save_config, stage_dir,
-                           write_json)
+from pipeline.runs import (
+    DATASET,
+    RunOptions,
+    atomic_dir,
+    clear_done,
+    mark_done,
+    resolve_input,
+    save_config,
+    stage_dir,
+    write_json,
+)
+
+
+class PairsInputs(Strict):
+    annotations: StageRef | str = Field(
+        description="The annotate stage output, or a dataset folder / JSONL / parquet in the "
+        "openbmb/UltraFeedback row shape"
+    )
+
+
+class PairsSection(Strict):
+    strategy: Literal["h4", "argilla", "all"] = Field(
+        "h4", description="h4: best vs a random other; argilla: best vs a random strictly lower "
+        "(ties dropped); all: every pair with a score gap"
+    )
+    score: Literal["overall", "fine-grained"] = "overall"
+    remove_truthful_qa: bool = Field(False, description="Drop prompts from TruthfulQA (it is also an eval set)")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of prompts held out for test_* splits")
+    seed: int = 0
+    critique_export: bool = Field(True, description="Also write the critique SFT data (for UltraCM)")
+
+
+class Recipe(Strict):
+    stage: Literal["pairs"]
+    run: RunSection
+    inputs: PairsInputs
+    pairs: PairsSection = PairsSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return [("inputs.annotations", self.inputs.annotations)] if isinstance(self.inputs.annotations, str) else []
+
 
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 SPLITS = ("train_prefs", "test_prefs", "train_sft", "test_sft", "train_gen", "test_gen")
@@ -236,7 +280,7 @@ def check_row(raw, where: str) -> Row:
     return Row(where=where, prompt_id=pid, source=source, instruction=instruction, completions=tuple(out))
 
 
-def load_rows(recipe: PairsRecipe) -> tuple[Path, list[Row]]:
+def load_rows(recipe: Recipe) -> tuple[Path, list[Row]]:
     path = resolve_input(recipe, recipe.inputs.annotations, "inputs.annotations")
     rows = [check_row(raw, where) for where, raw in saved_rows(path)]
     if not rows:
@@ -361,7 +405,7 @@ def critique_records(row: Row) -> tuple[list[dict], int]:
     return records, skipped
 
 
-def build(rows: list[Row], recipe: PairsRecipe) -> tuple[dict[str, list[dict]], dict[str, list[dict]], dict]:
+def build(rows: list[Row], recipe: Recipe) -> tuple[dict[str, list[dict]], dict[str, list[dict]], dict]:
     """Every output row (pairs per split, critique rows per split) and the counts; writes nothing."""
     cfg = recipe.pairs
     source = score_source(cfg.strategy, cfg.score)
@@ -476,7 +520,7 @@ def _save(parts: dict[str, list[dict]], features, dest: Path) -> None:
     data.save_to_disk(str(dest), num_shards={name: 1 for name, records in parts.items() if not records})
 
 
-def run(recipe: PairsRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     path = stage_dir(recipe)
     clear_done(path)  # from here on, a failure leaves the stage not done
     # Read, check and pair everything before writing: bad input leaves nothing behind.

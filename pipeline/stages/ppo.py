@@ -25,12 +25,58 @@ import copy
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
-from pipeline.config import ConfigError, PpoRecipe
+from pydantic import Field
+
+from pipeline.config import (
+    ConfigError,
+    LaunchSection,
+    RunSection,
+    StageRef,
+    Strict,
+    TrainInputs,
+    TrainSection,
+    local_paths,
+)
 from pipeline.report import figure
-from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import (is_main_process, load_reward_model, lora_config, model_folder, save_model, trl_config,
-                            world_size)
+from pipeline.runs import RunOptions, clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
+from pipeline.train import (
+    is_main_process,
+    load_reward_model,
+    lora_config,
+    model_folder,
+    save_model,
+    trl_config,
+    world_size,
+)
+
+
+class PpoSection(Strict):
+    reward_model: StageRef | str = Field(description="The reward stage's model (its value head starts from it)")
+    samples_per_iteration: int = Field(512, ge=1, description="Rollouts per PPO iteration (TRL batch_size)")
+    mini_batch_size: int = Field(64, ge=1)
+    iterations: int = Field(80, ge=1)
+    ppo_epochs: int = Field(4, ge=1)
+    kl_coef: float = Field(0.05, ge=0)
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    eval_prompts: int = Field(64, ge=1, description="Held-out prompts scored before and after")
+
+
+class Recipe(Strict):
+    stage: Literal["ppo"]
+    run: RunSection
+    model: StageRef | str = Field(description="Starting policy (usually the sft stage's model)")
+    inputs: TrainInputs
+    train: TrainSection = TrainSection()
+    ppo: PpoSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset,
+                                                 "ppo.reward_model": self.ppo.reward_model})
+
 
 REPORT = "report"
 
@@ -103,7 +149,7 @@ def plot_curves(log_history: list[dict], path: Path) -> list[str]:
     return [path.name]
 
 
-def run(recipe: PpoRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     import torch
     from datasets import Dataset, load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -21,10 +21,69 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pipeline.config import ConfigError, PromptsRecipe, SourceSpec
-from pipeline.records import PROMPT_FEATURES, prompt_id, saved_rows
-from pipeline.runs import DATASET, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
+from pydantic import Field, model_validator
+
+from pipeline import records
+from pipeline.config import SOURCE_FORMATS, ConfigError, LaunchSection, RunSection, Strict
+from pipeline.records import prompt_id, saved_rows
+from pipeline.runs import DATASET, RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
+
+
+class SourceSpec(Strict):
+    name: str = Field(description="Source label written to each prompt's `source`")
+    path: str | None = Field(None, description="Local JSONL, parquet or `datasets` folder")
+    hub: str | None = Field(None, description="Hub dataset name (only when online)")
+    split: str = "train"
+    format: Literal[SOURCE_FORMATS] | None = Field(  # type: ignore[valid-type]
+        None, description="Row shape; default: the source name when it is a known shape"
+    )
+    sample: int | None = Field(None, ge=1, description="Keep this many (seeded); None = all")
+    max_words: int | None = Field(None, ge=1, description="Drop instructions longer than this")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "SourceSpec":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError(f"source {self.name!r}: give exactly one of `path` or `hub`")
+        if self.format is None and self.name not in SOURCE_FORMATS:
+            raise ValueError(
+                f"source {self.name!r}: set `format` (one of {', '.join(SOURCE_FORMATS)})"
+            )
+        return self
+
+    @property
+    def row_format(self) -> str:
+        return self.format or self.name
+
+
+class EvalSetSpec(Strict):
+    path: str
+    fields: list[str] = Field(default_factory=lambda: ["question"], description="Text fields to index")
+
+
+class PromptsInputs(Strict):
+    sources: list[SourceSpec] = Field(min_length=1)
+    eval_sets: list[EvalSetSpec] = Field(default_factory=list)
+
+
+class PromptsData(Strict):
+    seed: int = 0
+    dedupe: bool = True
+    decontaminate_ngram: int = Field(13, ge=1, description="n of the n-gram overlap filter")
+
+
+class Recipe(Strict):
+    stage: Literal["prompts"]
+    run: RunSection
+    inputs: PromptsInputs
+    data: PromptsData = PromptsData()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        files = [(f"inputs.sources[{i}].path", s.path) for i, s in enumerate(self.inputs.sources) if s.path]
+        files += [(f"inputs.eval_sets[{i}].path", e.path) for i, e in enumerate(self.inputs.eval_sets)]
+        return files
 
 
 @dataclass
@@ -204,7 +263,7 @@ class Contamination:
         return " ".join(words) in self.texts
 
 
-def load_eval_texts(recipe: PromptsRecipe) -> list[str]:
+def load_eval_texts(recipe: Recipe) -> list[str]:
     texts = []
     for index, spec in enumerate(recipe.inputs.eval_sets):
         found = 0
@@ -226,7 +285,7 @@ def load_eval_texts(recipe: PromptsRecipe) -> list[str]:
 # ---------------------------------------------------------------- the stage
 
 
-def select(recipe: PromptsRecipe, by_source: list[list[Prompt]], eval_texts: list[str]
+def select(recipe: Recipe, by_source: list[list[Prompt]], eval_texts: list[str]
            ) -> tuple[list[dict], dict[str, SourceCounts]]:
     """Apply the filters in order; return the kept records and the counts per source."""
     counts: dict[str, SourceCounts] = {}
@@ -288,7 +347,7 @@ def print_counts(counts: dict[str, SourceCounts], total: int, path: Path) -> Non
         print(f"  {name:<16}{c.read:>6}" + "".join(f"{getattr(c, f):>10}" for f in FILTERS) + f"{c.kept:>7}")
 
 
-def run(recipe: PromptsRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset
 
     path = stage_dir(recipe)
@@ -303,7 +362,7 @@ def run(recipe: PromptsRecipe) -> dict:
     clear_done(path)
     save_config(path, recipe)
     with atomic_dir(path / DATASET) as tmp:
-        Dataset.from_list(kept, features=PROMPT_FEATURES).save_to_disk(str(tmp))
+        Dataset.from_list(kept, features=records.PROMPT_FEATURES).save_to_disk(str(tmp))
     summary = {
         "kept": len(kept),
         "read": sum(c.read for c in counts.values()),

@@ -32,12 +32,69 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
-from pipeline.methods import factworld as fw
-from pipeline.config import ConfigError, QaDataRecipe, QaSourceSpec
+from pydantic import Field, model_validator
+
+from pipeline import records
+from pipeline.config import QA_FORMATS, ConfigError, LaunchSection, RunSection, Strict
 from pipeline.formats.qa import load_items
-from pipeline.records import QA_FEATURES
-from pipeline.runs import DATASET, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
+from pipeline.methods import factworld as fw
+from pipeline.runs import DATASET, RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
+
+QA_ROLES = ("train", "test_id", "test_ood", "unanswerable")
+
+
+class QaSourceSpec(Strict):
+    path: str = Field(description="Local JSONL, parquet or `datasets` folder")
+    format: Literal[QA_FORMATS]  # type: ignore[valid-type]
+    role: Literal[QA_ROLES] = Field(description="The split its items go to")  # type: ignore[valid-type]
+    name: str | None = Field(None, description="Label written to each item's `dataset` (default: format)")
+    domains: list[str] | None = Field(None, description="Keep only these domains (e.g. ParaRel ID relations)")
+    exclude_domains: list[str] = Field(default_factory=list, description="Drop these domains")
+    kinds: list[Literal["open", "choice", "unanswerable"]] | None = Field(
+        None, description="Keep only these kinds (e.g. only the unanswerable half of SelfAware)")
+    sample: int | None = Field(None, ge=1, description="Keep this many (seeded); None = all")
+    seed: int = 0
+    with_context: bool = Field(True, description="hotpotqa: keep the paragraphs as context")
+
+
+class QaDataInputs(Strict):
+    sources: list[QaSourceSpec] = Field(default_factory=list)
+
+
+class FactWorldSection(Strict):
+    seed: int = 0
+    entities: int = Field(40, ge=2, description="Invented people with facts")
+    known_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share whose facts go to teach/")
+    nonexistent: int = Field(10, ge=0, description="Names in no fact: unanswerable questions")
+    test_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Share held out for test_id (of the "
+                                 "entities, or of each entity's questions; see `holdout`)")
+    holdout: Literal["entities", "questions"] = Field(
+        "entities", description="test_id holds out whole entities (new people) or some questions of every "
+        "entity (new questions about people the tuning saw)")
+    ood_attributes: list[str] = Field(default_factory=lambda: ["favourite_colour"],
+                                      description="Attributes asked only in test_ood")
+    kinds: list[Literal["open", "choice"]] = Field(default_factory=lambda: ["open"], min_length=1)
+    n_choices: int = Field(4, ge=2, le=8)
+
+
+class Recipe(Strict):
+    stage: Literal["qa-data"]
+    run: RunSection
+    inputs: QaDataInputs = QaDataInputs()
+    factworld: FactWorldSection | None = None
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="after")
+    def _something(self) -> "Recipe":
+        if not self.inputs.sources and self.factworld is None:
+            raise ValueError("give `inputs.sources`, a `factworld` section, or both")
+        return self
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return [(f"inputs.sources[{i}].path", s.path) for i, s in enumerate(self.inputs.sources)]
+
 
 SPLITS = ("train", "test_id", "test_ood", "unanswerable")
 TEACH = "teach"
@@ -86,7 +143,7 @@ def _save_splits(splits: dict[str, list[dict]], features, columns, folder: Path)
     DatasetDict(data).save_to_disk(str(folder), num_shards={name: 1 for name in empty} or None)
 
 
-def build(recipe: QaDataRecipe) -> tuple[dict[str, list[dict]], dict, fw.FactWorld | None]:
+def build(recipe: Recipe) -> tuple[dict[str, list[dict]], dict, fw.FactWorld | None]:
     """The four splits, the per-source counts, and the fact world (or None)."""
     splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
     sources = {}
@@ -128,7 +185,7 @@ def _dedupe(splits: dict[str, list[dict]]) -> dict:
     return dropped
 
 
-def run(recipe: QaDataRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     out = stage_dir(recipe)
     clear_done(out)
     splits, sources, world = build(recipe)  # every source is read and checked before any write
@@ -138,7 +195,7 @@ def run(recipe: QaDataRecipe) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out / DATASET) as tmp:
-        _save_splits(splits, QA_FEATURES, QA_FEATURES, tmp)
+        _save_splits(splits, records.QA_FEATURES, records.QA_FEATURES, tmp)
     teach = []
     if world is not None:
         from datasets import Features, List, Value

@@ -24,12 +24,55 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import Literal
 
-from pipeline.config import ConfigError, RewardRecipe, RewardSource
+from pydantic import Field
+
+from pipeline.config import ConfigError, LaunchSection, RunSection, StageRef, Strict, TrainSection, local_paths
 from pipeline.report import figure
-from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import (is_main_process, last_checkpoint, lora_config, model_folder, save_model,
-                            train_or_resume, trl_config, world_size)
+from pipeline.runs import RunOptions, clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
+from pipeline.train import (
+    is_main_process,
+    last_checkpoint,
+    lora_config,
+    model_folder,
+    save_model,
+    train_or_resume,
+    trl_config,
+    world_size,
+)
+
+
+class RewardSource(Strict):
+    """One preference dataset of the reward mixture."""
+
+    name: str = Field(description="Label in the accuracy table")
+    dataset: StageRef | str
+    format: Literal["pairs", "anthropic_hh", "shp", "summarize"] = Field(
+        "pairs", description="pairs: our `pairs` output (or any chosen/rejected conversations)")
+    train_split: str = "train_prefs"
+    eval_split: str | None = "test_prefs"
+    train_size: int | None = Field(None, ge=1, description="Sample this many training pairs (seeded); None = all")
+    eval_size: int | None = Field(None, ge=1)
+    use_margin: bool = Field(True, description="Pass the margin column to the loss (0 when the source has none)")
+
+
+class RewardSection(Strict):
+    sources: list[RewardSource] = Field(min_length=1)
+
+
+class Recipe(Strict):
+    stage: Literal["reward"]
+    run: RunSection
+    model: str = Field(description="Base model folder; a linear score head is added")
+    train: TrainSection = TrainSection()
+    reward: RewardSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(model=self.model, **{f"reward.sources[{i}].dataset": s.dataset
+                                                 for i, s in enumerate(self.reward.sources)})
+
 
 REPORT = "report"
 HOLDOUT_FRACTION = 0.10  # public files come unsplit; this share is held out for accuracy
@@ -135,7 +178,7 @@ def _has_splits(path: Path) -> bool:
     return path.is_dir() and (path / "dataset_dict.json").is_file()
 
 
-def load_source(recipe: RewardRecipe, index: int, source: RewardSource) -> tuple[list[dict], list[dict], dict]:
+def load_source(recipe: Recipe, index: int, source: RewardSource) -> tuple[list[dict], list[dict], dict]:
     """(train rows, eval rows, counts) of one source, converted, sampled and tagged."""
     key = f"reward.sources[{index}]"
     path = resolve_input(recipe, source.dataset, f"{key}.dataset")
@@ -241,7 +284,7 @@ def print_table(table: dict) -> None:
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def run(recipe: RewardRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -21,20 +21,79 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Literal
 
-from datasets import Dataset, DatasetDict, load_from_disk
+from pydantic import Field, model_validator
 
-from pipeline.config import ConfigError, RtuningDataRecipe
-from pipeline.runs import (DATASET, atomic_dir, clear_done, mark_done, resolve_input, save_config, stage_dir,
-                           write_json)
-from pipeline.methods.rtuning import (PROBE_QUESTION, REFUSALS, SURE, UNSURE, QAModel, check_item, entropy,
-                                     gold_answer, question_text)
+from pipeline.config import ConfigError, LaunchSection, RtuningModelSection, RunSection, StageRef, Strict, local_paths
+from pipeline.methods.rtuning import (
+    PROBE_QUESTION,
+    REFUSALS,
+    SURE,
+    UNSURE,
+    QAModel,
+    check_item,
+    entropy,
+    gold_answer,
+    question_text,
+)
+from pipeline.runs import (
+    DATASET,
+    RunOptions,
+    atomic_dir,
+    clear_done,
+    mark_done,
+    resolve_input,
+    save_config,
+    stage_dir,
+    write_json,
+)
 from pipeline.train import model_folder
+
+
+class RtuningDataInputs(Strict):
+    probe: StageRef | str = Field(description="The rtuning-probe output (items with their probe labels)")
+
+
+class RtuningDataSection(RtuningModelSection):
+    variant: Literal["r-tuning", "r-tuning-r", "r-tuning-u", "vanilla"] = Field(
+        "r-tuning", description="r-tuning: gold answer + sure/unsure by probe correctness; r-tuning-r: "
+        "uncertain answers replaced by refusals; r-tuning-u: sure/unsure by sampled-answer entropy "
+        "(no labels; needs `model`); vanilla: gold answer only")
+    seed: int = 0
+    samples: int = Field(10, ge=2, description="r-tuning-u: answers sampled per question")
+    temperature: float = Field(0.7, gt=0, description="r-tuning-u: sampling temperature")
+    unsure_fraction: float = Field(0.5, ge=0, le=1, description="r-tuning-u: share of most uncertain "
+                                   "questions marked unsure")
+
+
+class Recipe(Strict):
+    stage: Literal["rtuning-data"]
+    run: RunSection
+    model: str | None = Field(None, description="r-tuning-u: the base model that samples answers")
+    inputs: RtuningDataInputs
+    rtuning: RtuningDataSection = RtuningDataSection()
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="after")
+    def _model_for_u(self) -> "Recipe":
+        if self.rtuning.variant == "r-tuning-u" and not self.model:
+            raise ValueError("rtuning.variant 'r-tuning-u' samples answers: set `model` (the base model folder)")
+        return self
+
+    def input_files(self) -> list[tuple[str, str]]:
+        named = {"inputs.probe": self.inputs.probe}
+        if self.model:
+            named["model"] = self.model
+        return local_paths(**named)
+
 
 SPLIT = "train"
 
 
 def load_probe(recipe) -> tuple[list[dict], object]:
+    from datasets import DatasetDict, load_from_disk
+
     path = resolve_input(recipe, recipe.inputs.probe, "inputs.probe")
     try:
         data = load_from_disk(str(path))
@@ -100,7 +159,9 @@ def build_rows(recipe, items: list[dict], entropies: list[float] | None = None) 
     return rows
 
 
-def run(recipe: RtuningDataRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
+    from datasets import Dataset, DatasetDict
+
     started = time.time()
     items, probe_path = load_probe(recipe)
     entropies = None

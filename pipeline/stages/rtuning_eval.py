@@ -20,16 +20,57 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any, Literal
 
-from datasets import Dataset, DatasetDict
+from pydantic import Field, model_validator
 
-from pipeline.config import RtuningEvalRecipe
-from pipeline.methods.metrics import auroc, average_precision, brier, expected_calibration_error, reliability_bins, \
-    reliability_diagram
-from pipeline.runs import atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
+from pipeline.config import LaunchSection, RtuningModelSection, RunSection, StageRef, Strict, local_paths
+from pipeline.methods.metrics import (
+    auroc,
+    average_precision,
+    brier,
+    expected_calibration_error,
+    reliability_bins,
+    reliability_diagram,
+)
 from pipeline.methods.refusal import detect_refusal
 from pipeline.methods.rtuning import QAModel, is_correct, load_splits
+from pipeline.runs import RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
 from pipeline.train import model_folder
+
+
+class RtuningEvalInputs(Strict):
+    items: StageRef | str = Field(description="QA items (QA_FEATURES): the qa-data output or a dataset folder")
+    splits: list[str] = Field(default_factory=lambda: ["test_id", "test_ood", "unanswerable"], min_length=1)
+
+
+class RtuningEvalSection(RtuningModelSection):
+    weight: float = Field(0.5, ge=0, le=1, description="confidence = weight x answer confidence + "
+                          "(1 - weight) x p_sure")
+    bins: int = Field(10, ge=1, description="Equal-width bins of ECE and the reliability diagram")
+    probe: bool = Field(True, description="Ask the sure/unsure probe; false for a vanilla model (confidence = "
+                        "answer confidence, refusals = refusal phrases in the answer)")
+
+
+class Recipe(Strict):
+    stage: Literal["rtuning-eval"]
+    run: RunSection
+    model: StageRef | str = Field(description="The model to evaluate: a folder, or a training stage's model")
+    inputs: RtuningEvalInputs
+    rtuning: RtuningEvalSection = RtuningEvalSection()
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_output(cls, tree: Any) -> Any:
+        # A stage ref for `model` means that stage's model folder, not its dataset.
+        if isinstance(tree, dict) and isinstance(tree.get("model"), dict):
+            tree = {**tree, "model": {"output": "model", **tree["model"]}}
+        return tree
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(model=self.model, **{"inputs.items": self.inputs.items})
+
 
 PREDICTIONS = "predictions"
 
@@ -90,7 +131,9 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(recipe: RtuningEvalRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
+    from datasets import Dataset, DatasetDict
+
     started = time.time()
     mpath = model_path(recipe)
     splits, items_path = load_splits(recipe.inputs.items, "inputs.items", recipe.inputs.splits, recipe,

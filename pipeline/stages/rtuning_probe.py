@@ -14,18 +14,39 @@ QA columns plus `model_answer`, `answer_confidence`, `correct`, `certain`, `prob
 from __future__ import annotations
 
 import time
+from typing import Literal
 
-from datasets import Dataset, DatasetDict
+from pydantic import Field
 
-from pipeline.config import RtuningProbeRecipe
-from pipeline.runs import DATASET, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
+from pipeline.config import LaunchSection, RtuningModelSection, RunSection, StageRef, Strict, local_paths
 from pipeline.methods.rtuning import QAModel, is_correct, load_splits
+from pipeline.runs import DATASET, RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
 from pipeline.train import model_folder
+
+
+class RtuningProbeInputs(Strict):
+    items: StageRef | str = Field(description="QA items (QA_FEATURES): the qa-data output or a dataset folder")
+    split: str = Field("train", description="The training questions to probe")
+
+
+class Recipe(Strict):
+    stage: Literal["rtuning-probe"]
+    run: RunSection
+    model: str = Field(description="The base model folder whose knowledge is probed")
+    inputs: RtuningProbeInputs
+    rtuning: RtuningModelSection = RtuningModelSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(model=self.model, **{"inputs.items": self.inputs.items})
+
 
 PROBE_SPLIT = "train"
 
 
-def run(recipe: RtuningProbeRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
+    from datasets import Dataset, DatasetDict
+
     started = time.time()
     model_path = model_folder(recipe, recipe.model, "model")
     splits, items_path = load_splits(recipe.inputs.items, "inputs.items", [recipe.inputs.split], recipe,

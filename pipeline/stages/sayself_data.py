@@ -29,12 +29,44 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
+from typing import Literal
 
-from pipeline.config import ConfigError, SayselfDataRecipe
-from pipeline.runs import DATASET, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.methods.sayself import CONFIDENCE_RANGE, SAYSELF_INSTRUCTION, format_response
+from pydantic import Field
+
+from pipeline.config import ConfigError, LaunchSection, RunSection, StageRef, Strict, local_paths
 from pipeline.methods.rtuning import question_text
+from pipeline.methods.sayself import CONFIDENCE_RANGE, SAYSELF_INSTRUCTION, format_response
+from pipeline.runs import DATASET, RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
 from pipeline.stages.sayself_sample import QA_COLUMNS, SPLIT, load_rows
+
+
+class SayselfDataInputs(Strict):
+    dataset: StageRef | str = Field(description="The sayself-rationale output (sayself-cluster's is enough for "
+                                    "the variants without a self-reflection)")
+
+
+class SayselfDataSection(Strict):
+    variant: Literal["full", "no-rationale", "no-confidence", "constant"] = Field(
+        "full", description="full: reasoning, answer, self-reflection, confidence; no-rationale: without the "
+        "self-reflection; no-confidence: without the confidence; constant: reasoning, answer and the same "
+        "confidence for every question (`constant_confidence`), no self-reflection")
+    constant_confidence: int | None = Field(None, ge=1, le=10, description="constant: the confidence written; "
+                                            "None = the rounded mean of the questions' targets")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="Share of questions held out as split `test` "
+                                 "(seeded, by qid); 0 = train only")
+    seed: int = 0
+
+
+class Recipe(Strict):
+    stage: Literal["sayself-data"]
+    run: RunSection
+    inputs: SayselfDataInputs
+    sayself: SayselfDataSection = SayselfDataSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(**{"inputs.dataset": self.inputs.dataset})
+
 
 TEST_SPLIT = "test"
 
@@ -52,7 +84,7 @@ def held_out(qid: str, seed: int, fraction: float) -> bool:
     return h / 16**16 < fraction
 
 
-def build_rows(recipe: SayselfDataRecipe, rows: list[dict]) -> list[dict]:
+def build_rows(recipe: Recipe, rows: list[dict]) -> list[dict]:
     s = recipe.sayself
     targets = [check_confidence(r["confidence"], f"inputs.dataset split {SPLIT!r} row {i} (qid {r['qid'][:12]})")
                for i, r in enumerate(rows)]
@@ -78,7 +110,7 @@ def build_rows(recipe: SayselfDataRecipe, rows: list[dict]) -> list[dict]:
     return out
 
 
-def run(recipe: SayselfDataRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset, DatasetDict
 
     started = time.time()

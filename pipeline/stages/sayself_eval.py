@@ -32,13 +32,66 @@ table is printed.
 from __future__ import annotations
 
 import time
+from typing import Any, Literal
 
-from pipeline.config import ConfigError, ModelSpec, SayselfEvalRecipe
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config import (
+    ConfigError,
+    LaunchSection,
+    ModelSpec,
+    RunSection,
+    StageRef,
+    Strict,
+    local_paths,
+    model_ref_is_a_model,
+)
 from pipeline.methods.metrics import auroc, brier, expected_calibration_error, reliability_bins, reliability_diagram
-from pipeline.runs import atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.methods.sayself import SAYSELF_INSTRUCTION, item_answer, item_correct, parse_response
 from pipeline.methods.rtuning import load_splits, question_text
+from pipeline.methods.sayself import SAYSELF_INSTRUCTION, item_answer, item_correct, parse_response
+from pipeline.runs import RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
 from pipeline.train import model_folder
+
+
+class SayselfEvalInputs(Strict):
+    items: StageRef | str = Field(description="QA items (QA_FEATURES): the qa-data output or a DatasetDict folder")
+    splits: list[str] = Field(default_factory=lambda: ["test_id", "test_ood", "unanswerable"], min_length=1,
+                              description="Splits evaluated; each also reported per `dataset` of its items")
+
+    @field_validator("splits")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a split is listed twice")
+        return value
+
+
+class SayselfEvalSection(Strict):
+    max_new_tokens: int = Field(256, ge=1, description="New tokens per greedy answer")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call (left padded)")
+    bins: int = Field(10, ge=1, description="Equal-width bins of ECE and the reliability diagram")
+    limit: int | None = Field(None, ge=1, description="Only the first N items of each split (smoke runs)")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda:0'")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU that has it, else float32")
+
+
+class Recipe(Strict):
+    stage: Literal["sayself-eval"]
+    run: RunSection
+    model: StageRef | str = Field(description="The model to evaluate: a folder, or a training stage's model")
+    inputs: SayselfEvalInputs
+    sayself: SayselfEvalSection = SayselfEvalSection()
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_output(cls, tree: Any) -> Any:
+        return model_ref_is_a_model(tree)
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(model=self.model, **{"inputs.items": self.inputs.items})
+
 
 PREDICTIONS = "predictions"
 REPORT = "report"
@@ -174,7 +227,7 @@ def table(results: dict[str, dict]) -> str:
     return "\n\n".join(blocks)
 
 
-def run(recipe: SayselfEvalRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset, DatasetDict
 
     started = time.time()

@@ -38,13 +38,57 @@ import time
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pipeline.config import ConfigError, SayselfRationaleRecipe
+from pydantic import Field, model_validator
+
+from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict, local_paths
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, GenResult, make_backend
-from pipeline.runs import (DATASET, StageFailed, atomic_dir, atomic_write_text, clear_done, mark_done,
-                           save_config, stage_dir, write_json)
+from pipeline.runs import (
+    DATASET,
+    RunOptions,
+    StageFailed,
+    atomic_dir,
+    atomic_write_text,
+    clear_done,
+    mark_done,
+    save_config,
+    stage_dir,
+    write_json,
+)
 from pipeline.stages.sayself_sample import QA_COLUMNS, SPLIT, load_rows
+
+
+class SayselfRationaleInputs(Strict):
+    clusters: StageRef | str = Field(description="The sayself-cluster output (or its dataset folder)")
+
+
+class SayselfRationaleSection(Strict):
+    judge: ModelSpec = Field(description="The model that writes the rationales: an `openai`-backend model")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_new_tokens: int = Field(256, ge=16)
+    max_representatives: int = Field(6, ge=2, description="Show the judge at most this many clusters "
+                                     "(the largest) per question")
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _judge_is_remote(self) -> "SayselfRationaleSection":
+        if self.judge.backend != "openai":
+            raise ValueError("judge: the rationale writer must use backend 'openai' (any OpenAI-compatible server)")
+        return self
+
+
+class Recipe(Strict):
+    stage: Literal["sayself-rationale"]
+    run: RunSection
+    inputs: SayselfRationaleInputs
+    rationale: SayselfRationaleSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(**{"inputs.clusters": self.inputs.clusters})
+
 
 RATIONALE_VERSION = "sayself-rationale-v1"
 TEMPLATE = Path(__file__).resolve().parents[1] / "judge" / "templates" / "sayself" / "rationale-v1.jinja"
@@ -96,7 +140,7 @@ def fixed_rationale(row: dict) -> str:
     return FIXED_SURE if 2 * row["agreeing"] >= row["total"] else FIXED_UNSURE
 
 
-def run(recipe: SayselfRationaleRecipe, retry_failed: bool = False) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset, DatasetDict
     from tqdm import tqdm
 
@@ -124,7 +168,7 @@ def run(recipe: SayselfRationaleRecipe, retry_failed: bool = False) -> dict:
     with Ledger(path / LEDGER) as ledger:
         qid_of = {req.key: rows[i]["qid"] for i, req in requests.items()}
         todo = [req for req in requests.values()
-                if not ledger.is_ok(req.key) and (retry_failed or not ledger.failure(req.key))]
+                if not ledger.is_ok(req.key) and (opts.retry_failed or not ledger.failure(req.key))]
         print(f"sayself-rationale: {len(rows)} questions, {len(requests)} with disagreeing clusters "
               f"({len(requests) - len(todo)} in the ledger, {len(todo)} to send), {len(rows) - len(requests)} "
               "with one cluster (fixed rationale, no call)")

@@ -44,15 +44,90 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any, Literal
 
-from pipeline.config import ConfigError, SayselfRlRecipe
-from pipeline.report import figure
-from pipeline.runs import clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.methods.sayself import item_correct, parse_answer, parse_confidence, sayself_reward
+from pydantic import Field, model_validator
+
+from pipeline.config import (
+    ConfigError,
+    LaunchSection,
+    RunSection,
+    StageRef,
+    Strict,
+    TrainSection,
+    local_paths,
+    model_ref_is_a_model,
+)
 from pipeline.methods.rtuning import load_splits
+from pipeline.methods.sayself import item_correct, parse_answer, parse_confidence, sayself_reward
+from pipeline.report import figure
+from pipeline.runs import RunOptions, clear_done, mark_done, save_config, stage_dir, write_json
 from pipeline.stages.sayself_eval import generate, load_tokenizer, resolve_dtype, sayself_prompt
-from pipeline.train import (MODEL, is_main_process, last_checkpoint, lora_config, model_folder, precision,
-                            save_model, train_or_resume, trl_config)
+from pipeline.train import (
+    MODEL,
+    is_main_process,
+    last_checkpoint,
+    lora_config,
+    model_folder,
+    precision,
+    save_model,
+    train_or_resume,
+    trl_config,
+)
+
+
+class SayselfRlInputs(Strict):
+    items: StageRef | str = Field(description="QA items (QA_FEATURES): the qa-data output or a DatasetDict folder")
+    split: str = Field("train", description="The questions the RL samples answers to (unanswerable ones skipped)")
+    eval_split: str | None = Field(None, description="Questions scored before and after training; None: the "
+                                   "first `sayself.eval_questions` of `split`, which the RL also trains on")
+
+
+class SayselfRlSection(Strict):
+    num_generations: int = Field(8, ge=2, description="Completions sampled per question (GRPO's group); "
+                                 "train.global_batch_size must be a multiple of it")
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature of the RL completions")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_completion_length: int = Field(256, ge=1, description="New tokens per completion")
+    beta: float = Field(0.04, ge=0, description="KL coefficient towards the starting model (0: no reference model)")
+    correctness_weight: float = Field(0.0, ge=0, description="Reward += weight x correctness (the paper's reward: 0)")
+    limit: int | None = Field(None, ge=1, description="Only the first N questions of `inputs.split` (smoke runs)")
+    eval_questions: int = Field(64, ge=1, description="Questions answered greedily before and after training")
+    eval_batch_size: int = Field(16, ge=1, description="Prompts per generate() call in the before/after scoring")
+
+
+class Recipe(Strict):
+    stage: Literal["sayself-rl"]
+    run: RunSection
+    model: StageRef | str = Field(description="The SaySelf-SFT model: a folder, or the sft stage's model")
+    inputs: SayselfRlInputs
+    train: TrainSection = TrainSection()
+    sayself: SayselfRlSection = SayselfRlSection()
+    launch: LaunchSection = LaunchSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_output(cls, tree: Any) -> Any:
+        return model_ref_is_a_model(tree)
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> "Recipe":
+        # GRPO samples global_batch_size completions per optimizer step (per-device batch x processes x
+        # accumulation) and compares each question's num_generations completions with each other.
+        if self.train.global_batch_size % self.sayself.num_generations:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"sayself.num_generations={self.sayself.num_generations}: a GRPO step samples global_batch_size "
+                "completions (per_device_batch_size x processes x gradient accumulation), in whole groups of "
+                "num_generations per question")
+        if self.train.max_length <= self.sayself.max_completion_length:
+            raise ValueError(f"train.max_length={self.train.max_length} leaves no room for a prompt before "
+                             f"sayself.max_completion_length={self.sayself.max_completion_length} new tokens")
+        return self
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(model=self.model, **{"inputs.items": self.inputs.items})
+
 
 REPORT = "report"
 REWARD_NAME = "sayself_reward"  # TRL logs the function's mean as rewards/<name>/mean
@@ -104,7 +179,7 @@ def score(texts: list[str], items: list[dict], correctness_weight: float = 0.0) 
             "accuracy": sum(item_correct(parse_answer(t), item) for t, item in zip(texts, items)) / n if n else None}
 
 
-def load_questions(recipe: SayselfRlRecipe, split: str, split_key: str, limit: int | None) -> tuple[list, int, Path]:
+def load_questions(recipe: Recipe, split: str, split_key: str, limit: int | None) -> tuple[list, int, Path]:
     """(answerable items of `split`, unanswerable ones skipped, the items folder)."""
     splits, path = load_splits(recipe.inputs.items, "inputs.items", [split], recipe, split_key, limit=limit)
     rows = splits[split]
@@ -156,7 +231,7 @@ def plot_curves(curve: dict[str, list], out: Path, title: str) -> None:
         fig.suptitle(title)
 
 
-def run(recipe: SayselfRlRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer

@@ -31,14 +31,59 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
-from pipeline.config import ConfigError, SayselfSampleRecipe
+from pydantic import Field
+
+from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict, local_paths
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, GenResult, make_backend
-from pipeline.runs import (DATASET, StageFailed, atomic_dir, atomic_write_text, clear_done, mark_done,
-                           resolve_input, save_config, stage_dir, write_json)
-from pipeline.methods.sayself import CHAIN_INSTRUCTION, item_answer, item_correct, parse_answer
 from pipeline.methods.rtuning import check_item, question_text
+from pipeline.methods.sayself import CHAIN_INSTRUCTION, item_answer, item_correct, parse_answer
+from pipeline.runs import (
+    DATASET,
+    RunOptions,
+    StageFailed,
+    atomic_dir,
+    atomic_write_text,
+    clear_done,
+    mark_done,
+    resolve_input,
+    save_config,
+    stage_dir,
+    write_json,
+)
+
+
+class SayselfSampleInputs(Strict):
+    items: StageRef | str = Field(description="QA items (QA_FEATURES): the qa-data output or a DatasetDict folder")
+    split: str = Field("train", description="The training questions to sample chains for")
+
+
+class SayselfSampleSection(Strict):
+    samples: int = Field(10, ge=1, description="Reasoning chains sampled per question (the paper: 100)")
+    temperature: float = Field(1.2, gt=0, le=2, description="Sampling temperature (the paper: about 1.2)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1, description="New tokens per chain")
+    seed: int = Field(0, description="Seeds every chain's own sampling seed (part of its ledger key)")
+    limit: int | None = Field(None, ge=1, description="Only the first N questions of the split (smoke runs)")
+    max_failure_fraction: float = Field(0.05, ge=0, le=1, description="Fail the stage when more requests fail")
+
+
+class Recipe(Strict):
+    stage: Literal["sayself-sample"]
+    run: RunSection
+    model: ModelSpec = Field(description="The model whose chains are sampled (hf or openai backend)")
+    inputs: SayselfSampleInputs
+    sayself: SayselfSampleSection = SayselfSampleSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        named = {"inputs.items": self.inputs.items}
+        if self.model.path:
+            named["model.path"] = self.model.path
+        return local_paths(**named)
+
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +125,7 @@ def chain_seeds(seed: int, qid: str, samples: int) -> list[int]:
     return [(base + j) % 2**31 for j in range(samples)]
 
 
-def plan_requests(items: list[dict], recipe: SayselfSampleRecipe, identity: dict) -> list[list[GenRequest]]:
+def plan_requests(items: list[dict], recipe: Recipe, identity: dict) -> list[list[GenRequest]]:
     """Per question, its chains' requests (the same plan on every run: keys never move)."""
     s = recipe.sayself
     plan = []
@@ -104,7 +149,7 @@ def read_chain(item: dict, text: str) -> dict | None:
     return {"text": text, "answer": answer, "correct": item_correct(answer, item)}
 
 
-def load_items(recipe: SayselfSampleRecipe) -> tuple[list[dict], int, Path]:
+def load_items(recipe: Recipe) -> tuple[list[dict], int, Path]:
     """(answerable items, unanswerable ones skipped, input folder)."""
     rows, path = load_rows(recipe, recipe.inputs.items, "inputs.items", set(QA_COLUMNS), recipe.inputs.split)
     if recipe.sayself.limit:
@@ -147,7 +192,7 @@ def _send(backend, todo: list[GenRequest], qid_of: dict[str, str], ledger: Ledge
         bar.close()
 
 
-def run(recipe: SayselfSampleRecipe, retry_failed: bool = False) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset, DatasetDict
 
     started = time.time()
@@ -165,7 +210,7 @@ def run(recipe: SayselfSampleRecipe, retry_failed: bool = False) -> dict:
     with Ledger(path / LEDGER) as ledger:
         qid_of = {req.key: item["qid"] for item, row in zip(items, plan) for req in row}
         todo = [req for row in plan for req in row
-                if not ledger.is_ok(req.key) and (retry_failed or not ledger.failure(req.key))]
+                if not ledger.is_ok(req.key) and (opts.retry_failed or not ledger.failure(req.key))]
         planned = sum(len(row) for row in plan)
         print(f"sayself-sample: {len(items)} questions x {recipe.sayself.samples} chains = {planned}; "
               f"{planned - len(todo)} in the ledger, {len(todo)} to send")

@@ -12,12 +12,41 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
-from pipeline.config import ConfigError, SftRecipe
+from pydantic import Field
+
+from pipeline.config import ConfigError, LaunchSection, RunSection, Strict, TrainInputs, TrainSection, local_paths
 from pipeline.report import figure
-from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import (MODEL, is_main_process, last_checkpoint, lora_config, model_folder, save_model,
-                            train_or_resume, trl_config)
+from pipeline.runs import RunOptions, clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
+from pipeline.train import (
+    MODEL,
+    is_main_process,
+    last_checkpoint,
+    lora_config,
+    model_folder,
+    save_model,
+    train_or_resume,
+    trl_config,
+)
+
+
+class SftSection(Strict):
+    assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only (needs generation tags)")
+
+
+class Recipe(Strict):
+    stage: Literal["sft"]
+    run: RunSection
+    model: str = Field(description="Base model folder")
+    inputs: TrainInputs
+    train: TrainSection = TrainSection()
+    sft: SftSection = SftSection()
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        return local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset})
+
 
 REPORT = "report"
 
@@ -162,8 +191,8 @@ def finish(recipe, path: Path, trainer, summary: dict, metrics: dict) -> None:
     mark_done(path, {"steps": summary["steps"], "model": summary["model"]})
 
 
-def run(recipe: SftRecipe, dry: bool = False) -> dict:
-    if dry:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
+    if opts.dry_run:
         plan = check_inputs(recipe, recipe.sft.assistant_only_loss)
         print(f"sft (dry run): {plan}")
         return plan

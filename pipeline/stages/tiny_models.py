@@ -6,12 +6,24 @@ point their `path`s there.
 
 from __future__ import annotations
 
-from pipeline.config import TinyModelsRecipe
-from pipeline.runs import clear_done, mark_done, save_config, stage_dir
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.config import LaunchSection, RunSection, Strict
+from pipeline.runs import RunOptions, clear_done, mark_done, save_config, stage_dir
 from pipeline.tiny import build_tiny_pool
 
 
-def run(recipe: TinyModelsRecipe) -> list:
+class Recipe(Strict):
+    stage: Literal["tiny-models"]
+    run: RunSection
+    count: int = Field(4, ge=1, le=8, description="Models in the pool")
+    seed: int = 0
+    launch: LaunchSection = LaunchSection()
+
+
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> list:
     path = stage_dir(recipe)
     path.mkdir(parents=True, exist_ok=True)
     clear_done(path)

@@ -51,15 +51,69 @@ import re
 import string
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
-from pipeline.config import ConfigError, UnknownEvalRecipe
+from pydantic import Field, model_validator
+
+from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, GenResult, make_backend
-from pipeline.records import QA_KINDS
 from pipeline.methods.refusal import detect_refusal
+from pipeline.records import QA_KINDS
 from pipeline.report import figure
-from pipeline.runs import (StageFailed, atomic_write_text, clear_done, mark_done, resolve_input, save_config,
-                           stage_dir, write_json)
+from pipeline.runs import (
+    RunOptions,
+    StageFailed,
+    atomic_write_text,
+    clear_done,
+    mark_done,
+    resolve_input,
+    save_config,
+    stage_dir,
+    write_json,
+)
+
+
+class UnknownEvalInputs(Strict):
+    items: StageRef | str = Field(description="QA items (pipeline.records.QA_FEATURES): the qa-data "
+                                  "stage output, or a saved DatasetDict folder")
+
+
+class UnknownEvalSection(Strict):
+    models: list[ModelSpec] = Field(min_length=1, description="Models to evaluate (hf or openai backend)")
+    splits: list[str] = Field(["test_id", "unanswerable"], min_length=1,
+                              description="Splits of inputs.items to evaluate")
+    max_items: int | None = Field(None, ge=1, description="At most this many items per split (first ones)")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy (the default)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    answer_max_tokens: int = Field(256, ge=1, description="New tokens for the direct answer")
+    confidence_max_tokens: int = Field(32, ge=1, description="New tokens for the 0-10 confidence rating")
+    seed: int = 0
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "UnknownEvalSection":
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("models: model names must be unique")
+        if len(set(self.splits)) != len(self.splits):
+            raise ValueError("splits: a split is listed twice")
+        return self
+
+
+class Recipe(Strict):
+    stage: Literal["unknown-eval"]
+    run: RunSection
+    inputs: UnknownEvalInputs
+    evaluation: UnknownEvalSection
+    launch: LaunchSection = LaunchSection()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        files = [(f"evaluation.models[{i}].path", m.path) for i, m in enumerate(self.evaluation.models) if m.path]
+        if isinstance(self.inputs.items, str):
+            files.append(("inputs.items", self.inputs.items))
+        return files
+
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +207,7 @@ def answer_messages(item: dict) -> tuple[dict, ...]:
     return ({"role": "user", "content": ANSWER_PROMPT.format(body=body)},)
 
 
-def _requests(item: dict, recipe: UnknownEvalRecipe, identity: dict) -> tuple[GenRequest, GenRequest]:
+def _requests(item: dict, recipe: Recipe, identity: dict) -> tuple[GenRequest, GenRequest]:
     ev = recipe.evaluation
     out = []
     for messages, max_tokens in ((confidence_messages(item), ev.confidence_max_tokens),
@@ -167,7 +221,7 @@ def _requests(item: dict, recipe: UnknownEvalRecipe, identity: dict) -> tuple[Ge
 # --- input -----------------------------------------------------------------------------------
 
 
-def load_items(recipe: UnknownEvalRecipe) -> dict[str, list[dict]]:
+def load_items(recipe: Recipe) -> dict[str, list[dict]]:
     """Items per split, checked; every problem is a ConfigError raised before anything is written."""
     from datasets import DatasetDict, load_from_disk
 
@@ -300,7 +354,7 @@ def plot_report(summary: dict, out: Path) -> Path:
 # --- run -------------------------------------------------------------------------------------
 
 
-def run(recipe: UnknownEvalRecipe) -> dict:
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     ev = recipe.evaluation
     items = load_items(recipe)  # every input problem stops here, before anything is written
     backends = {}

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from datasets import load_from_disk
 
-from pipeline.config import ConfigError, load_recipe
+from pipeline.config import ConfigError
 from pipeline.judge import rubric
-from pipeline.runs import StageFailed, is_done
-from pipeline.stages import annotate
+from pipeline.runs import RunOptions, StageFailed, is_done
+from pipeline.stages import annotate, load_recipe
 from pipeline.standin.rating import rate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +70,7 @@ def recipe_file(tmp_path: Path, server, sets: Path, **annotation) -> Path:
 
 
 def run_stage(path: Path, *overrides, **kwargs):
-    return annotate.run(load_recipe(path, list(overrides)), **kwargs)
+    return annotate.run(load_recipe(path, list(overrides)), RunOptions(**kwargs))
 
 
 def out_dir(tmp_path: Path) -> Path:
@@ -302,7 +302,7 @@ def test_kill_minus_9_five_times_then_identical_to_an_uninterrupted_run(tmp_path
 def test_dry_run_then_budget_stop_then_continue(tmp_path, standin, capsys):
     sets = write_sets(tmp_path / "sets.jsonl", 6)
     path = recipe_file(tmp_path, standin, sets, judge={"max_concurrency": 1})
-    estimate = run_stage(path, dry=True)
+    estimate = run_stage(path, dry_run=True)
     assert estimate["calls"] == 48 and estimate["cost_usd"] > 0
     assert standin.stats()["requests_total"] == 0
     # A budget a little over what a third of the work costs stops the stage cleanly.
@@ -314,12 +314,12 @@ def test_dry_run_then_budget_stop_then_continue(tmp_path, standin, capsys):
     first_leg = sum(successes_by_key(standin).values())
     assert 0 < first_leg < 48
     assert not is_done(out_dir(tmp_path))
-    assert run_stage(path, dry=True)["calls"] < 48
+    assert run_stage(path, dry_run=True)["calls"] < 48
     standin.reset()
     summary = run_stage(path, f"annotation.budget_usd={budget * 10}")
     assert sum(successes_by_key(standin).values()) == 48 - first_leg
     assert summary["cost_usd_all_runs"] == pytest.approx(full["cost_usd_all_runs"], rel=1e-6)
-    assert run_stage(path, dry=True)["calls"] == 0
+    assert run_stage(path, dry_run=True)["calls"] == 0
 
 
 def test_throttle_pauses_for_retry_after_and_paces_requests(monkeypatch):

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import BestOfNRecipe, ConfigError, DpoRecipe
+from pipeline.config import ConfigError
+from pipeline.stages.bestofn import Recipe as BestOfNRecipe
+from pipeline.stages.dpo import Recipe as DpoRecipe
 
 BETA = 0.1
 TOPICS = ["rivers", "snow", "bread", "spiders", "Paris", "budgets", "poems", "the sea",

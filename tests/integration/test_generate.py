@@ -17,9 +17,9 @@ import yaml
 from datasets import Dataset, load_from_disk
 
 from pipeline.cli import main as rlhf
-from pipeline.config import GenerateRecipe
 from pipeline.methods.principles import DEFAULT_PRINCIPLE_MIX, PRINCIPLE_PROMPTS
 from pipeline.records import COMPLETION_SET_FEATURES, PROMPT_FEATURES, prompt_id
+from pipeline.stages.generate import Recipe as GenerateRecipe
 from pipeline.stages.generate import assign_models, make_plan, split_by_mix
 
 ROOT = Path(__file__).resolve().parents[2]

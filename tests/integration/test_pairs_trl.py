@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from pipeline.config import PairsRecipe
 from pipeline.stages import pairs as stage
+from pipeline.stages.pairs import Recipe as PairsRecipe
 
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 

@@ -11,9 +11,10 @@ import os
 import pytest
 from datasets import Dataset, DatasetDict
 
-from pipeline.config import ConfigError, PpoRecipe
+from pipeline.config import ConfigError
 from pipeline.runs import is_done
 from pipeline.stages import ppo
+from pipeline.stages.ppo import Recipe as PpoRecipe
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 

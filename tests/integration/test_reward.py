@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, RewardRecipe
+from pipeline.config import ConfigError
 from pipeline.stages import reward as stage
+from pipeline.stages.reward import Recipe as RewardRecipe
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples" / "preferences"
 TOPICS = ["the river", "a spider", "the budget", "snow", "the sea", "a poem", "flour", "the sky", "Paris",

@@ -10,13 +10,16 @@ import math
 from pathlib import Path
 
 import pytest
-from datasets import DatasetDict, Dataset
+from datasets import Dataset, DatasetDict
 
-from pipeline.config import ConfigError, RtuningDataRecipe, RtuningEvalRecipe, RtuningModelSection, \
-    RtuningProbeRecipe, SftRecipe
+from pipeline.config import ConfigError, RtuningModelSection
+from pipeline.methods.rtuning import PROBE_QUESTION, REFUSALS, SURE, UNSURE, QAModel
 from pipeline.records import QA_FEATURES, qa_item
 from pipeline.stages import rtuning_data, rtuning_eval, rtuning_probe, sft
-from pipeline.methods.rtuning import PROBE_QUESTION, REFUSALS, SURE, UNSURE, QAModel
+from pipeline.stages.rtuning_data import Recipe as RtuningDataRecipe
+from pipeline.stages.rtuning_eval import Recipe as RtuningEvalRecipe
+from pipeline.stages.rtuning_probe import Recipe as RtuningProbeRecipe
+from pipeline.stages.sft import Recipe as SftRecipe
 
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?", "What colour is snow?",
              "Who wrote the play about the Danish prince?", "Which planet is the largest?",
@@ -111,9 +114,8 @@ def test_data_variants(world, probed):
 
 
 def test_assistant_only_loss_covers_answer_and_sure_words(world, probed):
-    from transformers import AutoTokenizer
-
     from datasets import load_from_disk
+    from transformers import AutoTokenizer
 
     row = load_from_disk(str(world["root"] / "runs" / "r-tuning" / "rtuning-data" / "dataset"))["train"][1]
     tok = AutoTokenizer.from_pretrained(str(world["model"]))

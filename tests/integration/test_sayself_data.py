@@ -6,7 +6,6 @@ sent again with --retry-failed; the SFT chats of every variant, and bad confiden
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -15,12 +14,13 @@ import pytest
 import yaml
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from pipeline.cli import STAGE_MODULES, main as rlhf
-from pipeline.config import STAGE_RECIPES, ConfigError
-from pipeline.records import QA_FEATURES, qa_item
-from pipeline.runs import StageFailed
-from pipeline.methods.sayself import SAYSELF_INSTRUCTION, confidence_target, parse_response
+from pipeline.cli import main as rlhf
+from pipeline.config import ConfigError
 from pipeline.methods.rtuning import question_text
+from pipeline.methods.sayself import SAYSELF_INSTRUCTION, confidence_target, parse_response
+from pipeline.records import QA_FEATURES, qa_item
+from pipeline.runs import RunOptions, StageFailed
+from pipeline.stages import STAGES
 from pipeline.stages.sayself_cluster import by_answer, summarise
 from pipeline.stages.sayself_rationale import FIXED_SURE, FIXED_UNSURE
 
@@ -37,8 +37,8 @@ def stage(root: Path, name: str, tree: dict, **kwargs):
     """Run stage `name` in-process from a recipe tree, under `root`/runs (run name "t" unless the
     tree names one); the stage tests of SaySelf and the method checks share it."""
     tree = {"stage": name, **tree, "run": {"name": "t", "root": str(root / "runs"), **tree.get("run", {})}}
-    recipe = STAGE_RECIPES[name].model_validate(tree)
-    return importlib.import_module(STAGE_MODULES[name]).run(recipe, **kwargs)
+    recipe = STAGES[name].recipe_class.model_validate(tree)
+    return STAGES[name].load().run(recipe, RunOptions(**kwargs))
 
 
 def save(folder: Path, rows: list[dict], features=None) -> str:

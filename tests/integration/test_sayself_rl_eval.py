@@ -19,15 +19,16 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict, load_from_disk
 from pydantic import ValidationError
+from test_sayself_data import stage
 
 from pipeline.cli import main as rlhf
-from pipeline.config import STAGE_RECIPES, ConfigError, load_recipe
-from pipeline.records import QA_FEATURES, qa_item
-from pipeline.methods.sayself import SAYSELF_INSTRUCTION, format_response
+from pipeline.config import ConfigError
 from pipeline.methods.rtuning import question_text
+from pipeline.methods.sayself import SAYSELF_INSTRUCTION, format_response
+from pipeline.records import QA_FEATURES, qa_item
+from pipeline.stages import STAGES, load_recipe
 from pipeline.stages.sayself_eval import grade, group_metrics, sayself_prompt, split_metrics, table
 from pipeline.stages.sayself_rl import item_reward, reward_function, score
-from test_sayself_data import stage
 
 NAMES = ["Fio", "Brae", "Kel", "Ama", "Tor", "Lin", "Osk", "Ren", "Suz", "Vel", "Wyn", "Yul", "Zed", "Pim", "Quo",
          "Hal"]
@@ -107,7 +108,7 @@ def test_a_batch_that_splits_a_group_is_refused_before_anything_runs(tmp_path):
             "train": {"global_batch_size": 6, "per_device_batch_size": 2}}
     with pytest.raises(ValidationError, match=r"train.global_batch_size=6 is not a multiple of "
                                               r"sayself.num_generations=4"):
-        STAGE_RECIPES["sayself-rl"].model_validate(tree)
+        STAGES["sayself-rl"].recipe_class.model_validate(tree)
     import yaml
 
     recipe = tmp_path / "rl.yaml"

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
-from pipeline.config import ConfigError, CritiqueRecipe, SftRecipe
+from pipeline.config import ConfigError
+from pipeline.runs import RunOptions
 from pipeline.stages import critique, sft
+from pipeline.stages.critique import Recipe as CritiqueRecipe
+from pipeline.stages.sft import Recipe as SftRecipe
 
 CHATS = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -200,7 +203,7 @@ def test_bad_input_is_a_config_error_and_writes_nothing(tiny_pool, tmp_path, cas
     recipe = sft_recipe(tmp_path, model, data, max_steps=1)
     for dry in (True, False):  # the dry run makes the same checks
         with pytest.raises(ConfigError) as err:
-            sft.run(recipe, dry=dry)
+            sft.run(recipe, RunOptions(dry_run=dry))
     message = str(err.value)
     assert message.startswith(key) and named in message
     if case not in ("missing model", "untagged template"):

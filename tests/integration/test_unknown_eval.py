@@ -11,10 +11,10 @@ import yaml
 from datasets import Dataset, DatasetDict
 
 from pipeline.cli import main as rlhf
-from pipeline.config import ConfigError, load_recipe
-from pipeline.records import QA_FEATURES, qa_item
+from pipeline.config import ConfigError
 from pipeline.methods import refusal
-from pipeline.stages import unknown_eval
+from pipeline.records import QA_FEATURES, qa_item
+from pipeline.stages import load_recipe, unknown_eval
 from pipeline.stages.unknown_eval import detect_refusal, is_correct, parse_confidence
 
 # --- the confidence parser ---------------------------------------------------------------------

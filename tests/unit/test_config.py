@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import (STAGE_RECIPES, ConfigError, GenerateRecipe, PromptsRecipe, dump_recipe,
-                             load_recipe, parse_override, redact)
+from pipeline.config import ConfigError, dump_recipe, parse_override, redact
+from pipeline.stages import STAGES, load_recipe
+from pipeline.stages.generate import Recipe as GenerateRecipe
+from pipeline.stages.prompts import Recipe as PromptsRecipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
@@ -45,8 +47,8 @@ def test_recipe_discovery_finds_the_demo_recipes():
 @pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: p.relative_to(RECIPES).as_posix())
 def test_every_shipped_recipe_loads(path, tmp_path):
     recipe = load_recipe(path, check_inputs=False)
-    assert recipe.stage in STAGE_RECIPES
-    assert isinstance(recipe, STAGE_RECIPES[recipe.stage])
+    assert recipe.stage in STAGES
+    assert isinstance(recipe, STAGES[recipe.stage].recipe_class)
     # The saved (resolved) copy is itself a valid recipe that loads back to the same config.
     saved = tmp_path / "config.yaml"
     saved.write_text(dump_recipe(recipe))
@@ -408,5 +410,5 @@ def test_key_from_the_environment_never_reaches_the_saved_config(tmp_path, monke
 def test_every_stage_recipe_has_a_launch_section():
     # The CLI reads `recipe.launch` for every stage (local or slurm); a recipe class without one
     # crashed `rlhf tiny-models` once.
-    missing = [stage for stage, cls in STAGE_RECIPES.items() if "launch" not in cls.model_fields]
+    missing = [name for name, stage in STAGES.items() if "launch" not in stage.recipe_class.model_fields]
     assert not missing, missing

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from pipeline.config import ConfigError, PairsRecipe
+from pipeline.config import ConfigError
 from pipeline.runs import is_done
 from pipeline.stages import pairs as stage
+from pipeline.stages.pairs import Recipe as PairsRecipe
 
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 

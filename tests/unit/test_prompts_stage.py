@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, load_from_disk
 
-from pipeline.config import ConfigError, PromptsRecipe
+from pipeline.config import ConfigError
 from pipeline.runs import is_done
 from pipeline.stages import prompts as stage
+from pipeline.stages.prompts import Recipe as PromptsRecipe
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "data" / "samples"
@@ -49,7 +50,7 @@ def kept(summary_path: Path) -> list[dict]:
 
 
 def test_demo_samples_known_removals(tmp_path):
-    from pipeline.config import load_recipe
+    from pipeline.stages import load_recipe
 
     r = load_recipe(ROOT / "recipes/demo/prompts.yaml", [f"run.root={tmp_path}"])
     summary = stage.run(r)

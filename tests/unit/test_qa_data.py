@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.methods import factworld as fw
-from pipeline.config import QA_FORMATS, ConfigError, QaDataRecipe, load_recipe
+from pipeline.config import QA_FORMATS, ConfigError
 from pipeline.formats.qa import load_items
+from pipeline.methods import factworld as fw
 from pipeline.records import QA_FEATURES
+from pipeline.stages import load_recipe
+from pipeline.stages.qa_data import Recipe as QaDataRecipe
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "data" / "samples" / "qa"

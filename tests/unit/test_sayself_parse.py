@@ -6,10 +6,21 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.methods.sayself import (
+    CHAIN_INSTRUCTION,
+    choice_letter,
+    confidence_target,
+    format_response,
+    is_correct,
+    item_answer,
+    item_correct,
+    normalise_answer,
+    parse_answer,
+    parse_confidence,
+    parse_response,
+    sayself_reward,
+)
 from pipeline.records import qa_item
-from pipeline.methods.sayself import (CHAIN_INSTRUCTION, choice_letter, confidence_target, format_response, is_correct,
-                              item_answer, item_correct, normalise_answer, parse_answer, parse_confidence,
-                              parse_response, sayself_reward)
 from pipeline.stages.sayself_cluster import GOLD_REASONING, by_answer, greedy_clusters, majority_answer, summarise
 from pipeline.stages.sayself_rationale import clean_rationale, fixed_rationale, prompt_text
 from pipeline.stages.sayself_sample import chain_prompt, chain_seeds, read_chain

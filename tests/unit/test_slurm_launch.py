@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import TRAINING_STAGES
 from pipeline.cli import main as rlhf
-from pipeline.config import ConfigError, load_recipe
+from pipeline.config import ConfigError
 from pipeline.launch.slurm import load_profile, prepare_stage, render_stage
+from pipeline.stages import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "sk-unittest-0123456789abcdef"
@@ -150,7 +150,7 @@ def test_resubmission_renders_only_the_missing_shards(tmp_path, fake_slurm):
         shard = tmp_path / "runs" / "t" / "generate" / f"shard-{i}-of-5"
         shard.mkdir(parents=True)
         (shard / "_SUCCESS").write_text("{}")
-    plan = prepare_stage(recipe, str(path), "sharded", TRAINING_STAGES)
+    plan = prepare_stage(recipe, str(path))
     shards, merge = plan["jobs"]
     assert shards["array"] == [2, 4] and "#SBATCH --array=2,4\n" in shards["script"]
     assert '--shard "$SLURM_ARRAY_TASK_ID" --num-shards 5' in shards["script"]

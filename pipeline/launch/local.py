@@ -1,0 +1,18 @@
+"""The local launcher: the stage runs in this process (or in each process of `accelerate launch`)."""
+
+from __future__ import annotations
+
+from pipeline.runs import RunOptions
+from pipeline.stages import Stage
+
+
+def launch(stage: Stage, recipe, origin: str, opts: RunOptions) -> None:
+    import datasets
+
+    from pipeline.launch import preempt
+    from pipeline.launch.serve import resolve_url_files
+
+    preempt.install(training=stage.kind == "train")
+    resolve_url_files(recipe)  # base_url_file -> base_url, now that the stage starts
+    datasets.disable_progress_bars()  # "Saving the dataset" bars would bury the stage's own output
+    stage.load().run(recipe, opts)
