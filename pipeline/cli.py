@@ -6,7 +6,7 @@ Also `rlhf validate`, `rlhf status RUN`, `rlhf report RUN ...` (pipeline/run_rep
 
 Exit codes: 0 done (or skipped: already done, or submitted), 1 the stage ran and failed (too many
 failed requests, say), 2 bad input (recipe, data files, options), 75 stopped inside a Slurm job
-to be requeued (pipeline/launch/preempt.py), 130 interrupted.
+to be requeued (pipeline/preempt.py), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from pipeline.launch.preempt import EXIT_CODE, Preempted
+    from pipeline.preempt import EXIT_CODE, Preempted
     from pipeline.runs import StageFailed
 
     try:

@@ -192,6 +192,7 @@ def saved_rows(path: Path, split: str | None = None) -> Iterator[tuple[str, dict
 # --- question answering (R-Tuning, UnknownBench, SaySelf) ----------------------------------------
 
 QA_KINDS = ("open", "choice", "unanswerable")
+QA_COLUMNS = ("qid", "dataset", "domain", "kind", "question", "context", "choices", "answer_index", "answers")
 
 def qa_id(dataset: str, question: str, context: str = "") -> str:
     """Stable id of a QA item: sha256 of its dataset, question and context."""

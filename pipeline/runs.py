@@ -115,3 +115,23 @@ def resolve_input(recipe, ref: StageRef | str, key: str) -> Path:
             f"(no {path / SUCCESS}); run it first"
         )
     return path / ref.output
+
+
+def load_rows(recipe, ref, key: str, need: set[str], split: str = "train") -> tuple[list[dict], Path]:
+    """Rows of `split` of a DatasetDict input; ConfigError naming `key` when it is unusable."""
+    from datasets import DatasetDict, load_from_disk
+
+    path = resolve_input(recipe, ref, key)
+    try:
+        data = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {path} is not a `datasets` folder ({err})") from None
+    if not isinstance(data, DatasetDict) or split not in data:
+        raise ConfigError(f"{key}: {path} has no split {split!r}")
+    missing = need - set(data[split].column_names)
+    if missing:
+        raise ConfigError(f"{key}: split {split!r} of {path} lacks column(s) {', '.join(sorted(missing))}")
+    rows = data[split].to_list()
+    if not rows:
+        raise ConfigError(f"{key}: split {split!r} of {path} is empty")
+    return rows, path

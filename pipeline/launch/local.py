@@ -9,7 +9,7 @@ from pipeline.stages import Stage
 def launch(stage: Stage, recipe, origin: str, opts: RunOptions) -> None:
     import datasets
 
-    from pipeline.launch import preempt
+    from pipeline import preempt
     from pipeline.launch.serve import resolve_url_files
 
     preempt.install(training=stage.kind == "train")

@@ -21,7 +21,7 @@ Every job runs `python -m pipeline <stage> slurm/recipe.yaml launch.launcher=loc
 stage is imported by name, nothing is pickled. A later job waits on an earlier one with
 `--dependency=afterok:<id> --kill-on-invalid-dep=yes`, so a failure cancels what depends on it
 (state CANCELLED, reason DependencyNeverSatisfied) instead of leaving it queued for ever.
-Preemption: see pipeline/launch/preempt.py and the template (pipeline/launch/templates/slurm/job.sh.jinja).
+Preemption: see pipeline/preempt.py and the template (pipeline/launch/templates/slurm/job.sh.jinja).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pipeline.config import (
     redact,
     slurm_time_limit,
 )
-from pipeline.launch.preempt import EXIT_CODE as PREEMPTED_CODE
+from pipeline.preempt import EXIT_CODE as PREEMPTED_CODE
 from pipeline.runs import atomic_write_text, is_done, shard_dir, stage_dir, write_json
 from pipeline.stages import STAGES
 

@@ -19,6 +19,9 @@ from __future__ import annotations
 import re
 import string
 
+from pipeline.config import ConfigError, ModelSpec
+from pipeline.methods.rtuning import question_text
+
 REASONING, ANSWER, REFLECTION, CONFIDENCE = "Reasoning:", "Answer:", "Self-reflection:", "Confidence:"
 CONFIDENCE_RANGE = (1, 10)
 
@@ -161,3 +164,50 @@ def item_correct(answer: str | None, item: dict) -> bool:
     if kind == "open":
         return is_correct(answer, list(item.get("answers") or []))
     return False
+
+
+# --- the SaySelf chat and its generations (sayself-sample's split, sayself-eval and sayself-rl) ---
+
+# Split of the QA items the SaySelf data stages read and write.
+SPLIT = "train"
+
+
+def sayself_prompt(item: dict) -> tuple[dict, ...]:
+    """The chat a SaySelf model is tuned and asked with (the sayself-data user turn)."""
+    return ({"role": "user", "content": f"{question_text(item)}\n\n{SAYSELF_INSTRUCTION}"},)
+
+
+def load_tokenizer(model_dir):
+    """The model's tokenizer; ConfigError (key `model`) when it has no chat template (prompts are chats)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if not tokenizer.chat_template:
+        raise ConfigError(f"model: the tokenizer in {model_dir} has no chat template (the SaySelf prompts are chats)")
+    return tokenizer
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto`: bfloat16 on a GPU that has it (a 7B model in fp32 barely fits a card), else float32."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def generate(model_dir, items: list[dict], *, max_new_tokens: int, batch_size: int, dtype: str = "auto",
+             device: str = "auto", temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """One response per item to `sayself_prompt(item)` from the hf backend; greedy unless a
+    temperature is given. A failed batch fails the stage (StageFailed): an evaluation with holes
+    would report numbers on a different set of questions."""
+    from pipeline.llm.base import GenRequest, generate_all
+    from pipeline.llm.hf import HFBackend
+
+    backend = HFBackend(ModelSpec(name="sayself", backend="hf", path=str(model_dir), batch_size=batch_size,
+                                  dtype=resolve_dtype(dtype), device=device))
+    params = {"temperature": temperature, "max_new_tokens": max_new_tokens}
+    if temperature > 0:
+        params["seed"] = seed
+    requests = [GenRequest(key=str(i), messages=sayself_prompt(item), params=params) for i, item in enumerate(items)]
+    return generate_all(backend, requests, "sayself-eval: generations")

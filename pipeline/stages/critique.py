@@ -21,8 +21,7 @@ from pipeline.config import LaunchSection, ModelSpec, RunSection, Strict, TrainI
 from pipeline.judge.parse import ParseError, parse_critique
 from pipeline.report import figure
 from pipeline.runs import RunOptions, atomic_write_text
-from pipeline.stages.sft import REPORT, check_inputs, finish, train_stage
-from pipeline.train import MODEL, is_main_process
+from pipeline.train import MODEL, REPORT, check_inputs, finish, is_main_process, train_stage
 
 
 class CritiqueSection(Strict):

@@ -45,19 +45,20 @@ from typing import Callable, Literal, Sequence
 from pydantic import Field
 
 from pipeline.config import ConfigError, LaunchSection, RunSection, StageRef, Strict, local_paths
-from pipeline.methods.sayself import confidence_target, normalise_answer, parse_response
+from pipeline.methods.sayself import SPLIT, confidence_target, normalise_answer, parse_response
+from pipeline.records import QA_COLUMNS
 from pipeline.runs import (
     DATASET,
     RunOptions,
     StageFailed,
     atomic_dir,
     clear_done,
+    load_rows,
     mark_done,
     save_config,
     stage_dir,
     write_json,
 )
-from pipeline.stages.sayself_sample import QA_COLUMNS, SPLIT, load_rows
 
 
 class SayselfClusterInputs(Strict):

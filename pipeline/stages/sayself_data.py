@@ -35,9 +35,19 @@ from pydantic import Field
 
 from pipeline.config import ConfigError, LaunchSection, RunSection, StageRef, Strict, local_paths
 from pipeline.methods.rtuning import question_text
-from pipeline.methods.sayself import CONFIDENCE_RANGE, SAYSELF_INSTRUCTION, format_response
-from pipeline.runs import DATASET, RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.stages.sayself_sample import QA_COLUMNS, SPLIT, load_rows
+from pipeline.methods.sayself import CONFIDENCE_RANGE, SAYSELF_INSTRUCTION, SPLIT, format_response
+from pipeline.records import QA_COLUMNS
+from pipeline.runs import (
+    DATASET,
+    RunOptions,
+    atomic_dir,
+    clear_done,
+    load_rows,
+    mark_done,
+    save_config,
+    stage_dir,
+    write_json,
+)
 
 
 class SayselfDataInputs(Strict):

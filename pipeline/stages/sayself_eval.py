@@ -37,9 +37,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import (
-    ConfigError,
     LaunchSection,
-    ModelSpec,
     RunSection,
     StageRef,
     Strict,
@@ -47,8 +45,15 @@ from pipeline.config import (
     model_ref_is_a_model,
 )
 from pipeline.methods.metrics import auroc, brier, expected_calibration_error, reliability_bins, reliability_diagram
-from pipeline.methods.rtuning import load_splits, question_text
-from pipeline.methods.sayself import SAYSELF_INSTRUCTION, item_answer, item_correct, parse_response
+from pipeline.methods.rtuning import load_splits
+from pipeline.methods.sayself import (
+    generate,
+    item_answer,
+    item_correct,
+    load_tokenizer,
+    parse_response,
+    resolve_dtype,
+)
 from pipeline.runs import RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
 from pipeline.train import model_folder
 
@@ -96,47 +101,6 @@ class Recipe(Strict):
 PREDICTIONS = "predictions"
 REPORT = "report"
 NO_DATASET = "(no dataset)"
-
-
-def sayself_prompt(item: dict) -> tuple[dict, ...]:
-    """The chat a SaySelf model is tuned and asked with (the sayself-data user turn)."""
-    return ({"role": "user", "content": f"{question_text(item)}\n\n{SAYSELF_INSTRUCTION}"},)
-
-
-def load_tokenizer(model_dir):
-    """The model's tokenizer; ConfigError (key `model`) when it has no chat template (prompts are chats)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if not tokenizer.chat_template:
-        raise ConfigError(f"model: the tokenizer in {model_dir} has no chat template (the SaySelf prompts are chats)")
-    return tokenizer
-
-
-def resolve_dtype(dtype: str) -> str:
-    """`auto`: bfloat16 on a GPU that has it (a 7B model in fp32 barely fits a card), else float32."""
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-
-
-def generate(model_dir, items: list[dict], *, max_new_tokens: int, batch_size: int, dtype: str = "auto",
-             device: str = "auto", temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """One response per item to `sayself_prompt(item)` from the hf backend; greedy unless a
-    temperature is given. A failed batch fails the stage (StageFailed): an evaluation with holes
-    would report numbers on a different set of questions."""
-    from pipeline.llm.base import GenRequest, generate_all
-    from pipeline.llm.hf import HFBackend
-
-    backend = HFBackend(ModelSpec(name="sayself", backend="hf", path=str(model_dir), batch_size=batch_size,
-                                  dtype=resolve_dtype(dtype), device=device))
-    params = {"temperature": temperature, "max_new_tokens": max_new_tokens}
-    if temperature > 0:
-        params["seed"] = seed
-    requests = [GenRequest(key=str(i), messages=sayself_prompt(item), params=params) for i, item in enumerate(items)]
-    return generate_all(backend, requests, "sayself-eval: generations")
 
 
 def grade(item: dict, text: str) -> dict:

@@ -45,6 +45,8 @@ from pydantic import Field, model_validator
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict, local_paths
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, GenResult, make_backend
+from pipeline.methods.sayself import SPLIT
+from pipeline.records import QA_COLUMNS
 from pipeline.runs import (
     DATASET,
     RunOptions,
@@ -52,12 +54,12 @@ from pipeline.runs import (
     atomic_dir,
     atomic_write_text,
     clear_done,
+    load_rows,
     mark_done,
     save_config,
     stage_dir,
     write_json,
 )
-from pipeline.stages.sayself_sample import QA_COLUMNS, SPLIT, load_rows
 
 
 class SayselfRationaleInputs(Strict):

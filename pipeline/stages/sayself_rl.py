@@ -59,10 +59,18 @@ from pipeline.config import (
     model_ref_is_a_model,
 )
 from pipeline.methods.rtuning import load_splits
-from pipeline.methods.sayself import item_correct, parse_answer, parse_confidence, sayself_reward
+from pipeline.methods.sayself import (
+    generate,
+    item_correct,
+    load_tokenizer,
+    parse_answer,
+    parse_confidence,
+    resolve_dtype,
+    sayself_prompt,
+    sayself_reward,
+)
 from pipeline.report import figure
 from pipeline.runs import RunOptions, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.stages.sayself_eval import generate, load_tokenizer, resolve_dtype, sayself_prompt
 from pipeline.train import (
     MODEL,
     is_main_process,

@@ -39,7 +39,8 @@ from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, S
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, GenResult, make_backend
 from pipeline.methods.rtuning import check_item, question_text
-from pipeline.methods.sayself import CHAIN_INSTRUCTION, item_answer, item_correct, parse_answer
+from pipeline.methods.sayself import CHAIN_INSTRUCTION, SPLIT, item_answer, item_correct, parse_answer
+from pipeline.records import QA_COLUMNS
 from pipeline.runs import (
     DATASET,
     RunOptions,
@@ -47,8 +48,8 @@ from pipeline.runs import (
     atomic_dir,
     atomic_write_text,
     clear_done,
+    load_rows,
     mark_done,
-    resolve_input,
     save_config,
     stage_dir,
     write_json,
@@ -91,28 +92,6 @@ log = logging.getLogger(__name__)
 SAMPLE_VERSION = "sayself-sample-v1"
 LEDGER = "ledger.jsonl"
 FAILURES = "failures.jsonl"
-SPLIT = "train"
-QA_COLUMNS = ("qid", "dataset", "domain", "kind", "question", "context", "choices", "answer_index", "answers")
-
-
-def load_rows(recipe, ref, key: str, need: set[str], split: str = SPLIT) -> tuple[list[dict], Path]:
-    """Rows of `split` of a DatasetDict input; ConfigError naming `key` when it is unusable."""
-    from datasets import DatasetDict, load_from_disk
-
-    path = resolve_input(recipe, ref, key)
-    try:
-        data = load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"{key}: {path} is not a `datasets` folder ({err})") from None
-    if not isinstance(data, DatasetDict) or split not in data:
-        raise ConfigError(f"{key}: {path} has no split {split!r}")
-    missing = need - set(data[split].column_names)
-    if missing:
-        raise ConfigError(f"{key}: split {split!r} of {path} lacks column(s) {', '.join(sorted(missing))}")
-    rows = data[split].to_list()
-    if not rows:
-        raise ConfigError(f"{key}: split {split!r} of {path} is empty")
-    return rows, path
 
 
 def chain_prompt(item: dict) -> tuple[dict, ...]:

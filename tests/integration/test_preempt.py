@@ -16,7 +16,7 @@ from test_distributed import reward_recipe
 from test_generate import _ledger_ok_keys, stage_path, standin_model, write_prompts, write_recipe
 
 from pipeline.cli import main as rlhf
-from pipeline.launch.preempt import EXIT_CODE, FLAG_ENV
+from pipeline.preempt import EXIT_CODE, FLAG_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 

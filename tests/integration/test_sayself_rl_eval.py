@@ -24,10 +24,10 @@ from test_sayself_data import stage
 from pipeline.cli import main as rlhf
 from pipeline.config import ConfigError
 from pipeline.methods.rtuning import question_text
-from pipeline.methods.sayself import SAYSELF_INSTRUCTION, format_response
+from pipeline.methods.sayself import SAYSELF_INSTRUCTION, format_response, sayself_prompt
 from pipeline.records import QA_FEATURES, qa_item
 from pipeline.stages import STAGES, load_recipe
-from pipeline.stages.sayself_eval import grade, group_metrics, sayself_prompt, split_metrics, table
+from pipeline.stages.sayself_eval import grade, group_metrics, split_metrics, table
 from pipeline.stages.sayself_rl import item_reward, reward_function, score
 
 NAMES = ["Fio", "Brae", "Kel", "Ama", "Tor", "Lin", "Osk", "Ren", "Suz", "Vel", "Wyn", "Yul", "Zed", "Pim", "Quo",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
+from pipeline import train
 from pipeline.config import ConfigError
 from pipeline.runs import RunOptions
 from pipeline.stages import critique, sft
@@ -76,13 +77,13 @@ def test_sft_loss_covers_assistant_tokens_only(tiny_pool, tmp_path):
     data = save_chats(tmp_path / "data", {"train_sft": [{"messages": chat(u, a)} for u, a in CHATS],
                                           "test_sft": [{"messages": chat(*CHATS[0])}]})
     recipe = sft_recipe(tmp_path, tiny_pool[0], data, max_steps=1)
-    train_ds, eval_ds, _ = sft.load_chat_splits(recipe)
+    train_ds, eval_ds, _ = train.load_chat_splits(recipe)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_pool[0]))
 
     def labelled(assistant_only: bool) -> list[tuple[str, str]]:
         """(text of the tokens with a label, whole text) per training row, as the trainer prepared them."""
-        model, tok = sft.load_model(recipe)
-        trainer = sft.build_trainer(recipe, tmp_path / f"stage-{assistant_only}", train_ds, eval_ds, model, tok,
+        model, tok = train.load_model(recipe)
+        trainer = train.build_trainer(recipe, tmp_path / f"stage-{assistant_only}", train_ds, eval_ds, model, tok,
                                     assistant_only)
         out = []
         for row in trainer.train_dataset:

@@ -1,0 +1,1 @@
+"""The judge: rubric, versioned templates, strict parsers and the judging session (UltraFeedback protocol)."""
