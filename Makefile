@@ -52,10 +52,12 @@ install: $(STAMP)  ## create .venv and install the project with test extras
 demo: $(STAMP)  ## the offline demo: data path (stand-in server), every training stage, R-Tuning, unknown-eval, SaySelf
 	$(PY) -m pipeline.demo --run $(RUN) $(ARGS)
 
-test: $(STAMP)  ## the whole test suite (unit + integration)
+test: $(STAMP)  ## import contracts (lint-imports, pyproject.toml) and the whole test suite (unit + integration)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
-test-fast: $(STAMP)  ## tests not marked slow
+test-fast: $(STAMP)  ## import contracts and the tests not marked slow
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow and not slurm" tests
 
 bench: $(STAMP)  ## benchmarks (print figures): hf batching; judge throughput, rerun, memory, tokens; training overhead

@@ -11,36 +11,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from datasets import Dataset, DatasetDict
+from helpers import pairs, reward_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def pairs(n: int, offset: int = 0) -> list[dict]:
-    rows = []
-    for i in range(offset, offset + n):
-        prompt = [{"role": "user", "content": f"Question number {i}?"}]
-        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": f"Thank you, here is answer {i}."}],
-                     "rejected": [{"role": "assistant", "content": "No."}], "margin": 0.5, "source": "t"})
-    return rows
-
-
-def reward_recipe(tmp_path: Path, model: Path, name: str, train_rows: list[dict], test_rows: list[dict], *,
-                  launch: dict | None = None, **train) -> Path:
-    """Save the pairs to `tmp_path`/pairs and write `tmp_path`/reward.yaml, a reward recipe of run
-    `name` on them (3 steps of 8 pairs unless `train` says otherwise); return the YAML's path."""
-    DatasetDict({"train_prefs": Dataset.from_list(train_rows), "test_prefs": Dataset.from_list(test_rows)}
-                ).save_to_disk(str(tmp_path / "pairs"))
-    recipe = {
-        "stage": "reward", "run": {"name": name, "root": str(tmp_path / "runs")}, "model": str(model),
-        "train": {"max_steps": 3, "global_batch_size": 8, "per_device_batch_size": 4, "learning_rate": 1e-3,
-                  "max_length": 64, "report_to": [], "logging_steps": 1, "save_steps": 100, **train},
-        "reward": {"sources": [{"name": "t", "dataset": str(tmp_path / "pairs")}]},
-        **({"launch": launch} if launch else {}),
-    }
-    path = tmp_path / "reward.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def test_reward_trains_on_two_processes_with_accelerate(tmp_path, tiny_pool):

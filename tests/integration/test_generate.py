@@ -13,49 +13,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
-from datasets import Dataset, load_from_disk
+from datasets import load_from_disk
+from helpers import SOURCES, stage_path, standin_model, write_prompts, write_recipe
+from helpers import ledger_ok_keys as _ledger_ok_keys
 
 from pipeline.cli import main as rlhf
 from pipeline.methods.principles import DEFAULT_PRINCIPLE_MIX, PRINCIPLE_PROMPTS
-from pipeline.records import COMPLETION_SET_FEATURES, PROMPT_FEATURES, prompt_id
+from pipeline.records import COMPLETION_SET_FEATURES, prompt_id
 from pipeline.stages.generate import Recipe as GenerateRecipe
 from pipeline.stages.generate import assign_models, make_plan, split_by_mix
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ["sharegpt", "flan", "truthful_qa", "evol_instruct", "ultrachat", "false_qa"]
-
-
-def write_prompts(path: Path, count: int) -> Path:
-    rows = []
-    for i in range(count):
-        text = f"Prompt {i}: tell me something useful about topic number {i * 7 % 11}."
-        rows.append({"prompt_id": prompt_id(text), "source": SOURCES[i % len(SOURCES)], "instruction": text,
-                     "correct_answers": ["yes"] if i % 6 == 2 else [], "incorrect_answers": [],
-                     "reference": ""})
-    Dataset.from_list(rows, features=PROMPT_FEATURES).save_to_disk(str(path))
-    return path
-
-
-def write_recipe(tmp_path: Path, pool: list[dict], prompts: Path, **generation) -> Path:
-    recipe = {
-        "stage": "generate",
-        "run": {"name": "t", "root": str(tmp_path / "runs")},
-        "inputs": {"prompts": str(prompts)},
-        "generation": {"pool": pool, "models_per_prompt": 2, "max_new_tokens": 12, **generation},
-    }
-    path = tmp_path / "generate.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def standin_model(server, name="standin-medium", **extra) -> dict:
-    return {"name": name, "backend": "openai", "base_url": server.base_url, "max_concurrency": 4,
-            "max_retries": 0, "timeout_s": 10, **extra}
-
-
-def stage_path(tmp_path: Path) -> Path:
-    return tmp_path / "runs" / "t" / "generate"
 
 
 # --- the plan -------------------------------------------------------------------------------
@@ -224,19 +192,6 @@ def test_a_few_failures_under_the_limit_leave_the_completion_out(tmp_path, stand
     assert len(completions) == 60 - failed
     assert all(c["response"] for c in completions)
     assert json.loads((stage_path(tmp_path) / "summary.json").read_text())["failed_completions"] == failed
-
-
-def _ledger_ok_keys(stage: Path) -> set[str]:
-    keys = set()
-    for path in stage.glob("shard-*/ledger.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # the torn last line of a killed writer
-            if rec.get("status") == "ok":
-                keys.add(rec["key"])
-    return keys
 
 
 def test_kill_minus_9_never_pays_twice(tmp_path, standin):

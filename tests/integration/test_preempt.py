@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from test_distributed import reward_recipe
-from test_generate import _ledger_ok_keys, stage_path, standin_model, write_prompts, write_recipe
+from helpers import ledger_ok_keys as _ledger_ok_keys
+from helpers import reward_recipe, stage_path, standin_model, write_prompts, write_recipe
 
 from pipeline.cli import main as rlhf
 from pipeline.preempt import EXIT_CODE, FLAG_ENV

@@ -16,7 +16,7 @@ only; that setting is not asserted."""
 from __future__ import annotations
 
 import pytest
-from test_sayself_data import stage
+from helpers import stage
 
 
 @pytest.mark.slow

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 from datasets import Dataset, DatasetDict, load_from_disk
+from helpers import stage
 
 from pipeline.cli import main as rlhf
 from pipeline.config import ConfigError
 from pipeline.methods.rtuning import question_text
 from pipeline.methods.sayself import SAYSELF_INSTRUCTION, confidence_target, parse_response
 from pipeline.records import QA_FEATURES, qa_item
-from pipeline.runs import RunOptions, StageFailed
-from pipeline.stages import STAGES
+from pipeline.runs import StageFailed
 from pipeline.stages.sayself_cluster import by_answer, summarise
 from pipeline.stages.sayself_rationale import FIXED_SURE, FIXED_UNSURE
 
@@ -32,13 +32,6 @@ CHOICE = [qa_item("t", q, "choice", choices=c, answer_index=i) for q, c, i in (
     ("Where was Kel Drou born?", ["Ostrelby", "Bravonne"], 0))]
 UNANSWERABLE = qa_item("t", "Which instrument does Zorvath Quillane play?", "unanswerable")
 
-
-def stage(root: Path, name: str, tree: dict, **kwargs):
-    """Run stage `name` in-process from a recipe tree, under `root`/runs (run name "t" unless the
-    tree names one); the stage tests of SaySelf and the method checks share it."""
-    tree = {"stage": name, **tree, "run": {"name": "t", "root": str(root / "runs"), **tree.get("run", {})}}
-    recipe = STAGES[name].recipe_class.model_validate(tree)
-    return STAGES[name].load().run(recipe, RunOptions(**kwargs))
 
 
 def save(folder: Path, rows: list[dict], features=None) -> str:

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_sayself_data import stage
+from helpers import stage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset, DatasetDict, load_from_disk
+from helpers import stage
 from pydantic import ValidationError
-from test_sayself_data import stage
 
 from pipeline.cli import main as rlhf
 from pipeline.config import ConfigError

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 from datasets import load_from_disk
-from test_distributed import pairs, reward_recipe
-from test_generate import _ledger_ok_keys, stage_path, standin_model, write_prompts, write_recipe
+from helpers import ledger_ok_keys as _ledger_ok_keys
+from helpers import pairs, reward_recipe, stage_path, standin_model, write_prompts, write_recipe
 
 from pipeline.cli import main as rlhf
 from pipeline.launch.slurm import job_records, job_states, submissions

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_distributed import reward_recipe
+from helpers import reward_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
