@@ -70,3 +70,50 @@ def generate_all(backend: Backend, requests: Sequence[GenRequest], what: str) ->
     if errors:
         raise StageFailed(f"{what}: {len(errors)} of {len(requests)} failed, first: {errors[0]}")
     return [texts[r.key] for r in requests]
+
+
+def ledgered_generate(backend: Backend, requests: Sequence[GenRequest], ledger, desc: str, *, unit: str = "req",
+                      tags: Callable[[GenRequest], dict] = lambda req: {},
+                      check: Callable[[str], object] | None = None, close: bool = True) -> dict:
+    """Send `requests` and record each outcome in `ledger` the moment it completes: ok (text, token
+    counts, finish reason) or failure (reason), with `tags(req)` as extra ledger fields. `check(text)`
+    raising ValueError turns an answer into a recorded failure that keeps the raw answer. A progress
+    bar shows failures and tokens/s. Returns {"failed": n, "tokens": completion tokens}."""
+    import time
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(requests), desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5)
+    tally = {"failed": 0, "tokens": 0}
+    started = time.monotonic()
+
+    def on_done(req: GenRequest, result: GenResult) -> None:
+        raw = {"text": result.text, "prompt_tokens": result.prompt_tokens,
+               "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason}
+        try:
+            if check is not None:
+                check(result.text)
+        except ValueError as err:
+            ledger.record_failure(req.key, str(err), raw=raw, **tags(req))
+            tally["failed"] += 1
+        else:
+            ledger.record_ok(req.key, raw, **tags(req))
+            tally["tokens"] += result.completion_tokens
+        # refresh=False: a forced redraw per answer would bypass mininterval and flood a log file
+        bar.set_postfix(failed=tally["failed"], refresh=False,
+                        tok_s=f"{tally['tokens'] / max(time.monotonic() - started, 1e-9):.0f}")
+        bar.update()
+
+    def on_error(req: GenRequest, reason: str) -> None:
+        ledger.record_failure(req.key, reason, **tags(req))
+        tally["failed"] += 1
+        bar.set_postfix(failed=tally["failed"], refresh=False)
+        bar.update()
+
+    try:
+        backend.generate(list(requests), on_done, on_error)
+    finally:
+        if close:
+            backend.close()  # one hf model in memory at a time
+        bar.close()
+    return tally

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import random
-import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from pydantic import Field, model_validator
 from pipeline import records
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict
 from pipeline.ledger import Ledger, request_key
-from pipeline.llm.base import GenRequest, GenResult, make_backend
+from pipeline.llm.base import GenRequest, ledgered_generate, make_backend
 from pipeline.methods.principles import (
     DEFAULT_PRINCIPLE_MIX,
     FALLBACK_PRINCIPLE_MIX,
@@ -245,8 +244,6 @@ def _open_ledger(stage_path: Path, own: Path) -> Ledger:
 
 
 def run_shard(work: _Work, shard: int, num_shards: int, retry_failed: bool = False) -> dict:
-    from tqdm import tqdm
-
     recipe = work.recipe
     stage_path = stage_dir(recipe)
     path = shard_dir(stage_path, shard, num_shards)
@@ -269,36 +266,10 @@ def run_shard(work: _Work, shard: int, num_shards: int, retry_failed: bool = Fal
             if not todo:
                 continue
             by_key = {req.key: item for req, item in todo}
-            bar = tqdm(total=len(todo), desc=f"shard {shard}/{num_shards} {spec.name}", unit="req",
-                       dynamic_ncols=True, mininterval=0.5)
-            tally = {"failed": 0, "tokens": 0}
-            started = time.monotonic()
-
-            def on_done(req: GenRequest, result: GenResult, _name=spec.name) -> None:
-                item = by_key[req.key]
-                ledger.record_ok(req.key, {"text": result.text, "prompt_tokens": result.prompt_tokens,
-                                           "completion_tokens": result.completion_tokens,
-                                           "finish_reason": result.finish_reason},
-                                 model=_name, prompt_id=work.prompts[item.prompt_index]["prompt_id"])
-                tally["tokens"] += result.completion_tokens
-                bar.set_postfix(failed=tally["failed"],
-                                tok_s=f"{tally['tokens'] / max(time.monotonic() - started, 1e-9):.0f}")
-                bar.update()
-
-            def on_error(req: GenRequest, reason: str, _name=spec.name) -> None:
-                item = by_key[req.key]
-                ledger.record_failure(req.key, reason, model=_name,
-                                      prompt_id=work.prompts[item.prompt_index]["prompt_id"])
-                tally["failed"] += 1
-                bar.set_postfix(failed=tally["failed"])
-                bar.update()
-
-            backend = work.backends[spec.name]
-            try:
-                backend.generate([req for req, _ in todo], on_done, on_error)
-            finally:
-                backend.close()  # one hf model in memory at a time
-                bar.close()
+            ledgered_generate(work.backends[spec.name], [req for req, _ in todo], ledger,
+                              f"shard {shard}/{num_shards} {spec.name}",
+                              tags=lambda req, _name=spec.name: {
+                                  "model": _name, "prompt_id": work.prompts[by_key[req.key].prompt_index]["prompt_id"]})
 
         failures = []
         for item in mine:

@@ -44,7 +44,7 @@ from pydantic import Field, model_validator
 
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict, local_paths
 from pipeline.ledger import Ledger, request_key
-from pipeline.llm.base import GenRequest, GenResult, make_backend
+from pipeline.llm.base import GenRequest, ledgered_generate, make_backend
 from pipeline.methods.sayself import SPLIT
 from pipeline.records import QA_COLUMNS
 from pipeline.runs import (
@@ -144,7 +144,6 @@ def fixed_rationale(row: dict) -> str:
 
 def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset, DatasetDict
-    from tqdm import tqdm
 
     started = time.time()
     section = recipe.rationale
@@ -175,34 +174,8 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
               f"({len(requests) - len(todo)} in the ledger, {len(todo)} to send), {len(rows) - len(requests)} "
               "with one cluster (fixed rationale, no call)")
         if todo:
-            bar = tqdm(total=len(todo), desc=f"sayself-rationale {section.judge.name}", unit="req",
-                       dynamic_ncols=True, mininterval=0.5)
-            failed = Counter()
-
-            def on_done(req: GenRequest, result: GenResult) -> None:
-                raw = {"text": result.text, "prompt_tokens": result.prompt_tokens,
-                       "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason}
-                try:
-                    clean_rationale(result.text)
-                except ValueError as err:
-                    ledger.record_failure(req.key, str(err), qid=qid_of[req.key], raw=raw)
-                    failed["n"] += 1
-                else:
-                    ledger.record_ok(req.key, raw, qid=qid_of[req.key])
-                bar.set_postfix(failed=failed["n"], refresh=False)
-                bar.update()
-
-            def on_error(req: GenRequest, reason: str) -> None:
-                ledger.record_failure(req.key, reason, qid=qid_of[req.key])
-                failed["n"] += 1
-                bar.set_postfix(failed=failed["n"], refresh=False)
-                bar.update()
-
-            try:
-                backend.generate(todo, on_done, on_error)
-            finally:
-                backend.close()
-                bar.close()
+            ledgered_generate(backend, todo, ledger, f"sayself-rationale {section.judge.name}",
+                              tags=lambda req: {"qid": qid_of[req.key]}, check=clean_rationale)
 
         out, failures = [], []
         tokens = Counter()

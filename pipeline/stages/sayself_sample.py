@@ -37,7 +37,7 @@ from pydantic import Field
 
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict, local_paths
 from pipeline.ledger import Ledger, request_key
-from pipeline.llm.base import GenRequest, GenResult, make_backend
+from pipeline.llm.base import GenRequest, ledgered_generate, make_backend
 from pipeline.methods.rtuning import check_item, question_text
 from pipeline.methods.sayself import CHAIN_INSTRUCTION, SPLIT, item_answer, item_correct, parse_answer
 from pipeline.records import QA_COLUMNS
@@ -141,36 +141,6 @@ def load_items(recipe: Recipe) -> tuple[list[dict], int, Path]:
     return items, len(rows) - len(items), path
 
 
-def _send(backend, todo: list[GenRequest], qid_of: dict[str, str], ledger: Ledger, name: str) -> None:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc=f"sayself-sample {name}", unit="chain", dynamic_ncols=True, mininterval=0.5)
-    tally = {"failed": 0, "tokens": 0}
-    started = time.monotonic()
-
-    def on_done(req: GenRequest, result: GenResult) -> None:
-        ledger.record_ok(req.key, {"text": result.text, "prompt_tokens": result.prompt_tokens,
-                                   "completion_tokens": result.completion_tokens,
-                                   "finish_reason": result.finish_reason}, qid=qid_of[req.key])
-        tally["tokens"] += result.completion_tokens
-        # refresh=False: a forced redraw per chain would bypass mininterval and flood a log file
-        bar.set_postfix(failed=tally["failed"], refresh=False,
-                        tok_s=f"{tally['tokens'] / max(time.monotonic() - started, 1e-9):.0f}")
-        bar.update()
-
-    def on_error(req: GenRequest, reason: str) -> None:
-        ledger.record_failure(req.key, reason, qid=qid_of[req.key])
-        tally["failed"] += 1
-        bar.set_postfix(failed=tally["failed"], refresh=False)
-        bar.update()
-
-    try:
-        backend.generate(todo, on_done, on_error)
-    finally:
-        backend.close()
-        bar.close()
-
-
 def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset, DatasetDict
 
@@ -194,7 +164,8 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         print(f"sayself-sample: {len(items)} questions x {recipe.sayself.samples} chains = {planned}; "
               f"{planned - len(todo)} in the ledger, {len(todo)} to send")
         if todo:
-            _send(backend, todo, qid_of, ledger, recipe.model.name)
+            ledgered_generate(backend, todo, ledger, f"sayself-sample {recipe.model.name}", unit="chain",
+                              tags=lambda req: {"qid": qid_of[req.key]})
 
         rows, failures = [], []
         totals = Counter()

@@ -57,7 +57,7 @@ from pydantic import Field, model_validator
 
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict
 from pipeline.ledger import Ledger, request_key
-from pipeline.llm.base import GenRequest, GenResult, make_backend
+from pipeline.llm.base import GenRequest, ledgered_generate, make_backend
 from pipeline.methods.refusal import detect_refusal
 from pipeline.records import QA_KINDS
 from pipeline.report import figure
@@ -388,19 +388,8 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
             sent += len(todo)
             log.info("unknown-eval: %s: %d request(s) to send", spec.name, len(todo))
 
-            def on_done(req: GenRequest, result: GenResult, _name=spec.name) -> None:
-                ledger.record_ok(req.key, {"text": result.text, "prompt_tokens": result.prompt_tokens,
-                                           "completion_tokens": result.completion_tokens,
-                                           "finish_reason": result.finish_reason}, model=_name)
-
-            def on_error(req: GenRequest, reason: str, _name=spec.name) -> None:
-                ledger.record_failure(req.key, reason, model=_name)
-
-            backend = backends[spec.name]
-            try:
-                backend.generate(list(todo.values()), on_done, on_error)
-            finally:
-                backend.close()  # one hf model in memory at a time
+            ledgered_generate(backends[spec.name], list(todo.values()), ledger, f"unknown-eval {spec.name}",
+                              tags=lambda req, _name=spec.name: {"model": _name})
 
         records, failures = [], []
         for model, split, item, conf, ans in plan:
