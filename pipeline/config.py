@@ -120,8 +120,6 @@ class ModelSpec(Strict):
 
 # --- stage configs ---------------------------------------------------------------------------
 
-SOURCE_FORMATS = ("evol_instruct", "false_qa", "flan", "sharegpt", "truthful_qa", "ultrachat", "generic")
-
 
 # --- training ----------------------------------------------------------------------------------
 
@@ -210,8 +208,6 @@ class RtuningModelSection(Strict):
 
 
 # --- QA data (R-Tuning, UnknownBench, SaySelf) ----------------------------------------------
-
-QA_FORMATS = ("pararel", "mmlu", "hotpotqa", "fever", "wice", "falseqa", "nec", "selfaware", "qa")
 
 
 # --- SaySelf -----------------------------------------------------------------------------------

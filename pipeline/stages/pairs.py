@@ -68,6 +68,7 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.config import ConfigError, LaunchSection, RunSection, StageRef, Strict
+from pipeline.judge import rubric
 from pipeline.records import prompt_id as make_prompt_id
 from pipeline.records import saved_rows
 from pipeline.report import figure
@@ -114,7 +115,7 @@ class Recipe(Strict):
         return [("inputs.annotations", self.inputs.annotations)] if isinstance(self.inputs.annotations, str) else []
 
 
-ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
+ASPECTS = rubric.ASPECTS  # the judge's aspects, in its order
 SPLITS = ("train_prefs", "test_prefs", "train_sft", "test_sft", "train_gen", "test_gen")
 CRITIQUE = "critique"
 REPORT = "report"

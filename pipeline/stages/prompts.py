@@ -26,8 +26,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline import records
-from pipeline.config import SOURCE_FORMATS, ConfigError, LaunchSection, RunSection, Strict
-from pipeline.records import prompt_id, saved_rows
+from pipeline.config import ConfigError, LaunchSection, RunSection, Strict
+from pipeline.formats.instructions import SOURCE_FORMATS, to_prompt
+from pipeline.records import saved_rows
 from pipeline.runs import DATASET, RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
 
 
@@ -125,97 +126,6 @@ def _read_source(spec: SourceSpec):
         yield from _table_rows(dataset, f"hub:{spec.hub}")
         return
     yield from saved_rows(Path(spec.path), spec.split)
-
-
-# ---------------------------------------------------------------- mapping shapes
-
-
-def _text(row: dict, key: str, where: str) -> str:
-    if key not in row:
-        raise ConfigError(f"{where}: missing field {key!r} (has {', '.join(sorted(row)) or 'none'})")
-    value = row[key]
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise ConfigError(f"{where}: field {key!r} is empty")
-    return value.strip()
-
-
-def _answers(row: dict, key: str, where: str) -> list[str]:
-    value = row.get(key) or []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where}: field {key!r} must be a list of strings")
-    return [v.strip() for v in value if v.strip()]
-
-
-def _optional_text(row: dict, key: str, where: str) -> str:
-    value = row.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-    return value.strip()
-
-
-def _first_user_turn(row: dict, where: str) -> str:
-    turns = row.get("conversations")
-    if turns is None:
-        raise ConfigError(f"{where}: missing field 'conversations'")
-    if not isinstance(turns, list):
-        raise ConfigError(f"{where}: field 'conversations' must be a list of turns")
-    for turn in turns:
-        if isinstance(turn, dict) and turn.get("from", turn.get("role")) in ("human", "user"):
-            return _text(turn, "value" if "value" in turn else "content", f"{where} (first user turn)")
-    raise ConfigError(f"{where}: 'conversations' has no human/user turn")
-
-
-def _first_of_dialogue(row: dict, where: str) -> str:
-    data = row.get("data")
-    if data is None:
-        raise ConfigError(f"{where}: missing field 'data'")
-    if not isinstance(data, list) or not data:
-        raise ConfigError(f"{where}: field 'data' must be a non-empty list of turns")
-    return _text({"data[0]": data[0]}, "data[0]", where)
-
-
-def _generic(row: dict, where: str) -> str:
-    for key in ("instruction", "prompt", "question"):
-        if key in row:
-            return _text(row, key, where)
-    raise ConfigError(f"{where}: missing field: one of 'instruction', 'prompt', 'question'")
-
-
-def to_prompt(shape: str, source: str, row: dict, where: str) -> dict:
-    """Map one raw row of a known shape to a prompt record."""
-    correct, incorrect, reference = [], [], ""
-    if shape == "evol_instruct":
-        instruction = _text(row, "instruction", where)
-    elif shape == "false_qa":
-        instruction = _text(row, "question", where)
-        reference = _optional_text(row, "answer", where)
-    elif shape == "flan":
-        instruction = _text(row, "inputs", where)
-        reference = _optional_text(row, "targets", where)
-    elif shape == "sharegpt":
-        instruction = _first_user_turn(row, where)
-    elif shape == "truthful_qa":
-        instruction = _text(row, "question", where)
-        correct = _answers(row, "correct_answers", where)
-        incorrect = _answers(row, "incorrect_answers", where)
-        reference = _optional_text(row, "best_answer", where)
-    elif shape == "ultrachat":
-        instruction = _first_of_dialogue(row, where)
-    elif shape == "generic":
-        instruction = _generic(row, where)
-        correct = _answers(row, "correct_answers", where)
-        incorrect = _answers(row, "incorrect_answers", where)
-        reference = _optional_text(row, "reference", where)
-    else:  # the recipe validator allows only known shapes
-        raise ConfigError(f"source {source!r}: unknown format {shape!r}")
-    return {"prompt_id": prompt_id(instruction), "source": source, "instruction": instruction,
-            "correct_answers": correct, "incorrect_answers": incorrect, "reference": reference}
 
 
 def load_source(spec: SourceSpec) -> list[Prompt]:

@@ -37,8 +37,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline import records
-from pipeline.config import QA_FORMATS, ConfigError, LaunchSection, RunSection, Strict
-from pipeline.formats.qa import load_items
+from pipeline.config import ConfigError, LaunchSection, RunSection, Strict
+from pipeline.formats.qa import QA_FORMATS, load_items
 from pipeline.methods import factworld as fw
 from pipeline.runs import DATASET, RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
 

@@ -29,6 +29,7 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.config import ConfigError, LaunchSection, RunSection, StageRef, Strict, TrainSection, local_paths
+from pipeline.formats.preferences import PREFERENCE_FORMATS, convert
 from pipeline.report import figure
 from pipeline.runs import RunOptions, clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
 from pipeline.train import (
@@ -48,7 +49,7 @@ class RewardSource(Strict):
 
     name: str = Field(description="Label in the accuracy table")
     dataset: StageRef | str
-    format: Literal["pairs", "anthropic_hh", "shp", "summarize"] = Field(
+    format: Literal[PREFERENCE_FORMATS] = Field(  # type: ignore[valid-type]
         "pairs", description="pairs: our `pairs` output (or any chosen/rejected conversations)")
     train_split: str = "train_prefs"
     eval_split: str | None = "test_prefs"
@@ -80,75 +81,6 @@ COLUMNS = ("prompt", "chosen", "rejected", "margin", "source")
 
 
 # --- reading and converting the sources ---------------------------------------------------------
-
-
-def _user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
-
-def _assistant(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": text}]
-
-
-def _need(row: dict, fields: tuple[str, ...], where: str, key: str) -> None:
-    missing = [f for f in fields if row.get(f) is None]
-    if missing:
-        raise ConfigError(f"{key}: {where}: missing {', '.join(repr(f) for f in missing)} "
-                          f"(have {', '.join(sorted(row)) or 'no fields'})")
-
-
-def _hh_turns(text: str, where: str, key: str) -> list[dict]:
-    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages; the last turn must be the assistant's."""
-    import re
-
-    parts = re.split(r"\n\n(Human|Assistant): ?", "\n\n" + text.lstrip("\n"))
-    if len(parts) < 3 or parts[0].strip():
-        raise ConfigError(f"{key}: {where}: not an HH transcript (expected '\\n\\nHuman: ...')")
-    turns = [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
-             for speaker, content in zip(parts[1::2], parts[2::2])]
-    if turns[-1]["role"] != "assistant":
-        raise ConfigError(f"{key}: {where}: the transcript does not end with an Assistant turn")
-    return turns
-
-
-def convert(row: dict, fmt: str, where: str, key: str) -> dict:
-    """One public or pairs row -> {prompt, chosen, rejected, margin}; margin None = none given."""
-    if fmt == "anthropic_hh":
-        _need(row, ("chosen", "rejected"), where, key)
-        chosen, rejected = _hh_turns(row["chosen"], where, key), _hh_turns(row["rejected"], where, key)
-        # Both transcripts share the dialogue; only the last answer differs.
-        return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:], "margin": None}
-    if fmt == "shp":
-        _need(row, ("history", "human_ref_A", "human_ref_B", "labels"), where, key)
-        a_wins = int(row["labels"]) == 1
-        chosen, rejected = ((row["human_ref_A"], row["human_ref_B"]) if a_wins
-                            else (row["human_ref_B"], row["human_ref_A"]))
-        return {"prompt": _user(row["history"]), "chosen": _assistant(chosen), "rejected": _assistant(rejected),
-                "margin": None}
-    if fmt == "summarize":
-        _need(row, ("info", "summaries", "choice"), where, key)
-        info, summaries, choice = row["info"], row["summaries"], int(row["choice"])
-        if not isinstance(summaries, list) or len(summaries) != 2 or choice not in (0, 1):
-            raise ConfigError(f"{key}: {where}: `summaries` must hold two entries and `choice` be 0 or 1")
-        body = info.get("post") or info.get("article")
-        if not body:
-            raise ConfigError(f"{key}: {where}: `info` has neither 'post' nor 'article'")
-        head = f"Summarize this post from r/{info['subreddit']}" if info.get("subreddit") else "Summarize this text"
-        title = f"\nTitle: {info['title']}" if info.get("title") else ""
-        prompt = f"{head} in a sentence or two.{title}\n\n{body}"
-        return {"prompt": _user(prompt), "chosen": _assistant(summaries[choice]["text"]),
-                "rejected": _assistant(summaries[1 - choice]["text"]), "margin": None}
-    # pairs: explicit prompt (ours), implicit prompt (whole conversations) or plain strings
-    _need(row, ("chosen", "rejected"), where, key)
-    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
-    if isinstance(chosen, str):
-        chosen, rejected = _assistant(chosen), _assistant(rejected)
-        prompt = _user(prompt) if isinstance(prompt, str) else prompt
-    if prompt is None:  # implicit prompt: the shared turns before the last answer
-        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
-    if not prompt:
-        raise ConfigError(f"{key}: {where}: empty prompt")
-    return {"prompt": list(prompt), "chosen": list(chosen), "rejected": list(rejected), "margin": row.get("margin")}
 
 
 def _file_rows(path: Path, key: str) -> list[tuple[str, dict]]:

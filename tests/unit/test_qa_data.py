@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import QA_FORMATS, ConfigError
-from pipeline.formats.qa import load_items
+from pipeline.config import ConfigError
+from pipeline.formats.qa import QA_FORMATS, load_items
 from pipeline.methods import factworld as fw
 from pipeline.records import QA_FEATURES
 from pipeline.stages import load_recipe
