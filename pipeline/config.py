@@ -163,6 +163,9 @@ class TrainSection(Strict):
         default_factory=lambda: ["tensorboard"], description="wandb needs WANDB_API_KEY in the environment")
     lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of all weights")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config (usually set by the accelerate config)")
+    trl: dict[str, Any] = Field(
+        default_factory=dict, description="Any other field of the stage's TRL config class (SFTConfig, DPOConfig, "
+        "...), handed over as is after the fields derived above; `rlhf validate` checks names and values")
 
 
 class TrainInputs(Strict):

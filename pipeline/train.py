@@ -88,7 +88,8 @@ def precision(train: TrainSection) -> dict:
 
 
 def trl_config(config_cls, train: TrainSection, stage_path: Path, **extra):
-    """A TRL `*Config` (a TrainingArguments subclass) from the recipe; `extra` wins."""
+    """A TRL `*Config` (a TrainingArguments subclass) from the recipe; `extra` (the stage's own fields)
+    wins over the derived ones; then `train.trl` as is (a key we derive or the stage sets is an error)."""
     kwargs = dict(
         output_dir=str(stage_path / CHECKPOINTS),
         num_train_epochs=train.epochs,
@@ -122,8 +123,89 @@ def trl_config(config_cls, train: TrainSection, stage_path: Path, **extra):
         kwargs["lr_scheduler_kwargs"] = {"min_lr": train.min_learning_rate}
     if "wandb" in train.report_to and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
         raise ConfigError("train.report_to has wandb but WANDB_API_KEY (or WANDB_MODE=offline) is not set")
+    for key in train.trl:
+        if key in kwargs:
+            raise ConfigError(f"train.trl.{key}: {key} is derived from {DERIVED.get(key, 'the train section')}; "
+                              "set that instead")
+        if key in extra:
+            raise ConfigError(f"train.trl.{key}: {key} is set by the {config_cls.__name__} stage from its own "
+                              "section; set it there")
     kwargs.update(extra)
-    return config_cls(**kwargs)
+    unknown_trl_fields(config_cls, train.trl)
+    try:
+        return config_cls(**kwargs, **train.trl)
+    except (ValueError, TypeError) as err:
+        if not train.trl:
+            raise
+        bad_trl_value(config_cls, train.trl, err, dict(kwargs))
+
+
+# TRL config field -> the recipe key we derive it from (a `train.trl` key naming one of these is an error)
+DERIVED = {
+    "output_dir": "the stage folder", "num_train_epochs": "train.epochs", "max_steps": "train.max_steps",
+    "per_device_train_batch_size": "train.per_device_batch_size",
+    "per_device_eval_batch_size": "train.per_device_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size", "learning_rate": "train.learning_rate",
+    "lr_scheduler_type": "train.lr_scheduler", "lr_scheduler_kwargs": "train.min_learning_rate",
+    "warmup_steps": "train.warmup_ratio", "weight_decay": "train.weight_decay", "seed": "train.seed",
+    "data_seed": "train.seed", "logging_steps": "train.logging_steps", "save_strategy": "train.save_steps",
+    "save_steps": "train.save_steps", "save_total_limit": "train.save_total_limit",
+    "eval_strategy": "train.eval_steps", "eval_steps": "train.eval_steps", "report_to": "train.report_to",
+    "deepspeed": "train.deepspeed", "bf16": "train.precision", "fp16": "train.precision",
+    "use_cpu": "train.precision", "activation_checkpointing": "train.gradient_checkpointing",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+}
+
+
+def unknown_trl_fields(config_cls, trl: dict) -> None:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    for key in trl:
+        if key not in names:
+            raise ConfigError(f"train.trl.{key}: {config_cls.__name__} has no field {key!r}")
+
+
+def bad_trl_value(config_cls, trl: dict, err: Exception, base: dict):
+    """Raise a ConfigError naming the first `train.trl` key whose value the config class refuses."""
+    for key, value in trl.items():
+        try:
+            config_cls(**base, **{key: value})
+        except (ValueError, TypeError) as one:
+            raise ConfigError(f"train.trl.{key}: {config_cls.__name__} refuses {value!r} ({one})") from None
+    raise ConfigError(f"train.trl: {config_cls.__name__} refuses these fields together ({err})") from None
+
+
+# The TRL config class each training stage builds (module, class): what `rlhf validate` checks train.trl against.
+TRL_CONFIGS = {
+    "sft": ("trl", "SFTConfig"), "critique": ("trl", "SFTConfig"), "reward": ("trl", "RewardConfig"),
+    "dpo": ("trl", "DPOConfig"), "ppo": ("trl.experimental.ppo", "PPOConfig"),
+    "sayself-rl": ("trl", "GRPOConfig"),
+}
+
+
+def check_trl(recipe) -> None:
+    """`train.trl` against the stage's TRL config class: unknown fields, derived fields and refused
+    values are ConfigErrors naming `train.trl.<field>`. Imports TRL only when `train.trl` is set, and
+    builds the config on CPU in fp32 so a GPU recipe validates anywhere."""
+    train = getattr(recipe, "train", None)
+    if not isinstance(train, TrainSection) or not train.trl or recipe.stage not in TRL_CONFIGS:
+        return
+    import importlib
+    import tempfile
+
+    module, name = TRL_CONFIGS[recipe.stage]
+    config_cls = getattr(importlib.import_module(module), name)
+    for key in train.trl:
+        if key in DERIVED:
+            raise ConfigError(f"train.trl.{key}: {key} is derived from {DERIVED[key]}; set that instead")
+    unknown_trl_fields(config_cls, train.trl)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = dict(output_dir=tmp, use_cpu=True, bf16=False, fp16=False, report_to=[])
+        try:
+            config_cls(**base, **train.trl)
+        except (ValueError, TypeError) as err:
+            bad_trl_value(config_cls, train.trl, err, base)
 
 
 def lora_config(train: TrainSection, task_type: str):

@@ -82,9 +82,18 @@ def recipe_for(tree: dict, origin: str, stage: str | None = None):
         raise ConfigError(f"{origin}: stage: {recipe_stage!r} is not a stage (one of {', '.join(STAGES)})")
     tree["stage"] = recipe_stage
     try:
-        return STAGES[recipe_stage].recipe_class.model_validate(tree)
+        recipe = STAGES[recipe_stage].recipe_class.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(origin, err)) from None
+    train = getattr(recipe, "train", None)
+    if STAGES[recipe_stage].kind == "train" and getattr(train, "trl", None):  # TRL imported only then
+        from pipeline.train import check_trl
+
+        try:
+            check_trl(recipe)
+        except ConfigError as err:
+            raise ConfigError(f"{origin}: {err}") from None
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None,

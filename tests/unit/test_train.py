@@ -32,3 +32,55 @@ def test_resume_skips_a_checkpoint_cut_off_mid_save(tmp_path):
         if complete:  # the Trainer writes trainer_state.json last
             (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert last_checkpoint(tmp_path) == str(folder / "checkpoint-10")  # 10 > 2 numerically, 12 incomplete
+
+
+def _sft_recipe(tmp_path, trl: dict):
+    """An sft recipe (validated the way `rlhf validate` does) with `train.trl` set."""
+    from pipeline.stages import recipe_for
+
+    tree = {"stage": "sft", "run": {"name": "t", "root": str(tmp_path)}, "model": str(tmp_path / "m"),
+            "inputs": {"dataset": str(tmp_path / "d")}, "train": {"trl": trl}}
+    return recipe_for(tree, "r.yaml")
+
+
+def test_unknown_trl_field_is_an_error_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"r\.yaml: train\.trl\.no_such_field: SFTConfig has no field"):
+        _sft_recipe(tmp_path, {"no_such_field": 1})
+
+
+def test_bad_trl_value_is_an_error_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.trl\.optim: SFTConfig refuses 'adamw_nope'"):
+        _sft_recipe(tmp_path, {"optim": "adamw_nope"})
+
+
+def test_a_trl_key_we_derive_names_both_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.trl\.lr_scheduler_type: .* derived from train\.lr_scheduler"):
+        _sft_recipe(tmp_path, {"lr_scheduler_type": "cosin"})
+    from trl import SFTConfig
+
+    from pipeline.train import trl_config
+
+    train = TrainSection(trl={"max_length": 64})
+    with pytest.raises(ConfigError, match=r"train\.trl\.max_length: .* set by the SFTConfig stage"):
+        trl_config(SFTConfig, train, tmp_path, max_length=128)
+
+
+def test_a_valid_trl_field_reaches_the_trl_config(tmp_path):
+    from trl import SFTConfig
+
+    from pipeline.train import trl_config
+
+    recipe = _sft_recipe(tmp_path, {"max_grad_norm": 0.25, "packing": True})
+    args = trl_config(SFTConfig, recipe.train, tmp_path, max_length=64)
+    assert args.max_grad_norm == 0.25 and args.packing is True
+    assert args.max_length == 64 and args.gradient_accumulation_steps == 2  # derived fields still there
+
+
+def test_validating_a_recipe_without_train_trl_does_not_import_trl():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.stages import load_recipe; "
+            "load_recipe('recipes/demo/sft.yaml', check_inputs=False); print('trl' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
