@@ -98,12 +98,13 @@ def fill_ledger(r, rows_path: Path) -> int:
     """Write the ledger a finished run would have, answering each request in-process."""
     from pipeline.ledger import Ledger
     from pipeline.runs import stage_dir
+    from pipeline.judge import session
     from pipeline.stages import annotate
     from pipeline.standin import judge as standin_judge
 
     rows = annotate.load_rows(r)
-    requests = annotate.Requests(rows, r)
-    items = annotate.plan(rows, r)
+    requests = session.Requests(rows, r)
+    items = session.plan(rows, r)
     with Ledger(stage_dir(r) / annotate.LEDGER) as ledger:
         for item in items:
             messages, params = requests.first(item)

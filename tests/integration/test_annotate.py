@@ -325,6 +325,8 @@ def test_dry_run_then_budget_stop_then_continue(tmp_path, standin, capsys):
 def test_throttle_pauses_for_retry_after_and_paces_requests(monkeypatch):
     import asyncio
 
+    from pipeline.llm import throttle as throttle_module
+
     clock = {"now": 100.0}
     slept = []
 
@@ -332,9 +334,9 @@ def test_throttle_pauses_for_retry_after_and_paces_requests(monkeypatch):
         slept.append(round(seconds, 3))
         clock["now"] += seconds
 
-    monkeypatch.setattr(annotate.time, "monotonic", lambda: clock["now"])
-    monkeypatch.setattr(annotate.asyncio, "sleep", fake_sleep)
-    throttle = annotate.Throttle(rpm=60, tpm=None)  # one a second, a burst of ten
+    monkeypatch.setattr(throttle_module.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(throttle_module.asyncio, "sleep", fake_sleep)
+    throttle = throttle_module.Throttle(rpm=60, tpm=None)  # one a second, a burst of ten
 
     async def take(n):
         for _ in range(n):
@@ -348,7 +350,7 @@ def test_throttle_pauses_for_retry_after_and_paces_requests(monkeypatch):
     throttle.pause(5.0)
     asyncio.run(take(1))
     assert slept[0] == 5.0
-    tokens = annotate.Throttle(rpm=None, tpm=600)  # ten tokens a second, a burst of 100
+    tokens = throttle_module.Throttle(rpm=None, tpm=600)  # ten tokens a second, a burst of 100
     slept.clear()
     asyncio.run(_acquire(tokens, [100, 50]))
     assert slept == [5.0]

@@ -1,0 +1,448 @@
+"""The judging session: the plan of judge items, their requests, sending them (throttled, with
+our own retries), re-asks after an unusable answer, the cost and token tally, the --dry-run
+estimate, and assembling the ratings into completion rows. See pipeline.stages.annotate.
+
+`recipe` below is the annotate stage's recipe (anything with its `annotation` section); it is
+not imported here, so that this package does not depend on pipeline.stages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pipeline.judge import rubric
+from pipeline.judge.parse import ParseError, parse_aspect, parse_compact, parse_critique
+from pipeline.ledger import Ledger, request_key
+from pipeline.llm.openai_backend import api_key, async_client, error_reason
+from pipeline.llm.throttle import Throttle
+from pipeline.records import empty_annotations
+
+# Rough answer sizes for --dry-run estimates (tokens): per rated text, and per critique.
+EST_TOKENS_PER_RATED_TEXT = {"aspect": 70, "compact": 220}
+EST_CRITIQUE_TOKENS = 160
+
+
+class BudgetReached(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Item:
+    """One judge question: an aspect (or all, compact) over a row's texts, or one critique."""
+
+    row: int
+    kind: str  # "aspect", "compact" or "critique"
+    aspect: str | None = None
+    completion: int | None = None
+
+
+@functools.lru_cache(maxsize=4096)  # asked once per aspect of a prompt; seeding a Random is not free
+def shuffled_order(seed: int, pid: str, n: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(f"{seed}:{pid}").shuffle(order)
+    return tuple(order)
+
+
+def plan(rows: list[dict], recipe) -> list[Item]:
+    ann = recipe.annotation
+    items = []
+    for r, row in enumerate(rows):
+        if ann.mode == "compact":
+            items.append(Item(r, "compact"))
+        else:
+            items += [Item(r, "aspect", aspect=a) for a in rubric.ASPECTS]
+        if ann.critique:
+            items += [Item(r, "critique", completion=c) for c in range(len(row["completions"]))]
+    return items
+
+
+class Requests:
+    """Builds each item's first request: messages, parameters and ledger key."""
+
+    def __init__(self, rows: list[dict], recipe):
+        self.rows = rows
+        self.ann = recipe.annotation
+        self.structured = self.ann.mode == "structured"
+        self.identity = {"backend": "openai", "model": self.ann.judge_model}
+        self.version = rubric.TEMPLATE_VERSION + (f"+json-{rubric.schema_digest()}" if self.structured else "")
+
+    def order(self, item: Item) -> list[int]:
+        row = self.rows[item.row]
+        return shuffled_order(self.ann.seed, row["prompt_id"], len(row["completions"]))
+
+    def _nonce(self, item: Item, texts: list[str]) -> str:
+        # Derived from the texts themselves, so no text can contain the marker lines around it.
+        blob = json.dumps([self.ann.seed, item.kind, item.aspect, item.completion, texts])
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def first(self, item: Item) -> tuple[list[dict], dict]:
+        row = self.rows[item.row]
+        ann, structured = self.ann, self.structured
+        if item.kind == "critique":
+            completion = row["completions"][item.completion]
+            nonce = self._nonce(item, [completion["response"]])
+            messages = rubric.critique_messages(row, completion, nonce, structured)
+            params = {"temperature": ann.temperature, "max_new_tokens": ann.critique_max_tokens}
+            schema = ("critique", rubric.CRITIQUE_SCHEMA)
+        else:
+            texts = [row["completions"][i]["response"] for i in self.order(item)]
+            nonce = self._nonce(item, texts)
+            if item.kind == "compact":
+                messages = rubric.compact_messages(row, texts, nonce, structured)
+                schema = ("compact", rubric.compact_schema())
+            else:
+                messages = rubric.aspect_messages(item.aspect, row, texts, nonce, structured)
+                schema = (item.aspect, rubric.aspect_schema(item.aspect))
+            params = {"temperature": ann.temperature, "max_new_tokens": ann.aspect_max_tokens}
+        if structured:
+            params["response_format"] = rubric.response_format(*schema)
+        return messages, params
+
+    def key(self, messages: list[dict], params: dict) -> str:
+        return request_key(self.identity, self.version, messages, params)
+
+    def parse(self, item: Item, text: str):
+        n = len(self.rows[item.row]["completions"])
+        if item.kind == "critique":
+            return parse_critique(text, self.structured)
+        if item.kind == "compact":
+            return parse_compact(text, n, self.structured)
+        return parse_aspect(item.aspect, text, n, self.structured)
+
+
+def reask(messages: list[dict], answer: str, reason: str, structured: bool) -> list[dict]:
+    return [*messages, {"role": "assistant", "content": answer}, rubric.corrective_message(reason, structured)]
+
+
+# ---------------------------------------------------------------- spending
+
+
+def estimate_tokens(messages: list[dict]) -> int:
+    """A cheap upper-side estimate (about four characters a token) for throttling and --dry-run."""
+    return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
+
+
+
+@dataclass
+class Tally:
+    sent: int = 0
+    replayed: int = 0
+    failed_requests: int = 0
+    reasks: int = 0
+    parse_failures: Counter = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add_usage(self, result: dict, price) -> None:
+        self.prompt_tokens += result.get("prompt_tokens", 0)
+        self.completion_tokens += result.get("completion_tokens", 0)
+        if price is not None:
+            self.cost_usd += cost(result, price)
+
+
+def cost(result: dict, price) -> float:
+    return (result.get("prompt_tokens", 0) * price.input_per_mtok
+            + result.get("completion_tokens", 0) * price.output_per_mtok) / 1e6
+
+
+# ---------------------------------------------------------------- the judge loop
+
+
+@dataclass
+class Outcome:
+    status: str  # "ok", "failed" or "stopped"
+    value: object = None
+    reason: str = ""
+    reasks: int = 0
+
+
+class JudgeRun:
+    def __init__(self, recipe, rows: list[dict], ledger: Ledger, retry_failed: bool):
+        self.recipe = recipe
+        self.ann = recipe.annotation
+        self.rows = rows
+        self.requests = Requests(rows, recipe)
+        self.ledger = ledger
+        self.retry_failed = retry_failed
+        self.tally = Tally()
+        self.throttle = Throttle(self.ann.requests_per_minute, self.ann.tokens_per_minute)
+        self.price = self.ann.price
+        self.stopped = False
+        self.spent_before = 0.0  # what the ledger says earlier runs spent (the budget covers all runs)
+        self.count_replays = True
+        self.keep_pending = True  # replay keeps the messages of what is still to send
+
+    def api_key(self) -> str:
+        return api_key(self.ann.judge, "annotation.judge")
+
+    def client(self):
+        return async_client(self.ann.judge, self.api_key())
+
+    def over_budget(self) -> bool:
+        budget = self.ann.budget_usd
+        return budget is not None and self.spent_before + self.tally.cost_usd >= budget
+
+    async def send(self, client, key: str, messages: list[dict], params: dict, meta: dict) -> dict | None:
+        """One request with our retries; the outcome is in the ledger before this returns."""
+        import openai
+
+        body = {"model": self.ann.judge_model, "messages": messages, "temperature": params["temperature"],
+                "max_tokens": params["max_new_tokens"]}
+        if "response_format" in params:
+            body["response_format"] = params["response_format"]
+        spec = self.ann.judge
+        reason = "no attempt made"
+        for attempt in range(spec.max_retries + 1):
+            await self.throttle.acquire(estimate_tokens(messages) + params["max_new_tokens"])
+            if self.stopped or self.over_budget():
+                self.stopped = True
+                raise BudgetReached()
+            self.tally.sent += 1
+            try:
+                # The client's low-level post: same auth, errors and connection pool as
+                # chat.completions.create, without its per-request parameter transform and
+                # response models, which cost more CPU than everything else here together.
+                data = await client.post("/chat/completions", cast_to=object, body=body,
+                                         options={"headers": {"X-Request-Key": key}})
+                choice = data["choices"][0]
+                text = (choice.get("message") or {}).get("content")
+                if text is None:
+                    raise ValueError(f"the server returned no text (finish_reason={choice.get('finish_reason')})")
+            except openai.RateLimitError as err:
+                reason = error_reason(err)
+                self.throttle.pause(_retry_after(err) or _backoff(attempt))
+                continue
+            except (openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError) as err:
+                reason = error_reason(err)
+                await asyncio.sleep(_backoff(attempt))
+                continue
+            except (openai.APIStatusError, ValueError, IndexError, KeyError, TypeError, AttributeError) as err:
+                reason = error_reason(err)  # 4xx other than 429, or an answer without the chat shape: final
+                break
+            usage = data.get("usage") or {}
+            result = {"text": text,
+                      "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                      "completion_tokens": int(usage.get("completion_tokens") or 0),
+                      "finish_reason": str(choice.get("finish_reason") or "stop")}
+            self.ledger.record_ok(key, result, **meta)
+            self.tally.add_usage(result, self.price)
+            return result
+        self.ledger.record_failure(key, reason, **meta)
+        self.tally.failed_requests += 1
+        return None
+
+    async def resolve(self, client, item: Item) -> Outcome:
+        """Ask (or replay) one item until it parses, running out of re-asks, or fails."""
+        messages, params = self.requests.first(item)
+        row = self.rows[item.row]
+        meta = {"prompt_id": row["prompt_id"], "kind": item.kind, "aspect": item.aspect,
+                "completion": item.completion, "seed": self.ann.seed,
+                "order": self.requests.order(item) if item.kind != "critique" else None}
+        counted = 0  # re-asks that count against max_reasks in this run
+        reasks = 0
+        while True:
+            key = self.requests.key(messages, params)
+            result = self.ledger.result(key)
+            fresh = result is None
+            if fresh:
+                failure = self.ledger.failure(key)
+                if failure is not None and not self.retry_failed:
+                    return Outcome("failed", reason=failure.get("reason", "failed"), reasks=reasks)
+                if client is None:  # replay only: this is where spending would start
+                    # (--dry-run prices the messages; a real run renders them again when it sends,
+                    # rather than hold every unsent request's text at once)
+                    return Outcome("pending", value=(messages, params) if self.keep_pending else None,
+                                   reasks=reasks)
+                try:
+                    result = await self.send(client, key, messages, params, {**meta, "reask": reasks})
+                except BudgetReached:
+                    return Outcome("stopped", reasks=reasks)
+                if result is None:
+                    return Outcome("failed", reason=self.ledger.failure(key)["reason"], reasks=reasks)
+            elif self.count_replays:
+                self.tally.replayed += 1
+            try:
+                return Outcome("ok", value=self.requests.parse(item, result["text"]), reasks=reasks)
+            except ParseError as err:
+                reason = str(err)
+                if fresh or not self.retry_failed:  # --retry-failed grants new re-asks
+                    counted += 1
+                if fresh:
+                    self.tally.parse_failures[_reason_kind(reason)] += 1
+                if counted > self.ann.max_reasks:
+                    return Outcome("failed", reason=f"unusable answer after {reasks} re-ask(s): {reason}",
+                                   reasks=reasks)
+                messages = reask(messages, result["text"], reason, self.requests.structured)
+                reasks += 1
+                if fresh:
+                    self.tally.reasks += 1
+
+    def replay_all(self, items: list[Item]) -> list[Outcome]:
+        """Each item as far as the ledger answers it, sending nothing ("pending": what to send next)."""
+        async def replay() -> list[Outcome]:
+            return [await self.resolve(None, item) for item in items]
+
+        return asyncio.run(replay())
+
+    async def run_all(self, items: list[Item], bar, failed_before: int = 0) -> dict[Item, Outcome]:
+        outcomes: dict[Item, Outcome] = {}
+        failed = [failed_before]
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        for item in items:
+            queue.put_nowait(item)
+
+        async def worker(client) -> None:
+            while not queue.empty():
+                item = queue.get_nowait()
+                outcome = await self.resolve(client, item)
+                outcomes[item] = outcome
+                failed[0] += outcome.status == "failed"
+                bar.update()
+                postfix = {"sent": self.tally.sent, "reasks": self.tally.reasks, "failed": failed[0]}
+                if self.price is not None:
+                    postfix["spent"] = f"${self.spent_before + self.tally.cost_usd:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+
+        async with self.client() as client:
+            workers = [asyncio.create_task(worker(client))
+                       for _ in range(max(1, min(self.ann.judge.max_concurrency, len(items))))]
+            try:
+                done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    if task.exception() is not None:
+                        raise task.exception()
+            finally:
+                for task in workers:
+                    task.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+        return outcomes
+
+
+def _retry_after(err) -> float | None:
+    try:
+        value = err.response.headers.get("retry-after")
+        return float(value) if value is not None else None
+    except (AttributeError, ValueError):
+        return None
+
+
+def _backoff(attempt: int) -> float:
+    return min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
+
+
+def _reason_kind(reason: str) -> str:
+    """Group parse-failure reasons for the summary: the text before any quoted value."""
+    head = reason.split("'")[0].split('"')[0]
+    return " ".join(w for w in head.split() if not w.rstrip(":").isdigit())[:80].strip() or reason[:80]
+
+
+def spent_so_far(ledger: Ledger, price) -> float:
+    if price is None:
+        return 0.0
+    prompt, completion = _token_sums(ledger)
+    return (prompt * price.input_per_mtok + completion * price.output_per_mtok) / 1e6
+
+
+
+
+def ledger_tokens(ledger: Ledger) -> dict:
+    """Tokens of every successful request in the ledger (all runs, re-asks included)."""
+    prompt, completion = _token_sums(ledger)
+    return {"prompt": prompt, "completion": completion, "total": prompt + completion}
+
+
+def _token_sums(ledger: Ledger) -> tuple[int, int]:
+    prompt = completion = 0
+    for p, c in ledger.token_counts():
+        prompt += p
+        completion += c
+    return prompt, completion
+
+
+
+def dry_run(run: JudgeRun, items: list[Item]) -> dict:
+    calls = tokens_in = tokens_out = 0
+    for item, outcome in zip(items, run.replay_all(items)):
+        if outcome.status != "pending":
+            continue
+        messages, params = outcome.value
+        calls += 1
+        tokens_in += estimate_tokens(messages)
+        n = 1 if item.kind == "critique" else len(run.rows[item.row]["completions"])
+        guess = EST_CRITIQUE_TOKENS if item.kind == "critique" else EST_TOKENS_PER_RATED_TEXT[item.kind] * n
+        tokens_out += min(guess, params["max_new_tokens"])
+    price = run.price
+    dollars = None if price is None else (tokens_in * price.input_per_mtok + tokens_out * price.output_per_mtok) / 1e6
+    print(f"annotate --dry-run: {calls} call(s) to send (of {len(items)} items; re-asks not counted), "
+          f"about {tokens_in:,} prompt + {tokens_out:,} completion tokens, "
+          + (f"about ${dollars:,.2f}" if dollars is not None else
+             f"cost unknown (no price for {run.ann.judge_model!r} in annotation.prices)"))
+    return {"calls": calls, "prompt_tokens": tokens_in, "completion_tokens": tokens_out, "cost_usd": dollars}
+
+
+
+# ---------------------------------------------------------------- assembling rows
+
+
+def assemble(rows: list[dict], items: list[Item], outcomes: dict, requests: Requests, with_critique: bool):
+    """Annotated rows (complete completions only) and the failures, one record per lost item."""
+    by_row: dict[int, list[Item]] = {}
+    for item in items:
+        by_row.setdefault(item.row, []).append(item)
+    out_rows, failures = [], []
+    incomplete = 0
+    for r, row in enumerate(rows):
+        n = len(row["completions"])
+        annotations = [empty_annotations() for _ in range(n)]
+        have = [set() for _ in range(n)]
+        critiques: list[tuple[str, int] | None] = [None] * n
+        for item in by_row.get(r, []):
+            outcome = outcomes[item]
+            if outcome.status != "ok":
+                failures.append({"prompt_id": row["prompt_id"], "kind": item.kind, "aspect": item.aspect,
+                                 "completion": item.completion, "status": outcome.status,
+                                 "reason": outcome.reason})
+                continue
+            if item.kind == "critique":
+                critiques[item.completion] = outcome.value
+                continue
+            order = requests.order(item)
+            for position, parsed in enumerate(outcome.value):
+                c = order[position]
+                if item.kind == "compact":
+                    for aspect in rubric.ASPECTS:
+                        annotations[c][aspect] = parsed[aspect]
+                        have[c].add(aspect)
+                else:
+                    annotations[c][item.aspect] = parsed
+                    have[c].add(item.aspect)
+        completions = []
+        for c, completion in enumerate(row["completions"]):
+            if len(have[c]) < len(rubric.ASPECTS) or (with_critique and critiques[c] is None):
+                incomplete += 1
+                continue
+            ratings = [int(annotations[c][a]["Rating"]) for a in rubric.ASPECTS
+                       if annotations[c][a]["Rating"] != "N/A"]
+            feedback, score = critiques[c] if critiques[c] is not None else ("", None)
+            completions.append({
+                **{k: completion.get(k) for k in ("custom_system_prompt", "model", "principle", "response")},
+                "annotations": annotations[c],
+                "critique": feedback,
+                "overall_score": float(score) if score is not None else None,
+                "fine-grained_score": sum(ratings) / len(ratings) if ratings else None,
+            })
+        if completions:
+            out_rows.append({
+                "prompt_id": row["prompt_id"], "source": row["source"], "instruction": row["instruction"],
+                "models": [c["model"] for c in completions], "completions": completions,
+                "correct_answers": row["correct_answers"], "incorrect_answers": row["incorrect_answers"],
+                "reference": row["reference"],
+            })
+    return out_rows, failures, incomplete

@@ -1,0 +1,46 @@
+"""A client-side throttle: requests and tokens per minute, and a shared pause for Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class Throttle:
+    """Requests and tokens per minute as two token buckets, and a shared pause for Retry-After."""
+
+    def __init__(self, rpm: float | None, tpm: float | None):
+        self.rpm, self.tpm = rpm, tpm
+        now = time.monotonic()
+        self.requests = (rpm or 0) / 6  # start with ten seconds' worth, not a full minute's burst
+        self.tokens = (tpm or 0) / 6
+        self.updated = now
+        self.paused_until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+    async def acquire(self, tokens: int) -> None:
+        while True:
+            now = time.monotonic()
+            if now < self.paused_until:
+                await asyncio.sleep(self.paused_until - now)
+                continue
+            elapsed, self.updated = now - self.updated, now
+            wait = 0.0
+            if self.rpm:
+                self.requests = min(self.rpm / 6, self.requests + elapsed * self.rpm / 60)
+                if self.requests < 1:
+                    wait = max(wait, (1 - self.requests) * 60 / self.rpm)
+            if self.tpm:
+                cap = max(self.tpm / 6, tokens)  # one request larger than the burst still runs
+                self.tokens = min(cap, self.tokens + elapsed * self.tpm / 60)
+                if self.tokens < tokens:
+                    wait = max(wait, (tokens - self.tokens) * 60 / self.tpm)
+            if wait <= 0:
+                if self.rpm:
+                    self.requests -= 1
+                if self.tpm:
+                    self.tokens -= tokens
+                return
+            await asyncio.sleep(wait)
