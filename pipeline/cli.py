@@ -12,8 +12,6 @@ to be requeued (pipeline/preempt.py), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 from pipeline.config import ConfigError
@@ -128,10 +126,9 @@ def _all(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("RLHF_LOG", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per request drowns the progress bar
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.launch import setup_logging
+
+    setup_logging()
     parser = _parser()
     # `key=value` overrides may come after options too (`rlhf sft r.yaml --force train.seed=1`):
     # argparse stops collecting positionals at the first option, so gather the rest here.

@@ -12,7 +12,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.cli import main as rlhf
+from pipeline.launch import run_stage_exit_code, setup_logging
+from pipeline.runs import RunOptions
+
+
+def rlhf(argv: list[str]) -> int:
+    """One stage, as `rlhf STAGE RECIPE [key=value ...] [--force]` runs it (exit code)."""
+    stage, recipe, *rest = argv
+    overrides = [a for a in rest if a != "--force"]
+    return run_stage_exit_code(stage, recipe, overrides, RunOptions(force="--force" in rest))
 
 RECIPES = Path("recipes/demo")
 
@@ -76,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", default="demo", help="run name (outputs under data/runs/<run>/)")
     parser.add_argument("--force", action="store_true", help="run every stage again")
     args = parser.parse_args(argv)
+    setup_logging()
     common = [f"run.name={args.run}"] + (["--force"] if args.force else [])
 
     for stage in ("tiny-models", "prompts"):

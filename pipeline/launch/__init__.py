@@ -7,11 +7,13 @@ runs the stage again with launcher=local). A new place to run (Ray, say) is one 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import shutil
+import sys
 
 from pipeline.config import ConfigError
-from pipeline.runs import RunOptions, clear_done, is_done, stage_dir
+from pipeline.runs import RunOptions, StageFailed, clear_done, is_done, stage_dir
 from pipeline.stages import STAGES, load_recipe
 
 
@@ -41,3 +43,25 @@ def run_stage(stage_name: str, recipe_path: str, overrides: list[str] = (), opts
 
     slurm.check_launch(recipe, recipe_path)
     importlib.import_module(f"pipeline.launch.{recipe.launch.launcher}").launch(stage, recipe, recipe_path, opts)
+
+
+def run_stage_exit_code(stage_name: str, recipe_path: str, overrides: list[str] = (),
+                        opts: RunOptions = RunOptions()) -> int:
+    """`run_stage` for callers that run several stages (`rlhf all`, the demo): 0 done or skipped,
+    2 bad input, 1 the stage failed, each reported on stderr as the CLI does."""
+    try:
+        run_stage(stage_name, recipe_path, overrides, opts)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except StageFailed as err:
+        print(f"failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("RLHF_LOG", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per request drowns the progress bar
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -17,7 +17,6 @@ when its job starts (an earlier stage may be what makes them).
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +70,8 @@ def validate(path: str | Path, check_inputs: bool = True) -> list:
 
 
 def run(path: str, overrides: list[str], launcher: str = "local", profile: str | None = None) -> int:
-    from pipeline.launch import run_stage
-    from pipeline.runs import RunOptions, StageFailed, is_done, stage_dir
+    from pipeline.launch import run_stage_exit_code
+    from pipeline.runs import is_done, stage_dir
 
     pipeline = load_pipeline(path)
     common = [*overrides, f"launch.launcher={launcher}"] + ([f"launch.profile={profile}"] if profile else [])
@@ -89,15 +88,7 @@ def run(path: str, overrides: list[str], launcher: str = "local", profile: str |
             if done:
                 print(f"all: {recipe.stage} already done ({stage_dir(recipe)}); skipped")
                 continue
-            try:
-                run_stage(recipe.stage, step.recipe, [*step.overrides, *common], RunOptions())
-                code = 0
-            except ConfigError as err:
-                print(f"error: {err}", file=sys.stderr)
-                code = 2
-            except StageFailed as err:
-                print(f"failed: {err}", file=sys.stderr)
-                code = 1
+            code = run_stage_exit_code(recipe.stage, step.recipe, [*step.overrides, *common])
             if code:
                 print(f"all: stopped at {recipe.stage} (exit {code})")
                 return code
