@@ -222,14 +222,26 @@ def lora_config(train: TrainSection, task_type: str):
 def last_checkpoint(stage_path: Path) -> str | None:
     """The newest complete `checkpoint-N` of an earlier, interrupted run (to resume from).
 
-    The Trainer writes trainer_state.json last, so a folder without it was cut off mid-save by a
-    kill and is passed over (transformers' get_last_checkpoint would pick it and then fail)."""
+    The Trainer writes trainer_state.json last, so a folder without it, or with it only partly
+    written, was cut off mid-save by a kill and is passed over (transformers'
+    get_last_checkpoint would pick it and then fail)."""
     folder = stage_path / CHECKPOINTS
     if not folder.is_dir():
         return None
     complete = [p for p in folder.glob("checkpoint-*")
-                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+                if p.name.split("-")[-1].isdigit() and checkpoint_complete(p)]
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def checkpoint_complete(checkpoint: Path) -> bool:
+    """Whether the checkpoint's trainer state (the last file the Trainer saves) is whole JSON."""
+    import json
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def train_or_resume(trainer, resume: str | None) -> tuple[int, float | None]:

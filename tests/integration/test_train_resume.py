@@ -13,6 +13,8 @@ from pathlib import Path
 
 from helpers import reward_recipe
 
+from pipeline.train import checkpoint_complete
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -31,15 +33,13 @@ def test_reward_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path, tiny_p
     deadline = time.monotonic() + 300
     # Kill once a checkpoint is completely written (its trainer state is the last file saved).
     while proc.poll() is None and time.monotonic() < deadline:
-        if any((c / "trainer_state.json").is_file() and int(c.name.split("-")[1]) >= 4
-               for c in checkpoints.glob("checkpoint-*")):
+        if any(checkpoint_complete(c) and int(c.name.split("-")[1]) >= 4 for c in checkpoints.glob("checkpoint-*")):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = max(int(c.name.split("-")[1]) for c in checkpoints.glob("checkpoint-*")
-                    if (c / "trainer_state.json").is_file())
+    killed_at = max(int(c.name.split("-")[1]) for c in checkpoints.glob("checkpoint-*") if checkpoint_complete(c))
     assert killed_at < 40
 
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)

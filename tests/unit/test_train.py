@@ -27,11 +27,12 @@ def test_cpu_runs_in_fp32_and_refuses_half_precision():
 def test_resume_skips_a_checkpoint_cut_off_mid_save(tmp_path):
     assert last_checkpoint(tmp_path) is None
     folder = tmp_path / "checkpoints"
-    for step, complete in ((2, True), (10, True), (12, False)):
+    # The Trainer writes trainer_state.json last; a kill can land before it or halfway through it.
+    for step, state in ((2, "{}"), (10, "{}"), (12, None), (14, ""), (16, '{"global_step": 1')):
         (folder / f"checkpoint-{step}").mkdir(parents=True)
-        if complete:  # the Trainer writes trainer_state.json last
-            (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert last_checkpoint(tmp_path) == str(folder / "checkpoint-10")  # 10 > 2 numerically, 12 incomplete
+        if state is not None:
+            (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_checkpoint(tmp_path) == str(folder / "checkpoint-10")  # 10 > 2 numerically; 12-16 cut off
 
 
 def _sft_recipe(tmp_path, trl: dict):
