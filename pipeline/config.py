@@ -27,25 +27,35 @@ class Strict(BaseModel):
 # --- shared sections -------------------------------------------------------------------------
 
 
-class RunSection(Strict):
-    name: str = Field(description="Run name: outputs go to <root>/<name>/<stage>/")
-    root: str = Field("data/runs", description="Folder holding all runs")
+def _folder_name(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        raise ValueError("use letters, digits, '_', '.', '-' (it becomes a folder name)")
+    return value
 
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
-            raise ValueError("use letters, digits, '_', '.', '-' (it becomes a folder name)")
-        return value
+
+class RunSection(Strict):
+    name: str = Field(description="Run name: outputs go to <root>/<name>/<step>/")
+    root: str = Field("data/runs", description="Folder holding all runs")
+    step: str | None = Field(None, description="This stage's folder in the run (default: the stage name); "
+                             "lets one run hold two stages of one kind, e.g. `step: rtuning-sft` for an sft")
+
+    _plain_names = field_validator("name", "step")(_folder_name)
 
 
 class StageRef(Strict):
-    """An explicit input: the output of `stage` in `run` (default: this recipe's run)."""
+    """An explicit input: the output of the step `stage` of `run` (default: this recipe's run)."""
 
-    stage: str
+    stage: str = Field(description="The step's folder in the run: its stage name, or its `run.step`")
     run: str | None = None
-    output: str = Field("dataset", description="Which output of that stage: dataset (default), "
-                        "critique (pairs), model (training stages)")
+    output: str = Field("dataset", description="Which output of that stage: dataset (default), critique "
+                        "(pairs), model (training stages), tiny-a... (tiny-models)")
+
+
+class ModelRef(StageRef):
+    """A model input naming a stage: that stage's `model` output unless `output` says otherwise
+    (`{stage: tiny-models, output: tiny-a}`)."""
+
+    output: str = Field("model", description="Which output: model (training stages, default), tiny-a... (tiny-models)")
 
 
 class LaunchSection(Strict):
@@ -91,7 +101,8 @@ class ModelSpec(Strict):
     name: str = Field(description="Name recorded in outputs (the `model` field of a completion)")
     backend: Literal["hf", "openai"]
     # hf
-    path: str | None = Field(None, description="hf: local model folder")
+    path: ModelRef | str | None = Field(None, description="hf: a local model folder, or a stage's model "
+                                        "({stage: sft, output: model}; resolved when the stage starts)")
     batch_size: int = Field(8, ge=1, description="hf: prompts per generate() call")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="hf: 'auto' (cuda when present), 'cpu', 'cuda:0'")
@@ -174,9 +185,8 @@ class TrainInputs(Strict):
     eval_split: str | None = "test"
 
 
-def preference_defaults(tree: Any, train_split: str | None, eval_split: str | None, model_keys: tuple) -> Any:
-    """Defaults for a stage that reads our `pairs` output: its split names, and `output: model` for a
-    stage ref that names a model (a bare ref otherwise means a stage's *dataset*)."""
+def preference_defaults(tree: Any, train_split: str | None, eval_split: str | None) -> Any:
+    """Split-name defaults for a stage that reads our `pairs` output."""
     if not isinstance(tree, dict):
         return tree
     tree = dict(tree)
@@ -187,13 +197,6 @@ def preference_defaults(tree: Any, train_split: str | None, eval_split: str | No
             inputs.setdefault("train_split", train_split)
         inputs.setdefault("eval_split", eval_split)
         tree["inputs"] = inputs
-    for dotted in model_keys:  # "model" or "section.key"; copies, so the caller's dict stays as it was
-        section, _, key = dotted.rpartition(".")
-        node = dict(tree[section]) if section and isinstance(tree.get(section), dict) else tree
-        if isinstance(node.get(key), dict):
-            node[key] = {"output": "model", **node[key]}
-        if section and node is not tree:
-            tree[section] = node
     return tree
 
 
@@ -214,13 +217,6 @@ class RtuningModelSection(Strict):
 
 
 # --- SaySelf -----------------------------------------------------------------------------------
-
-
-def model_ref_is_a_model(tree: Any) -> Any:
-    # A stage ref for `model` means that stage's model folder, not its dataset.
-    if isinstance(tree, dict) and isinstance(tree.get("model"), dict):
-        tree = {**tree, "model": {"output": "model", **tree["model"]}}
-    return tree
 
 
 # --- loading ---------------------------------------------------------------------------------

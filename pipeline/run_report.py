@@ -42,11 +42,20 @@ def _value(v) -> str:
     return "-" if v is None else str(v)
 
 
-def _stage_order(name: str) -> tuple[int, str]:
+def _stage_order(path: Path) -> tuple[int, str]:
+    """Table order of the folder's stage: its name, or the `stage:` of its saved recipe (a
+    `run.step` folder such as rtuning-sft sorts with sft)."""
+    import re
+
     from pipeline.stages import STAGES
 
     order = list(STAGES)
-    return (order.index(name) if name in order else len(order), name)
+    stage = path.name
+    config = path / "config.yaml"
+    if stage not in order and config.is_file():
+        found = re.search(r"^stage: *([\w-]+)", config.read_text(encoding="utf-8", errors="replace"), re.M)
+        stage = found.group(1) if found else stage
+    return (order.index(stage) if stage in order else len(order), path.name)
 
 
 def _summaries(path: Path) -> dict[str, list[tuple[str, str]]]:
@@ -76,7 +85,7 @@ def collect(root: Path, runs: list[str]) -> list[dict]:
             raise ConfigError(f"run {run!r}: no folder {run_dir}")
         states = {s["stage"]: s for s in status.collect(root, run)["stages"]}
         stages = []
-        for name in sorted(states, key=_stage_order):
+        for name in sorted(states, key=lambda name: _stage_order(run_dir / name)):
             path = run_dir / name
             stages.append({"stage": name, "path": path, "state": states[name]["state"],
                            "detail": states[name]["detail"], "finished_at": states[name].get("finished_at"),

@@ -43,7 +43,8 @@ class StageFailed(Exception):
 
 
 def stage_dir(recipe, stage: str | None = None, run: str | None = None) -> Path:
-    return Path(recipe.run.root) / (run or recipe.run.name) / (stage or recipe.stage)
+    """The folder of step `stage` of `run` (default: this recipe's own step and run)."""
+    return Path(recipe.run.root) / (run or recipe.run.name) / (stage or recipe.run.step or recipe.stage)
 
 
 def shard_dir(stage_path: Path, shard: int, num_shards: int) -> Path:
@@ -115,6 +116,41 @@ def resolve_input(recipe, ref: StageRef | str, key: str) -> Path:
             f"(no {path / SUCCESS}); run it first"
         )
     return path / ref.output
+
+
+def resolve_model(recipe, ref: StageRef | str, key: str) -> Path:
+    """A model input (a folder path, or a stage's model output) that must hold a transformers model."""
+    path = resolve_input(recipe, ref, key)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} is not a model folder (no config.json)")
+    return path
+
+
+def model_specs(node, key: str = ""):
+    """(recipe key, ModelSpec) of every model a recipe names (pool entries, judges, samplers)."""
+    from pydantic import BaseModel
+
+    from pipeline.config import ModelSpec
+
+    if isinstance(node, ModelSpec):
+        yield key, node
+    elif isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            yield from model_specs(getattr(node, name), f"{key}.{name}" if key else name)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            yield from model_specs(item, f"{key}[{i}]")
+    elif isinstance(node, dict):
+        for name, item in node.items():
+            yield from model_specs(item, f"{key}.{name}")
+
+
+def resolve_model_paths(recipe) -> None:
+    """Turn every ModelSpec `path` that names a stage into that stage's model folder (when the
+    stage starts: the named stage must have finished by then)."""
+    for key, spec in model_specs(recipe):
+        if isinstance(spec.path, StageRef):
+            spec.path = str(resolve_model(recipe, spec.path, f"{key}.path"))
 
 
 def load_rows(recipe, ref, key: str, need: set[str], split: str = "train") -> tuple[list[dict], Path]:

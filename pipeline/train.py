@@ -17,20 +17,12 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, StageRef, TrainSection
+from pipeline.config import ConfigError, TrainSection
 from pipeline.report import figure
-from pipeline.runs import clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
+from pipeline.runs import clear_done, mark_done, resolve_input, resolve_model, save_config, stage_dir, write_json
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
-
-
-def model_folder(recipe, ref: StageRef | str, key: str) -> Path:
-    """A model input (a folder path, or a stage's `model` output) that must hold a transformers model."""
-    path = resolve_input(recipe, ref, key)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{key}: {path} is not a model folder (no config.json)")
-    return path
 
 
 def load_reward_model(path: Path, key: str, **load):
@@ -334,7 +326,7 @@ def load_chat_splits(recipe):
     return splits[0], splits[1], data_path
 
 def check_model(recipe) -> Path:
-    return model_folder(recipe, recipe.model, "model")
+    return resolve_model(recipe, recipe.model, "model")
 
 def load_tokenizer(recipe, assistant_only_loss: bool):
     """The model's tokenizer; ConfigError when its chat template cannot do what the recipe asks."""

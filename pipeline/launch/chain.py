@@ -4,6 +4,10 @@ of a pipeline file (`recipes/pipelines/*.yaml`), in order.
     stages:
       - recipes/demo/prompts.yaml
       - {recipe: recipes/demo/generate.yaml, overrides: [launch.num_shards=4]}
+      - recipes/pipelines/demo-rtuning.yaml    # another pipeline file: its stages, in place
+
+A step that repeats an earlier one (same recipe, same overrides; two included pipelines that
+both start from the tiny models, say) runs once.
 
 Overrides on the command line apply to every stage, after the stage's own (`run.name=try2`).
 A stage already done (`_SUCCESS`) is skipped. Locally each stage runs through the normal CLI in
@@ -44,15 +48,27 @@ class PipelineFile(Strict):
         return [{"recipe": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
-def load_pipeline(path: str | Path) -> PipelineFile:
+def load_pipeline(path: str | Path, _including: tuple[Path, ...] = ()) -> PipelineFile:
+    """The pipeline's stage recipes, with included pipeline files expanded and repeats dropped."""
     path = Path(path)
+    if path.resolve() in _including:
+        raise ConfigError(f"{path}: includes itself (through {' -> '.join(str(p) for p in _including)})")
     tree = read_yaml(path, "pipeline")
     if not isinstance(tree, dict) or "stages" not in tree:
         raise ConfigError(f"{path}: a pipeline is a YAML mapping with a `stages:` list of recipes")
     try:
-        return PipelineFile.model_validate(tree)
+        pipeline = PipelineFile.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(str(path), err)) from None
+    steps: list[PipelineStep] = []
+    for step in pipeline.stages:
+        if is_pipeline_file(step.recipe):
+            inner = load_pipeline(step.recipe, (*_including, path.resolve())).stages
+            steps += [PipelineStep(recipe=s.recipe, overrides=[*s.overrides, *step.overrides]) for s in inner]
+        else:
+            steps.append(step)
+    unique = [s for i, s in enumerate(steps) if s not in steps[:i]]
+    return PipelineFile(stages=unique)
 
 
 def is_pipeline_file(path: str | Path) -> bool:
@@ -86,11 +102,11 @@ def run(path: str, overrides: list[str], launcher: str = "local", profile: str |
     if launcher == "local":
         for step, recipe, done in steps:
             if done:
-                print(f"all: {recipe.stage} already done ({stage_dir(recipe)}); skipped")
+                print(f"all: {stage_dir(recipe).name} already done ({stage_dir(recipe)}); skipped")
                 continue
             code = run_stage_exit_code(recipe.stage, step.recipe, [*step.overrides, *common])
             if code:
-                print(f"all: stopped at {recipe.stage} (exit {code})")
+                print(f"all: stopped at {stage_dir(recipe).name} (exit {code})")
                 return code
         return 0
 
@@ -103,7 +119,7 @@ def run(path: str, overrides: list[str], launcher: str = "local", profile: str |
     try:
         for (step, recipe, done), plan in zip(steps, plans):
             if plan is None:
-                print(f"all: {recipe.stage} already done ({stage_dir(recipe)}); skipped")
+                print(f"all: {stage_dir(recipe).name} already done ({stage_dir(recipe)}); skipped")
                 continue
             record = slurm.submit_prepared(plan, after=after)
             submitted += [job["id"] for job in record["jobs"]]

@@ -11,8 +11,10 @@ def launch(stage: Stage, recipe, origin: str, opts: RunOptions) -> None:
 
     from pipeline import preempt
     from pipeline.launch.serve import resolve_url_files
+    from pipeline.runs import resolve_model_paths
 
     preempt.install(training=stage.kind == "train")
     resolve_url_files(recipe)  # base_url_file -> base_url, now that the stage starts
+    resolve_model_paths(recipe)  # {stage: ..., output: ...} -> that stage's model folder
     datasets.disable_progress_bars()  # "Saving the dataset" bars would bury the stage's own output
     stage.load().run(recipe, opts)

@@ -80,29 +80,12 @@ def render(recipe: ServeRecipe, origin: str) -> dict[str, str]:
     return scripts
 
 
-def _model_specs(node, key: str):
-    """(recipe key, ModelSpec) of every model a recipe names (pool entries, judges)."""
-    from pydantic import BaseModel
-
-    from pipeline.config import ModelSpec
-
-    if isinstance(node, ModelSpec):
-        yield key, node
-    elif isinstance(node, BaseModel):
-        for name in type(node).model_fields:
-            yield from _model_specs(getattr(node, name), f"{key}.{name}" if key else name)
-    elif isinstance(node, (list, tuple)):
-        for i, item in enumerate(node):
-            yield from _model_specs(item, f"{key}[{i}]")
-    elif isinstance(node, dict):
-        for name, item in node.items():
-            yield from _model_specs(item, f"{key}.{name}")
-
-
 def resolve_url_files(recipe) -> None:
     """Read each `base_url_file` into its model's `base_url` (when the stage starts, so that a
     server started after the stage was submitted is found)."""
-    for key, spec in _model_specs(recipe, ""):
+    from pipeline.runs import model_specs
+
+    for key, spec in model_specs(recipe):
         if not spec.base_url_file:
             continue
         path = Path(spec.base_url_file)

@@ -306,11 +306,11 @@ def render_stage(recipe, origin: str, kind: str, profile_name: str, profile: Slu
     folder = path / SLURM_DIR
     recipe_file = folder / "recipe.yaml"
     python = profile.python or sys.executable
-    title = f"{recipe.stage} of run {recipe.run.name}"
+    title = f"{path.name} of run {recipe.run.name}"
     common = dict(profile=profile, profile_name=profile_name, time=recipe.launch.time or profile.time,
                   workdir=Path.cwd(), python=python, state_dir=folder / STATE,
                   preempted_code=PREEMPTED_CODE, gpus_per_node=profile.gpus_per_node)
-    base = f"rlhf-{recipe.run.name}-{recipe.stage}"
+    base = f"rlhf-{recipe.run.name}-{path.name}"  # the step: two sft steps of a run get two names
     run_stage = '"$RLHF_PYTHON" -m pipeline '
     jobs = []
     if kind == "sharded":
@@ -403,7 +403,7 @@ def prepare_stage(recipe, origin: str, *, job_args: list[str] = (),
         merge = True
     live = live_jobs(path)
     if live:
-        raise ConfigError(f"{origin}: stage {recipe.stage!r} of run {recipe.run.name!r} still has jobs queued or "
+        raise ConfigError(f"{origin}: stage {path.name!r} of run {recipe.run.name!r} still has jobs queued or "
                           f"running ({', '.join(live)}); wait for them or scancel them first")
     jobs = render_stage(recipe, origin, kind, profile_path.stem, profile, shards=shards, num_shards=num_shards,
                         merge=merge, job_args=list(job_args))
@@ -443,7 +443,7 @@ def submit_prepared(plan: dict, after: list[str] = ()) -> dict:
     for job in submitted:
         what = f"array {_ranges(job['array'])} of {num_shards} shards" if job["array"] is not None else job["name"]
         waits = f" after {','.join(job['after'])}" if job["after"] else ""
-        print(f"{recipe.stage}: submitted job {job['id']} ({what}){waits}; script {job['script']}")
+        print(f"{path.name}: submitted job {job['id']} ({what}){waits}; script {job['script']}")
     return record
 
 

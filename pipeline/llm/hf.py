@@ -72,6 +72,9 @@ def _sampling_key(params: dict) -> tuple:
 class HFBackend:
     def __init__(self, spec):
         self.spec = spec
+        if spec.path is not None and not isinstance(spec.path, str):
+            raise ValueError(f"model {spec.name!r}: path {spec.path!r} names a stage; resolve it first "
+                             "(pipeline.runs.resolve_model_paths, which the launcher calls)")
         path = Path(spec.path or "")
         if not path.is_dir():
             raise ValueError(f"model {spec.name!r}: path {str(path)!r} is not a folder")

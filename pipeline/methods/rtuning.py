@@ -163,7 +163,7 @@ class QAModel:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.path = Path(path)  # checked by the stage (pipeline.train.model_folder)
+        self.path = Path(path)  # checked by the stage (pipeline.runs.resolve_model)
         self.section = section
         device = section.device
         if device == "auto":

@@ -34,9 +34,9 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.config import (
     ConfigError,
     LaunchSection,
+    ModelRef,
     ModelSpec,
     RunSection,
-    StageRef,
     Strict,
     TrainInputs,
     local_paths,
@@ -50,15 +50,16 @@ from pipeline.runs import (
     clear_done,
     mark_done,
     resolve_input,
+    resolve_model,
     save_config,
     stage_dir,
     write_json,
 )
-from pipeline.train import load_reward_model, model_folder
+from pipeline.train import load_reward_model
 
 
 class BestOfNSection(Strict):
-    reward_model: StageRef | str
+    reward_model: ModelRef | str
     n_values: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     prompts: int = Field(64, ge=1, description="Held-out prompts to sample for")
     max_new_tokens: int = Field(256, ge=1)
@@ -78,7 +79,7 @@ class BestOfNSection(Strict):
 class Recipe(Strict):
     stage: Literal["bestofn"]
     run: RunSection
-    model: StageRef | str = Field(description="Policy that samples")
+    model: ModelRef | str = Field(description="Policy that samples")
     inputs: TrainInputs
     bestofn: BestOfNSection
     launch: LaunchSection = LaunchSection()
@@ -87,7 +88,7 @@ class Recipe(Strict):
     @classmethod
     def _pairs_defaults(cls, tree: Any) -> Any:
         # Prompts come from the held-out generation split (one row per prompt) of the pairs output.
-        return preference_defaults(tree, None, "test_gen", ("model", "bestofn.reward_model"))
+        return preference_defaults(tree, None, "test_gen")
 
     def input_files(self) -> list[tuple[str, str]]:
         return local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset,
@@ -214,12 +215,12 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
 
     cfg = recipe.bestofn
     # Everything is checked before anything is written or sampled.
-    policy_path = model_folder(recipe, recipe.model, "model")
+    policy_path = resolve_model(recipe, recipe.model, "model")
     if not AutoTokenizer.from_pretrained(policy_path, local_files_only=True).chat_template:
         raise ConfigError(f"model: the tokenizer at {policy_path} has no chat template")
     data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
     prompts = load_prompts(data_path, recipe.inputs.eval_split, cfg.prompts)
-    rm_path = model_folder(recipe, cfg.reward_model, "bestofn.reward_model")
+    rm_path = resolve_model(recipe, cfg.reward_model, "bestofn.reward_model")
     rm, rm_tokenizer = load_scorer(rm_path)
     n_values = sorted(set([1, *cfg.n_values]))  # n=1 (plain sampling) is always the baseline
     per_prompt = n_values[-1]

@@ -17,7 +17,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import LaunchSection, ModelSpec, RunSection, Strict, TrainInputs, TrainSection, local_paths
+from pipeline.config import (
+    LaunchSection,
+    ModelRef,
+    ModelSpec,
+    RunSection,
+    Strict,
+    TrainInputs,
+    TrainSection,
+    local_paths,
+)
 from pipeline.judge.parse import ParseError, parse_critique
 from pipeline.report import figure
 from pipeline.runs import RunOptions, atomic_write_text
@@ -34,7 +43,7 @@ class CritiqueSection(Strict):
 class Recipe(Strict):
     stage: Literal["critique"]
     run: RunSection
-    model: str = Field(description="Base model folder")
+    model: ModelRef | str = Field(description="Base model: a folder, or a stage's model ({stage: tiny-models, output: tiny-a})")
     inputs: TrainInputs
     train: TrainSection = TrainSection()
     critique: CritiqueSection = CritiqueSection()

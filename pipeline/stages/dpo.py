@@ -23,8 +23,8 @@ from pydantic import Field, model_validator
 from pipeline.config import (
     ConfigError,
     LaunchSection,
+    ModelRef,
     RunSection,
-    StageRef,
     Strict,
     TrainInputs,
     TrainSection,
@@ -32,16 +32,17 @@ from pipeline.config import (
     preference_defaults,
 )
 from pipeline.report import figure
-from pipeline.runs import RunOptions, clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import (
-    is_main_process,
-    last_checkpoint,
-    lora_config,
-    model_folder,
-    save_model,
-    train_or_resume,
-    trl_config,
+from pipeline.runs import (
+    RunOptions,
+    clear_done,
+    mark_done,
+    resolve_input,
+    resolve_model,
+    save_config,
+    stage_dir,
+    write_json,
 )
+from pipeline.train import is_main_process, last_checkpoint, lora_config, save_model, train_or_resume, trl_config
 
 
 class DpoSection(Strict):
@@ -54,7 +55,7 @@ class DpoSection(Strict):
 class Recipe(Strict):
     stage: Literal["dpo"]
     run: RunSection
-    model: StageRef | str = Field(description="Policy to start from (usually the sft stage's model)")
+    model: ModelRef | str = Field(description="Policy to start from (usually the sft stage's model)")
     inputs: TrainInputs
     train: TrainSection = TrainSection()
     dpo: DpoSection = DpoSection()
@@ -64,7 +65,7 @@ class Recipe(Strict):
     @classmethod
     def _pairs_defaults(cls, tree: Any) -> Any:
         # DPO reads the pairs stage's preference splits unless told otherwise.
-        return preference_defaults(tree, "train_prefs", "test_prefs", ("model",))
+        return preference_defaults(tree, "train_prefs", "test_prefs")
 
     def input_files(self) -> list[tuple[str, str]]:
         return local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset})
@@ -125,7 +126,7 @@ def plot_rewards(log_history: list[dict], out: Path) -> Path | None:
 
 def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     # Check every input before writing anything.
-    model_path = model_folder(recipe, recipe.model, "model")
+    model_path = resolve_model(recipe, recipe.model, "model")
     data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
     splits = load_pairs(data_path, "inputs.dataset", {"inputs.train_split": recipe.inputs.train_split,
                                                       "inputs.eval_split": recipe.inputs.eval_split})

@@ -107,7 +107,7 @@ class Recipe(Strict):
 
     def input_files(self) -> list[tuple[str, str]]:
         files = [
-            (f"generation.pool[{i}].path", m.path) for i, m in enumerate(self.generation.pool) if m.path
+            (f"generation.pool[{i}].path", m.path) for i, m in enumerate(self.generation.pool) if isinstance(m.path, str)
         ]
         if isinstance(self.inputs.prompts, str):
             files.append(("inputs.prompts", self.inputs.prompts))

@@ -32,28 +32,29 @@ from pydantic import Field
 from pipeline.config import (
     ConfigError,
     LaunchSection,
+    ModelRef,
     RunSection,
-    StageRef,
     Strict,
     TrainInputs,
     TrainSection,
     local_paths,
 )
 from pipeline.report import figure
-from pipeline.runs import RunOptions, clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
-from pipeline.train import (
-    is_main_process,
-    load_reward_model,
-    lora_config,
-    model_folder,
-    save_model,
-    trl_config,
-    world_size,
+from pipeline.runs import (
+    RunOptions,
+    clear_done,
+    mark_done,
+    resolve_input,
+    resolve_model,
+    save_config,
+    stage_dir,
+    write_json,
 )
+from pipeline.train import is_main_process, load_reward_model, lora_config, save_model, trl_config, world_size
 
 
 class PpoSection(Strict):
-    reward_model: StageRef | str = Field(description="The reward stage's model (its value head starts from it)")
+    reward_model: ModelRef | str = Field(description="The reward stage's model (its value head starts from it)")
     samples_per_iteration: int = Field(512, ge=1, description="Rollouts per PPO iteration (TRL batch_size)")
     mini_batch_size: int = Field(64, ge=1)
     iterations: int = Field(80, ge=1)
@@ -67,7 +68,7 @@ class PpoSection(Strict):
 class Recipe(Strict):
     stage: Literal["ppo"]
     run: RunSection
-    model: StageRef | str = Field(description="Starting policy (usually the sft stage's model)")
+    model: ModelRef | str = Field(description="Starting policy (usually the sft stage's model)")
     inputs: TrainInputs
     train: TrainSection = TrainSection()
     ppo: PpoSection
@@ -158,8 +159,8 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     path = stage_dir(recipe)
     clear_done(path)
     cfg, train = recipe.ppo, recipe.train
-    policy_path = model_folder(recipe, recipe.model, "model")
-    reward_path = model_folder(recipe, cfg.reward_model, "ppo.reward_model")
+    policy_path = resolve_model(recipe, recipe.model, "model")
+    reward_path = resolve_model(recipe, cfg.reward_model, "ppo.reward_model")
     reward_model = load_reward_model(reward_path, "ppo.reward_model")
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy_path), padding_side="left")

@@ -28,15 +28,32 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import ConfigError, LaunchSection, RunSection, StageRef, Strict, TrainSection, local_paths
+from pipeline.config import (
+    ConfigError,
+    LaunchSection,
+    ModelRef,
+    RunSection,
+    StageRef,
+    Strict,
+    TrainSection,
+    local_paths,
+)
 from pipeline.formats.preferences import PREFERENCE_FORMATS, convert
 from pipeline.report import figure
-from pipeline.runs import RunOptions, clear_done, mark_done, resolve_input, save_config, stage_dir, write_json
+from pipeline.runs import (
+    RunOptions,
+    clear_done,
+    mark_done,
+    resolve_input,
+    resolve_model,
+    save_config,
+    stage_dir,
+    write_json,
+)
 from pipeline.train import (
     is_main_process,
     last_checkpoint,
     lora_config,
-    model_folder,
     save_model,
     train_or_resume,
     trl_config,
@@ -65,7 +82,7 @@ class RewardSection(Strict):
 class Recipe(Strict):
     stage: Literal["reward"]
     run: RunSection
-    model: str = Field(description="Base model folder; a linear score head is added")
+    model: ModelRef | str = Field(description="Base model (a folder, or a stage's model); a linear score head is added")
     train: TrainSection = TrainSection()
     reward: RewardSection
     launch: LaunchSection = LaunchSection()
@@ -234,7 +251,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     names = [s.name for s in recipe.reward.sources]
     if len(set(names)) != len(names) or "overall" in names:
         raise ConfigError("reward.sources: names must be unique and not 'overall' (they label the accuracy table)")
-    model_path = model_folder(recipe, recipe.model, "model")
+    model_path = resolve_model(recipe, recipe.model, "model")
     args = trl_config(RewardConfig, recipe.train, path, max_length=recipe.train.max_length)
     random.Random(recipe.train.seed).shuffle(train_rows)
 

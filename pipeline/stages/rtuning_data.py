@@ -25,7 +25,16 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import ConfigError, LaunchSection, RtuningModelSection, RunSection, StageRef, Strict, local_paths
+from pipeline.config import (
+    ConfigError,
+    LaunchSection,
+    ModelRef,
+    RtuningModelSection,
+    RunSection,
+    StageRef,
+    Strict,
+    local_paths,
+)
 from pipeline.methods.rtuning import (
     PROBE_QUESTION,
     REFUSALS,
@@ -44,11 +53,11 @@ from pipeline.runs import (
     clear_done,
     mark_done,
     resolve_input,
+    resolve_model,
     save_config,
     stage_dir,
     write_json,
 )
-from pipeline.train import model_folder
 
 
 class RtuningDataInputs(Strict):
@@ -70,7 +79,8 @@ class RtuningDataSection(RtuningModelSection):
 class Recipe(Strict):
     stage: Literal["rtuning-data"]
     run: RunSection
-    model: str | None = Field(None, description="r-tuning-u: the base model that samples answers")
+    model: ModelRef | str | None = Field(None, description="r-tuning-u: the base model that samples answers "
+                                         "(a folder, or a stage's model)")
     inputs: RtuningDataInputs
     rtuning: RtuningDataSection = RtuningDataSection()
     launch: LaunchSection = LaunchSection()
@@ -166,7 +176,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     items, probe_path = load_probe(recipe)
     entropies = None
     if recipe.rtuning.variant == "r-tuning-u":
-        model = QAModel(model_folder(recipe, recipe.model, "model"), recipe.rtuning)
+        model = QAModel(resolve_model(recipe, recipe.model, "model"), recipe.rtuning)
         samples = model.sample(items, recipe.rtuning.samples, recipe.rtuning.temperature, recipe.rtuning.seed)
         entropies = [entropy(s) for s in samples]
     rows = build_rows(recipe, items, entropies)

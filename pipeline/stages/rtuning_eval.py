@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from pipeline.config import LaunchSection, RtuningModelSection, RunSection, StageRef, Strict, local_paths
+from pipeline.config import LaunchSection, ModelRef, RtuningModelSection, RunSection, StageRef, Strict, local_paths
 from pipeline.methods.metrics import (
     auroc,
     average_precision,
@@ -35,8 +35,16 @@ from pipeline.methods.metrics import (
 )
 from pipeline.methods.refusal import detect_refusal
 from pipeline.methods.rtuning import QAModel, is_correct, load_splits
-from pipeline.runs import RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.train import model_folder
+from pipeline.runs import (
+    RunOptions,
+    atomic_dir,
+    clear_done,
+    mark_done,
+    resolve_model,
+    save_config,
+    stage_dir,
+    write_json,
+)
 
 
 class RtuningEvalInputs(Strict):
@@ -55,18 +63,10 @@ class RtuningEvalSection(RtuningModelSection):
 class Recipe(Strict):
     stage: Literal["rtuning-eval"]
     run: RunSection
-    model: StageRef | str = Field(description="The model to evaluate: a folder, or a training stage's model")
+    model: ModelRef | str = Field(description="The model to evaluate: a folder, or a training stage's model")
     inputs: RtuningEvalInputs
     rtuning: RtuningEvalSection = RtuningEvalSection()
     launch: LaunchSection = LaunchSection()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _model_output(cls, tree: Any) -> Any:
-        # A stage ref for `model` means that stage's model folder, not its dataset.
-        if isinstance(tree, dict) and isinstance(tree.get("model"), dict):
-            tree = {**tree, "model": {"output": "model", **tree["model"]}}
-        return tree
 
     def input_files(self) -> list[tuple[str, str]]:
         return local_paths(model=self.model, **{"inputs.items": self.inputs.items})
@@ -76,7 +76,7 @@ PREDICTIONS = "predictions"
 
 
 def model_path(recipe) -> Path:
-    return model_folder(recipe, recipe.model, "model")
+    return resolve_model(recipe, recipe.model, "model")
 
 
 def predict(model: QAModel, items: list[dict], weight: float, probe: bool = True) -> list[dict]:

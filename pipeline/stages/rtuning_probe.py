@@ -18,10 +18,19 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import LaunchSection, RtuningModelSection, RunSection, StageRef, Strict, local_paths
+from pipeline.config import LaunchSection, ModelRef, RtuningModelSection, RunSection, StageRef, Strict, local_paths
 from pipeline.methods.rtuning import QAModel, is_correct, load_splits
-from pipeline.runs import DATASET, RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.train import model_folder
+from pipeline.runs import (
+    DATASET,
+    RunOptions,
+    atomic_dir,
+    clear_done,
+    mark_done,
+    resolve_model,
+    save_config,
+    stage_dir,
+    write_json,
+)
 
 
 class RtuningProbeInputs(Strict):
@@ -32,7 +41,7 @@ class RtuningProbeInputs(Strict):
 class Recipe(Strict):
     stage: Literal["rtuning-probe"]
     run: RunSection
-    model: str = Field(description="The base model folder whose knowledge is probed")
+    model: ModelRef | str = Field(description="The base model whose knowledge is probed: a folder, or a stage's model")
     inputs: RtuningProbeInputs
     rtuning: RtuningModelSection = RtuningModelSection()
     launch: LaunchSection = LaunchSection()
@@ -48,7 +57,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset, DatasetDict
 
     started = time.time()
-    model_path = model_folder(recipe, recipe.model, "model")
+    model_path = resolve_model(recipe, recipe.model, "model")
     splits, items_path = load_splits(recipe.inputs.items, "inputs.items", [recipe.inputs.split], recipe,
                                      "inputs.split", limit=recipe.rtuning.limit, answerable_only=True)
     items = splits[recipe.inputs.split]
@@ -71,7 +80,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         counts["items"] += 1
         counts[r["probe_set"]] += 1
     d1 = sum(r["certain"] for r in rows)
-    summary = {"stage": recipe.stage, "model": recipe.model, "items": str(items_path), "split": recipe.inputs.split,
+    summary = {"stage": recipe.stage, "model": str(model_path), "items": str(items_path), "split": recipe.inputs.split,
                "count": len(rows), "D1": d1, "D0": len(rows) - d1,
                "accuracy": d1 / len(rows), "by_kind": by_kind, "seconds": round(time.time() - started, 1)}
     save_config(path, recipe)

@@ -32,30 +32,24 @@ table is printed.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from pipeline.config import (
-    LaunchSection,
-    RunSection,
-    StageRef,
-    Strict,
-    local_paths,
-    model_ref_is_a_model,
-)
+from pipeline.config import LaunchSection, ModelRef, RunSection, StageRef, Strict, local_paths
 from pipeline.methods.metrics import auroc, brier, expected_calibration_error, reliability_bins, reliability_diagram
 from pipeline.methods.rtuning import load_splits
-from pipeline.methods.sayself import (
-    generate,
-    item_answer,
-    item_correct,
-    load_tokenizer,
-    parse_response,
-    resolve_dtype,
+from pipeline.methods.sayself import generate, item_answer, item_correct, load_tokenizer, parse_response, resolve_dtype
+from pipeline.runs import (
+    RunOptions,
+    atomic_dir,
+    clear_done,
+    mark_done,
+    resolve_model,
+    save_config,
+    stage_dir,
+    write_json,
 )
-from pipeline.runs import RunOptions, atomic_dir, clear_done, mark_done, save_config, stage_dir, write_json
-from pipeline.train import model_folder
 
 
 class SayselfEvalInputs(Strict):
@@ -84,15 +78,10 @@ class SayselfEvalSection(Strict):
 class Recipe(Strict):
     stage: Literal["sayself-eval"]
     run: RunSection
-    model: StageRef | str = Field(description="The model to evaluate: a folder, or a training stage's model")
+    model: ModelRef | str = Field(description="The model to evaluate: a folder, or a training stage's model")
     inputs: SayselfEvalInputs
     sayself: SayselfEvalSection = SayselfEvalSection()
     launch: LaunchSection = LaunchSection()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _model_output(cls, tree: Any) -> Any:
-        return model_ref_is_a_model(tree)
 
     def input_files(self) -> list[tuple[str, str]]:
         return local_paths(model=self.model, **{"inputs.items": self.inputs.items})
@@ -196,7 +185,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
 
     started = time.time()
     s = recipe.sayself
-    mpath = model_folder(recipe, recipe.model, "model")
+    mpath = resolve_model(recipe, recipe.model, "model")
     splits, items_path = load_splits(recipe.inputs.items, "inputs.items", recipe.inputs.splits, recipe,
                                      "inputs.splits", limit=s.limit)
     load_tokenizer(mpath)

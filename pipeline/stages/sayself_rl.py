@@ -44,19 +44,19 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from pipeline.config import (
     ConfigError,
     LaunchSection,
+    ModelRef,
     RunSection,
     StageRef,
     Strict,
     TrainSection,
     local_paths,
-    model_ref_is_a_model,
 )
 from pipeline.methods.rtuning import load_splits
 from pipeline.methods.sayself import (
@@ -70,13 +70,12 @@ from pipeline.methods.sayself import (
     sayself_reward,
 )
 from pipeline.report import figure
-from pipeline.runs import RunOptions, clear_done, mark_done, save_config, stage_dir, write_json
+from pipeline.runs import RunOptions, clear_done, mark_done, resolve_model, save_config, stage_dir, write_json
 from pipeline.train import (
     MODEL,
     is_main_process,
     last_checkpoint,
     lora_config,
-    model_folder,
     precision,
     save_model,
     train_or_resume,
@@ -107,16 +106,11 @@ class SayselfRlSection(Strict):
 class Recipe(Strict):
     stage: Literal["sayself-rl"]
     run: RunSection
-    model: StageRef | str = Field(description="The SaySelf-SFT model: a folder, or the sft stage's model")
+    model: ModelRef | str = Field(description="The SaySelf-SFT model: a folder, or the sft stage's model")
     inputs: SayselfRlInputs
     train: TrainSection = TrainSection()
     sayself: SayselfRlSection = SayselfRlSection()
     launch: LaunchSection = LaunchSection()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _model_output(cls, tree: Any) -> Any:
-        return model_ref_is_a_model(tree)
 
     @model_validator(mode="after")
     def _whole_groups(self) -> "Recipe":
@@ -245,7 +239,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     s, train = recipe.sayself, recipe.train
-    model_dir = model_folder(recipe, recipe.model, "model")
+    model_dir = resolve_model(recipe, recipe.model, "model")
     items, skipped, items_path = load_questions(recipe, recipe.inputs.split, "inputs.split", s.limit)
     if recipe.inputs.eval_split is None:
         eval_items = items[: s.eval_questions]

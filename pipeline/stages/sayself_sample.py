@@ -81,8 +81,7 @@ class Recipe(Strict):
 
     def input_files(self) -> list[tuple[str, str]]:
         named = {"inputs.items": self.inputs.items}
-        if self.model.path:
-            named["model.path"] = self.model.path
+        named["model.path"] = self.model.path  # (local_paths keeps plain paths only)
         return local_paths(**named)
 
 

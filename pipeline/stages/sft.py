@@ -15,15 +15,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import LaunchSection, RunSection, Strict, TrainInputs, TrainSection, local_paths
+from pipeline.config import LaunchSection, ModelRef, RunSection, Strict, TrainInputs, TrainSection, local_paths
 from pipeline.runs import RunOptions
-from pipeline.train import (
-    MODEL,
-    check_inputs,
-    finish,
-    is_main_process,
-    train_stage,
-)
+from pipeline.train import MODEL, check_inputs, finish, is_main_process, train_stage
 
 
 class SftSection(Strict):
@@ -33,7 +27,7 @@ class SftSection(Strict):
 class Recipe(Strict):
     stage: Literal["sft"]
     run: RunSection
-    model: str = Field(description="Base model folder")
+    model: ModelRef | str = Field(description="Base model: a folder, or a stage's model ({stage: tiny-models, output: tiny-a})")
     inputs: TrainInputs
     train: TrainSection = TrainSection()
     sft: SftSection = SftSection()

@@ -109,7 +109,8 @@ class Recipe(Strict):
     launch: LaunchSection = LaunchSection()
 
     def input_files(self) -> list[tuple[str, str]]:
-        files = [(f"evaluation.models[{i}].path", m.path) for i, m in enumerate(self.evaluation.models) if m.path]
+        files = [(f"evaluation.models[{i}].path", m.path) for i, m in enumerate(self.evaluation.models)
+                 if isinstance(m.path, str)]
         if isinstance(self.inputs.items, str):
             files.append(("inputs.items", self.inputs.items))
         return files
