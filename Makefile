@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the project with test extras
 
-demo: $(STAMP)  ## the offline demo: data path (stand-in server), every training stage, R-Tuning, unknown-eval, SaySelf
+demo: $(STAMP)  ## the offline demo (recipes/pipelines/demo.yaml): data path (stand-in server), every training stage, R-Tuning, unknown-eval, SaySelf
 	$(PY) -m pipeline.demo --run $(RUN) $(ARGS)
 
 test: $(STAMP)  ## import contracts (lint-imports, pyproject.toml) and the whole test suite (unit + integration)
@@ -104,31 +104,17 @@ critique: $(STAMP)  ## critique model (UltraCM): SFT on critiques + score correl
 qa-data: $(STAMP)  ## QA items (samples + synthetic fact world) for R-Tuning / UnknownBench (RECIPE=recipes/demo/qa-data.yaml)
 	$(PY) -m pipeline qa-data $(or $(RECIPE),recipes/demo/qa-data.yaml) $(RUN_ARG) $(ARGS)
 
-rtuning: qa-data  ## R-Tuning chain on the demo recipes: probe -> data -> sft -> eval
-	$(PY) -m pipeline rtuning-probe recipes/demo/rtuning-probe.yaml $(RUN_ARG) $(ARGS)
-	$(PY) -m pipeline rtuning-data recipes/demo/rtuning-data.yaml $(RUN_ARG) $(ARGS)
-	$(TRAIN) sft recipes/demo/rtuning-sft.yaml run.name=$(RUN)-rtuning inputs.dataset.run=$(RUN) $(ARGS)
-	$(PY) -m pipeline rtuning-eval recipes/demo/rtuning-eval.yaml run.name=$(RUN)-rtuning inputs.items.run=$(RUN) $(ARGS)
+rtuning: $(STAMP)  ## R-Tuning chain (recipes/pipelines/demo-rtuning.yaml): qa-data -> probe -> data -> sft -> eval, unknown-eval
+	$(PY) -m pipeline.demo --pipeline recipes/pipelines/demo-rtuning.yaml --run $(RUN) $(ARGS)
 
-sayself: qa-data  ## SaySelf chain on the demo recipes: sample -> cluster -> rationale -> data -> sft -> rl -> eval (starts the stand-in)
-	@set -e; tmp=$$(mktemp -d); \
-	$(PY) -m pipeline.standin --port 0 --port-file $$tmp/port > $$tmp/standin.log 2>&1 & pid=$$!; \
-	trap 'kill $$pid 2>/dev/null; rm -rf $$tmp' EXIT; \
-	while [ ! -s $$tmp/port ]; do kill -0 $$pid 2>/dev/null || { cat $$tmp/standin.log; exit 1; }; sleep 0.1; done; \
-	url=http://127.0.0.1:$$(cat $$tmp/port)/v1; \
-	$(PY) -m pipeline sayself-sample recipes/demo/sayself-sample.yaml $(RUN_ARG) model.base_url=$$url $(ARGS); \
-	$(PY) -m pipeline sayself-cluster recipes/demo/sayself-cluster.yaml $(RUN_ARG) $(ARGS); \
-	$(PY) -m pipeline sayself-rationale recipes/demo/sayself-rationale.yaml $(RUN_ARG) rationale.judge.base_url=$$url $(ARGS)
-	$(PY) -m pipeline sayself-data recipes/demo/sayself-data.yaml $(RUN_ARG) $(ARGS)
-	$(TRAIN) sft recipes/demo/sayself-sft.yaml run.name=$(RUN)-sayself inputs.dataset.run=$(RUN) $(ARGS)
-	$(TRAIN) sayself-rl recipes/demo/sayself-rl.yaml run.name=$(RUN)-sayself inputs.items.run=$(RUN) $(ARGS)
-	$(PY) -m pipeline sayself-eval recipes/demo/sayself-eval.yaml run.name=$(RUN)-sayself inputs.items.run=$(RUN) $(ARGS)
+sayself: $(STAMP)  ## SaySelf chain (recipes/pipelines/demo-sayself.yaml): sample -> cluster -> rationale -> data -> sft -> rl -> eval (starts the stand-in)
+	$(PY) -m pipeline.demo --pipeline recipes/pipelines/demo-sayself.yaml --run $(RUN) $(ARGS)
 
 unknown-eval: $(STAMP)  ## UnknownBench-style refusal and elicited confidence (RECIPE=recipes/demo/unknown-eval.yaml)
 	$(PY) -m pipeline unknown-eval $(or $(RECIPE),recipes/demo/unknown-eval.yaml) $(RUN_ARG) $(ARGS)
 
 standin: $(STAMP)  ## run the stand-in OpenAI-compatible server in the foreground (PORT=8765; NOT a real model)
-	$(PY) -m pipeline.standin --port $(or $(PORT),8765)
+	$(PY) -m pipeline.standin --port $(or $(PORT),8765) --url-file data/runs/standin.url
 
 all: $(STAMP)  ## every stage of PIPELINE in order, skipping finished ones (LAUNCHER=slurm PROFILE=...: submitted, chained with afterok)
 	$(PY) -m pipeline all $(PIPELINE) run.name=$(RUN) --launcher $(LAUNCHER) $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
@@ -136,8 +122,8 @@ all: $(STAMP)  ## every stage of PIPELINE in order, skipping finished ones (LAUN
 status: $(STAMP)  ## every stage and shard of run RUN: done / running / failed / missing, Slurm job state, failure reasons
 	$(PY) -m pipeline status $(RUN)
 
-report: $(STAMP)  ## one page (data/runs/RUN/REPORT.md + .html): every stage's summary and plots, for RUN and its RUN-* runs
-	$(PY) -m pipeline report $(or $(REPORT_RUNS),$(RUN) $(notdir $(wildcard data/runs/$(RUN)-*)))
+report: $(STAMP)  ## one page (data/runs/RUN/REPORT.md + .html): every stage's summary and plots (REPORT_RUNS="a b" for several runs)
+	$(PY) -m pipeline report $(or $(REPORT_RUNS),$(RUN))
 
 serve: $(STAMP)  ## submit vLLM servers for a pool or judge (RECIPE=recipes/slurm/serve/ultrafeedback-pool.yaml; ARGS=--dry-run)
 	$(PY) -m pipeline serve $(or $(RECIPE),recipes/slurm/serve/ultrafeedback-pool.yaml) $(ARGS)

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--launcher", choices=("local", "slurm"), default="local",
                    help="local: run here, in order; slurm: submit every stage, each after the one before")
     a.add_argument("--profile", help="Slurm profile (recipes/slurm/<name>.yaml) for every stage")
+    a.add_argument("--force", action="store_true", help="run stages already done again (local launcher)")
     m = sub.add_parser("serve", help="submit vLLM servers (one Slurm job per model) that write their URLs to files")
     m.add_argument("recipe", help="serve recipe (e.g. recipes/slurm/serve/ultrafeedback-pool.yaml)")
     m.add_argument("--dry-run", action="store_true", help="render the scripts; submit nothing")
@@ -122,7 +123,7 @@ def _serve(args) -> int:
 def _all(args) -> int:
     from pipeline.launch import chain
 
-    return chain.run(args.pipeline, args.overrides, launcher=args.launcher, profile=args.profile)
+    return chain.run(args.pipeline, args.overrides, launcher=args.launcher, profile=args.profile, force=args.force)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,11 @@
-"""`make demo`: the whole chain built so far, offline, on tiny models and the stand-in server.
+"""`make demo` (and `make rtuning`, `make sayself`): a pipeline file of demo recipes, offline, on
+tiny models and the stand-in server.
 
-Runs each demo recipe through the normal CLI (so a finished stage is skipped on a rerun) and
-starts the stand-in server for the stages that call an OpenAI-compatible API. The stand-in is
-not a real model: its outputs are labelled as such wherever they appear.
+The chain itself is the pipeline file (`recipes/pipelines/demo.yaml` and the files it includes),
+run by `rlhf all` (so a finished stage is skipped on a rerun). This module only starts the
+stand-in server, which writes its URL to `data/runs/standin.url` for the recipes that name it as
+`base_url_file`, and prints a summary of what the run holds. The stand-in is not a real model:
+its outputs are labelled as such wherever they appear.
 """
 
 from __future__ import annotations
@@ -12,18 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.launch import run_stage_exit_code, setup_logging
-from pipeline.runs import RunOptions
+from pipeline.launch import chain, setup_logging
 
-
-def rlhf(argv: list[str]) -> int:
-    """One stage, as `rlhf STAGE RECIPE [key=value ...] [--force]` runs it (exit code)."""
-    stage, recipe, *rest = argv
-    overrides = [a for a in rest if a != "--force"]
-    return run_stage_exit_code(stage, recipe, overrides, RunOptions(force="--force" in rest))
-
-RECIPES = Path("recipes/demo")
-
+PIPELINE = "recipes/pipelines/demo.yaml"
+STANDIN_URL_FILE = "data/runs/standin.url"  # the demo recipes' `base_url_file`
 
 def _show_rows(run_root: Path, run: str) -> None:
     from datasets import load_from_disk
@@ -82,74 +77,37 @@ def _show_training(run_root: Path, run: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo")
     parser.add_argument("--run", default="demo", help="run name (outputs under data/runs/<run>/)")
+    parser.add_argument("--pipeline", default=PIPELINE, help=f"pipeline file to run (default {PIPELINE})")
     parser.add_argument("--force", action="store_true", help="run every stage again")
     args = parser.parse_args(argv)
     setup_logging()
-    common = [f"run.name={args.run}"] + (["--force"] if args.force else [])
-
-    for stage in ("tiny-models", "prompts"):
-        code = rlhf([stage, str(RECIPES / f"{stage}.yaml"), *common])
-        if code:
-            return code
 
     from pipeline.standin import start_standin
 
-    models = f"data/runs/{args.run}/tiny-models"
-    with tempfile.TemporaryDirectory() as tmp, start_standin(tmp) as standin:
-        print(f"stand-in server (an offline stand-in for a real API) at {standin.base_url}")
-        pool = [f"generation.pool.{i}.path={models}/tiny-{c}" for i, c in enumerate("abcd")]
-        code = rlhf(["generate", str(RECIPES / "generate.yaml"), *common, *pool,
-                     f"generation.pool.4.base_url={standin.base_url}"])
-        if code:
-            return code
-        # The judge is the stand-in too: the base_url is not part of a request's ledger key, so
-        # a rerun on another port still finds every answer already paid for.
-        code = rlhf(["annotate", str(RECIPES / "annotate.yaml"), *common,
-                     f"annotation.judge.base_url={standin.base_url}"])
-        if code:
-            return code
-    # Training on tiny models: the numbers show that every stage runs end to end, not quality.
-    for stage in ("pairs", "sft", "reward", "dpo", "ppo", "bestofn", "critique"):
-        code = rlhf([stage, str(RECIPES / f"{stage}.yaml"), *common])
-        if code:
-            return code
-    # R-Tuning and the unknown-question evaluation on QA items (samples + a synthetic fact world).
-    rtuning_run = [f"run.name={args.run}-rtuning"] + (["--force"] if args.force else [])
-    for stage, recipe, extra in (("qa-data", "qa-data", common), ("rtuning-probe", "rtuning-probe", common),
-                                 ("rtuning-data", "rtuning-data", common),
-                                 ("sft", "rtuning-sft", [*rtuning_run, f"inputs.dataset.run={args.run}",
-                                                         f"model={models}/tiny-a"]),
-                                 ("rtuning-eval", "rtuning-eval", [*rtuning_run, f"inputs.items.run={args.run}"]),
-                                 ("unknown-eval", "unknown-eval", common)):
-        code = rlhf([stage, str(RECIPES / f"{recipe}.yaml"), *extra])
-        if code:
-            return code
-    # SaySelf: chains and rationales from the stand-in (a fixed rule: the untrained tiny model
-    # writes no parsable answer), then SFT, RL and evaluation of the tiny model (plumbing only).
-    sayself_run = [f"run.name={args.run}-sayself", f"inputs.items.run={args.run}"] + (["--force"] if args.force else [])
-    with tempfile.TemporaryDirectory() as tmp, start_standin(tmp) as standin:
-        for stage, extra in (("sayself-sample", [*common, f"model.base_url={standin.base_url}"]),
-                             ("sayself-cluster", common),
-                             ("sayself-rationale", [*common, f"rationale.judge.base_url={standin.base_url}"])):
-            code = rlhf([stage, str(RECIPES / f"{stage}.yaml"), *extra])
-            if code:
-                return code
-    for stage, recipe, extra in (("sayself-data", "sayself-data", common),
-                                 ("sft", "sayself-sft", [f"run.name={args.run}-sayself", f"model={models}/tiny-a",
-                                                         f"inputs.dataset.run={args.run}"]
-                                  + (["--force"] if args.force else [])),
-                                 ("sayself-rl", "sayself-rl", sayself_run),
-                                 ("sayself-eval", "sayself-eval", sayself_run)):
-        code = rlhf([stage, str(RECIPES / f"{recipe}.yaml"), *extra])
-        if code:
-            return code
-    _show_rows(Path("data/runs"), args.run)
-    _show_judging(Path("data/runs"), args.run)
-    _show_training(Path("data/runs"), args.run)
-    print(f"R-Tuning: {Path('data/runs') / (args.run + '-rtuning') / 'rtuning-eval' / 'eval.json'}; "
-          f"unknown-eval: {Path('data/runs') / args.run / 'unknown-eval' / 'summary.json'}; "
-          f"SaySelf: {Path('data/runs') / (args.run + '-sayself') / 'sayself-eval' / 'eval.json'}")
+    with tempfile.TemporaryDirectory() as tmp, start_standin(tmp, url_file=STANDIN_URL_FILE) as standin:
+        print(f"stand-in server (an offline stand-in for a real API, NOT a model) at {standin.base_url}")
+        # The URL is not part of a request's ledger key, so a rerun on another port still finds
+        # every answer already paid for.
+        code = chain.run(args.pipeline, [f"run.name={args.run}"], force=args.force)
+    if code:
+        return code
+    _summary(Path("data/runs"), args.run)
     return 0
+
+
+def _summary(runs: Path, run: str) -> None:
+    """What the run holds, part by part (each part only when its stages ran)."""
+    done = {p.parent.name for p in (runs / run).glob("*/_SUCCESS")}
+    if {"generate", "annotate", "pairs"} <= done:
+        _show_rows(runs, run)
+        _show_judging(runs, run)
+    if {"reward", "ppo", "bestofn", "critique"} <= done:
+        _show_training(runs, run)
+    for part, stage, file in (("R-Tuning", "rtuning-eval", "eval.json"), ("unknown-eval", "unknown-eval", "summary.json"),
+                              ("SaySelf", "sayself-eval", "eval.json")):
+        if stage in done:
+            print(f"{part}: {runs / run / stage / file}")
+    print(f"one page for all of it: make report RUN={run}")
 
 
 if __name__ == "__main__":

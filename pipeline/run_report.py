@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+import yaml
+
 from pipeline.config import ConfigError, redact
 
 SUMMARY_FILES = ("summary.json", "eval.json")
@@ -42,20 +44,24 @@ def _value(v) -> str:
     return "-" if v is None else str(v)
 
 
-def _stage_order(path: Path) -> tuple[int, str]:
-    """Table order of the folder's stage: its name, or the `stage:` of its saved recipe (a
-    `run.step` folder such as rtuning-sft sorts with sft)."""
-    import re
-
+def _stage_order(path: Path) -> tuple[float, str]:
+    """Table order of the folder's stage. A `run.step` folder (rtuning-sft: an sft) comes after the
+    latest stage its inputs name (rtuning-data), else with its stage (read from its saved recipe)."""
     from pipeline.stages import STAGES
 
     order = list(STAGES)
-    stage = path.name
-    config = path / "config.yaml"
-    if stage not in order and config.is_file():
-        found = re.search(r"^stage: *([\w-]+)", config.read_text(encoding="utf-8", errors="replace"), re.M)
-        stage = found.group(1) if found else stage
-    return (order.index(stage) if stage in order else len(order), path.name)
+    if path.name in order:
+        return order.index(path.name), path.name
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict) or saved.get("stage") not in order:
+        return len(order), path.name
+    inputs = saved.get("inputs") if isinstance(saved.get("inputs"), dict) else {}
+    after = [order.index(ref["stage"]) + 0.5 for ref in inputs.values()
+             if isinstance(ref, dict) and ref.get("stage") in order]
+    return max([order.index(saved["stage"]), *after]), path.name
 
 
 def _summaries(path: Path) -> dict[str, list[tuple[str, str]]]:

@@ -85,18 +85,23 @@ def validate(path: str | Path, check_inputs: bool = True) -> list:
     return [load_recipe(step.recipe, step.overrides, check_inputs=check_inputs) for step in pipeline.stages]
 
 
-def run(path: str, overrides: list[str], launcher: str = "local", profile: str | None = None) -> int:
+def run(path: str, overrides: list[str], launcher: str = "local", profile: str | None = None,
+        force: bool = False) -> int:
+    """Run (or submit) the pipeline's stages; `force` runs done stages again (here only)."""
     from pipeline.launch import run_stage_exit_code
-    from pipeline.runs import is_done, stage_dir
+    from pipeline.runs import RunOptions, is_done, stage_dir
 
     pipeline = load_pipeline(path)
+    if force and launcher != "local":
+        raise ConfigError(f"{path}: --force runs the stages here; with --launcher {launcher}, submit the "
+                          "stage to redo on its own (`rlhf STAGE RECIPE --force launch.launcher=slurm`)")
     common = [*overrides, f"launch.launcher={launcher}"] + ([f"launch.profile={profile}"] if profile else [])
     steps, pending = [], False
     for step in pipeline.stages:
         # Inputs are checked now only while every earlier stage is done: a later stage's inputs
         # may be what an earlier one makes.
         recipe = load_recipe(step.recipe, [*step.overrides, *common], check_inputs=not pending)
-        done = is_done(stage_dir(recipe))
+        done = is_done(stage_dir(recipe)) and not force
         steps.append((step, recipe, done))
         pending = pending or not done
     if launcher == "local":
@@ -104,7 +109,7 @@ def run(path: str, overrides: list[str], launcher: str = "local", profile: str |
             if done:
                 print(f"all: {stage_dir(recipe).name} already done ({stage_dir(recipe)}); skipped")
                 continue
-            code = run_stage_exit_code(recipe.stage, step.recipe, [*step.overrides, *common])
+            code = run_stage_exit_code(recipe.stage, step.recipe, [*step.overrides, *common], RunOptions(force=force))
             if code:
                 print(f"all: stopped at {stage_dir(recipe).name} (exit {code})")
                 return code

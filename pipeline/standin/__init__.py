@@ -120,12 +120,14 @@ def _kill(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def start_standin(tmp_dir, *, start_timeout_s: float = 20.0, **settings) -> StandinProcess:
+def start_standin(tmp_dir, *, start_timeout_s: float = 20.0, url_file: str | Path | None = None,
+                  **settings) -> StandinProcess:
     """Start `python -m pipeline.standin --port 0` in a subprocess and wait until it listens.
 
     `settings` are StandinSettings fields (e.g. latency_s=0.05, fail_first_n=2); they are
     checked here, then passed as CLI flags. The server's stderr goes to
-    `tmp_dir/standin-<port-file-stem>.log`.
+    `tmp_dir/standin-<port-file-stem>.log`. With `url_file`, the server writes its base URL
+    there (for recipes with `base_url_file`) and removes it when it stops.
     """
     args = []
     for name, value in settings.items():
@@ -142,7 +144,7 @@ def start_standin(tmp_dir, *, start_timeout_s: float = 20.0, **settings) -> Stan
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "pipeline.standin", "--host", "127.0.0.1", "--port", "0",
-           "--port-file", str(port_file), *args]
+           "--port-file", str(port_file), *(["--url-file", str(url_file)] if url_file else []), *args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
 

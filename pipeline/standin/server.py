@@ -548,6 +548,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8011, help="0 picks a free port")
     parser.add_argument("--port-file", help="write the bound port here (atomically) once listening")
+    parser.add_argument("--url-file", help="write the base URL here once listening, for recipes that name it as "
+                        "`base_url_file` (the demo's: data/runs/standin.url); removed again on shutdown")
     defaults = StandinSettings()
     for name, flag in FLAG_FOR_FIELD.items():
         kind = int if FIELD_TYPES[name] == "int" else float
@@ -571,10 +573,13 @@ async def _serve(args, settings: StandinSettings) -> None:
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
     port = runner.addresses[0][1]
+    base_url = f"http://{args.host}:{port}/v1"
+    if args.url_file:  # before the port file, which is what start_standin waits for
+        os.makedirs(os.path.dirname(os.path.abspath(args.url_file)), exist_ok=True)
+        _write_atomically(args.url_file, base_url + "\n")
     if args.port_file:
         _write_atomically(args.port_file, f"{port}\n")
-    print(f"stand-in OpenAI-compatible server (NOT a real model) listening on http://{args.host}:{port}/v1",
-          file=sys.stderr, flush=True)
+    print(f"stand-in OpenAI-compatible server (NOT a real model) listening on {base_url}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -583,6 +588,16 @@ async def _serve(args, settings: StandinSettings) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+        _remove_if_ours(args.url_file, base_url)
+
+
+def _remove_if_ours(url_file: str | None, base_url: str) -> None:
+    # Another stand-in may have written its own URL there since; leave that one in place.
+    try:
+        if url_file and open(url_file).read().strip() == base_url:
+            os.remove(url_file)
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,3 +51,17 @@ def test_report_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["report", "r", "nope", "--root", str(tmp_path / "runs")]) == 2
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "r" / "REPORT.md").exists()
+
+
+def test_a_step_folder_follows_the_stage_its_inputs_name(tmp_path):
+    root = tmp_path / "runs"
+    for name in ("rtuning-eval", "rtuning-data", "qa-data", "sft", "reward"):
+        _stage(root, "r", name, {"n": 1})
+    step = _stage(root, "r", "rtuning-sft", {"n": 1})  # an sft with `run.step: rtuning-sft`
+    (step / "config.yaml").write_text("stage: sft\nrun: {name: r, step: rtuning-sft}\n"
+                                      "inputs: {dataset: {stage: rtuning-data}}\n")
+    assert main(["report", "r", "--root", str(root)]) == 0
+    page = (root / "r" / "REPORT.md").read_text()
+    order = [page.index(f"### {name} (") for name in
+             ("sft", "reward", "qa-data", "rtuning-data", "rtuning-sft", "rtuning-eval")]
+    assert order == sorted(order)
