@@ -91,8 +91,8 @@ def resolve_url_files(recipe) -> None:
         path = Path(spec.base_url_file)
         url = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
         if not url:
-            raise ConfigError(f"{key}.base_url_file: no server URL in {path} yet (is its `rlhf serve` job up? "
-                              f"the file appears once the server answers)")
+            raise ConfigError(f"{key}.base_url_file: no server URL in {path} yet (the server writes it once it "
+                              "answers: is its `rlhf serve` job up? for the stand-in: `make standin` or `make demo`)")
         spec.base_url = url
 
 

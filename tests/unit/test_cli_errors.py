@@ -30,7 +30,10 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 def pool_overrides(tiny_pool) -> list[str]:
-    return [f"generation.pool[{i}].path={path}" for i, path in enumerate(tiny_pool)]
+    # The fifth entry reads the stand-in's URL from a file that only a running stand-in writes;
+    # these tests stop before any request, so a fixed URL that nothing serves is enough.
+    return [f"generation.pool[{i}].path={path}" for i, path in enumerate(tiny_pool)] + [
+        "generation.pool[4].base_url_file=null", "generation.pool[4].base_url=http://127.0.0.1:9/v1"]
 
 
 @pytest.mark.parametrize("override, expected", [
