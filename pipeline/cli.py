@@ -139,24 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from pipeline.preempt import EXIT_CODE, Preempted
-    from pipeline.runs import StageFailed
+    from pipeline.launch import exit_code
 
-    try:
-        return {"validate": _validate, "status": _status, "all": _all, "serve": _serve, "report": _report}.get(args.command, _run_stage)(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except StageFailed as err:
-        print(f"failed: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
-        return 130
-    except Preempted as err:  # inside a Slurm job: the work is saved, the job requeues itself
-        print(f"preempted: {err}", file=sys.stderr)
-        return EXIT_CODE
-
+    commands = {"validate": _validate, "status": _status, "all": _all, "serve": _serve, "report": _report}
+    return exit_code(lambda: commands.get(args.command, _run_stage)(args))
 
 if __name__ == "__main__":
     sys.exit(main())

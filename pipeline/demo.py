@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.launch import chain, setup_logging
+from pipeline.launch import chain, exit_code, setup_logging
 
 PIPELINE = "recipes/pipelines/demo.yaml"
 STANDIN_URL_FILE = "data/runs/standin.url"  # the demo recipes' `base_url_file`
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stand-in server (an offline stand-in for a real API, NOT a model) at {standin.base_url}")
         # The URL is not part of a request's ledger key, so a rerun on another port still finds
         # every answer already paid for.
-        code = chain.run(args.pipeline, [f"run.name={args.run}"], force=args.force)
+        code = exit_code(lambda: chain.run(args.pipeline, [f"run.name={args.run}"], force=args.force))
     if code:
         return code
     _summary(Path("data/runs"), args.run)

@@ -26,9 +26,14 @@ EXIT_CODE = 75  # EX_TEMPFAIL, "try again later": the batch script requeues the 
 _requested = False
 
 
-class Preempted(BaseException):
-    """The job was told to stop; its work so far is saved. A BaseException, so that stage code
-    catching Exception (a failed request, say) cannot swallow it."""
+class Preempted(SystemExit):
+    """The job was told to stop; its work so far is saved.
+
+    A SystemExit, not a plain BaseException: stage code catching Exception (a failed request,
+    say) cannot swallow it, and neither can asyncio. The USR1 handler raises it wherever the
+    main thread is; when that is inside a task's step (an HTTP client's own task), asyncio keeps
+    other BaseExceptions as that task's result and runs on, so the stage would finish as if
+    nothing happened, but it re-raises SystemExit and KeyboardInterrupt out of the event loop."""
 
 
 def active() -> bool:

@@ -21,6 +21,7 @@ from pipeline.judge.parse import ParseError, parse_aspect, parse_compact, parse_
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.openai_backend import api_key, async_client, error_reason
 from pipeline.llm.throttle import Throttle
+from pipeline.llm.workers import run_workers
 from pipeline.records import empty_annotations
 
 # Rough answer sizes for --dry-run estimates (tokens): per rated text, and per critique.
@@ -311,17 +312,7 @@ class JudgeRun:
                 bar.set_postfix(postfix, refresh=False)
 
         async with self.client() as client:
-            workers = [asyncio.create_task(worker(client))
-                       for _ in range(max(1, min(self.ann.judge.max_concurrency, len(items))))]
-            try:
-                done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-                for task in done:
-                    if task.exception() is not None:
-                        raise task.exception()
-            finally:
-                for task in workers:
-                    task.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            await run_workers(max(1, min(self.ann.judge.max_concurrency, len(items))), lambda: worker(client))
         return outcomes
 
 

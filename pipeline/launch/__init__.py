@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+from typing import Callable
 
 from pipeline.config import ConfigError
 from pipeline.runs import RunOptions, StageFailed, clear_done, is_done, stage_dir
@@ -29,7 +30,7 @@ def run_stage(stage_name: str, recipe_path: str, overrides: list[str] = (), opts
         stage.load().run(recipe, opts)
         return
     if is_done(path) and not opts.force and not opts.retry_failed and not opts.batch:
-        print(f"{stage.name}: already done ({path}/_SUCCESS); use --force to run it again")
+        print(f"{path.name}: already done ({path}/_SUCCESS); use --force to run it again")
         return
     if opts.force:
         clear_done(path)
@@ -45,19 +46,32 @@ def run_stage(stage_name: str, recipe_path: str, overrides: list[str] = (), opts
     importlib.import_module(f"pipeline.launch.{recipe.launch.launcher}").launch(stage, recipe, recipe_path, opts)
 
 
-def run_stage_exit_code(stage_name: str, recipe_path: str, overrides: list[str] = (),
-                        opts: RunOptions = RunOptions()) -> int:
-    """`run_stage` for callers that run several stages (`rlhf all`, the demo): 0 done or skipped,
-    2 bad input, 1 the stage failed, each reported on stderr as the CLI does."""
+def exit_code(command: Callable[[], int | None]) -> int:
+    """Run a command; its exit code (0 when it returns None), or the one its error maps to, with the
+    error on one stderr line: 2 bad input, 1 the stage failed, 130 interrupted, preempt.EXIT_CODE
+    stopped inside a Slurm job to be requeued. The CLI, `rlhf all` and the demo all use it."""
+    from pipeline.preempt import EXIT_CODE, Preempted
+
     try:
-        run_stage(stage_name, recipe_path, overrides, opts)
+        return command() or 0
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StageFailed as err:
         print(f"failed: {err}", file=sys.stderr)
         return 1
-    return 0
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
+    except Preempted as err:  # inside a Slurm job: the work is saved, the job requeues itself
+        print(f"preempted: {err}", file=sys.stderr)
+        return EXIT_CODE
+
+
+def run_stage_exit_code(stage_name: str, recipe_path: str, overrides: list[str] = (),
+                        opts: RunOptions = RunOptions()) -> int:
+    """`run_stage`, as an exit code (see `exit_code`)."""
+    return exit_code(lambda: run_stage(stage_name, recipe_path, overrides, opts))
 
 
 def setup_logging() -> None:

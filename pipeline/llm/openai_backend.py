@@ -26,6 +26,7 @@ from typing import Sequence
 
 from pipeline.config import ConfigError, redact
 from pipeline.llm.base import GenRequest, GenResult, OnDone, OnError
+from pipeline.llm.workers import run_workers
 
 _PASSED_PARAMS = {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_tokens",
                   "seed": "seed", "response_format": "response_format", "stop": "stop"}
@@ -95,19 +96,9 @@ class OpenAIBackend:
         for req in requests:
             queue.put_nowait(req)
         async with self._client() as client:
-            workers = [asyncio.create_task(self._worker(client, queue, on_done, on_error))
-                       for _ in range(min(self.spec.max_concurrency, len(requests)))]
-            try:
-                # A callback that raises (the ledger cannot write) stops everything: results
-                # that cannot be recorded must not keep being bought.
-                done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-                for task in done:
-                    if task.exception() is not None:
-                        raise task.exception()
-            finally:
-                for task in workers:
-                    task.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            # A callback that raises (the ledger cannot write) stops every worker.
+            await run_workers(min(self.spec.max_concurrency, len(requests)),
+                              lambda: self._worker(client, queue, on_done, on_error))
 
     async def _worker(self, client, queue: asyncio.Queue, on_done: OnDone, on_error: OnError) -> None:
         from openai import OpenAIError
