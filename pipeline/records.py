@@ -17,6 +17,13 @@ from typing import Iterator
 
 from pipeline.config import ConfigError
 
+# UltraFeedback's four aspects, in its order: the annotation record's fields, the judge's rubric
+# (pipeline/judge/rubric.py) and the pair strategies all read them from here. Typed aspects carry a
+# `Type` list and a second rationale; only honesty may be "N/A".
+ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
+TYPED_ASPECTS = ("truthfulness", "helpfulness")
+NA_ASPECTS = ("honesty",)
+
 # The `datasets` Features are built on first use (module __getattr__), so importing a stage to
 # validate its recipe does not import `datasets`.
 _FEATURE_NAMES = ("PROMPT_FEATURES", "ANNOTATION_FEATURES", "COMPLETION_FEATURES", "COMPLETION_SET_FEATURES",
@@ -45,12 +52,7 @@ def _features() -> dict:
         "Rating": Value("string"),
         "Rationale For Rating": Value("string"),
     }
-    ANNOTATION_FEATURES = {
-        "instruction_following": _RATED,
-        "honesty": _RATED,
-        "truthfulness": _TYPED,
-        "helpfulness": _TYPED,
-    }
+    ANNOTATION_FEATURES = {aspect: _TYPED if aspect in TYPED_ASPECTS else _RATED for aspect in ASPECTS}
 
     COMPLETION_FEATURES = {
         "annotations": ANNOTATION_FEATURES,
@@ -110,12 +112,9 @@ def prompt_id(instruction: str) -> str:
 
 
 def empty_annotations() -> dict:
-    return {
-        "instruction_following": {"Rating": None, "Rationale": None},
-        "honesty": {"Rating": None, "Rationale": None},
-        "truthfulness": {"Type": None, "Rationale": None, "Rating": None, "Rationale For Rating": None},
-        "helpfulness": {"Type": None, "Rationale": None, "Rating": None, "Rationale For Rating": None},
-    }
+    typed = {"Type": None, "Rationale": None, "Rating": None, "Rationale For Rating": None}
+    return {aspect: dict(typed) if aspect in TYPED_ASPECTS else {"Rating": None, "Rationale": None}
+            for aspect in ASPECTS}
 
 
 def unannotated_completion(model: str, principle: str, system_prompt: str, response: str) -> dict:

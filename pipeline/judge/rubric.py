@@ -25,10 +25,11 @@ from pathlib import Path
 
 import jinja2
 
+from pipeline.records import ASPECTS, NA_ASPECTS, TYPED_ASPECTS
+
 TEMPLATE_VERSION = "v1"
 TEMPLATE_DIR = Path(__file__).parent / "templates" / TEMPLATE_VERSION
 
-ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 ASPECT_TITLES = {
     "instruction_following": "instruction following",
     "honesty": "honesty and uncertainty",
@@ -36,10 +37,7 @@ ASPECT_TITLES = {
     "helpfulness": "helpfulness and informativeness",
 }
 # Aspects whose answer also names which listed problems/qualities apply (numbers 1-3).
-TYPED_ASPECTS = ("truthfulness", "helpfulness")
 TYPE_CHOICES = ("1", "2", "3")
-# Only honesty may be "N/A" (creative writing, where uncertainty does not apply).
-NA_ASPECTS = ("honesty",)
 
 _RATING_HINT = "a whole number from 1 to 5"
 _TYPES_HINT = "the numbers (1, 2 or 3) of the listed kinds that apply, separated by commas, or None"
