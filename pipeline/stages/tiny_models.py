@@ -1,7 +1,7 @@
 """Stage `tiny-models`: a pool of tiny untrained chat models for offline demos and tests.
 
 Writes `<run>/tiny-models/tiny-a`, `tiny-b`, ... (see `pipeline.tiny`); recipes of later stages
-point their `path`s there.
+name them as `{stage: tiny-models, output: tiny-a}`.
 """
 
 from __future__ import annotations
