@@ -2,6 +2,9 @@
 
 `ADAPTERS` maps each shape name to its adapter `(row, where) -> (instruction, correct answers,
 incorrect answers, reference)`; `SOURCE_FORMATS` (the recipe's `format` choices) is its keys.
+Two shapes are the public rows `pipeline.formats.fetch` caches: `bigbench-truthful_qa` (BIG-bench's
+truthful_qa questions: "Question", "True answers", "False answers", "Best answer") and `mt-bench`
+(MT-bench questions; the first of `turns` is the instruction, the first `reference` the reference).
 A row that does not fit is a ConfigError naming `where` (file:line) and the field.
 """
 
@@ -93,6 +96,29 @@ def truthful_qa(row: dict, where: str):
     return instruction, correct, incorrect, _optional_text(row, "best_answer", where)
 
 
+def bigbench_truthful_qa(row: dict, where: str):
+    """{"Question", "Category", "True answers": [...], "False answers": [...], "Best answer"}; the
+    same rows serve as a decontamination set (`inputs.eval_sets` with fields [Question])."""
+    instruction = _text(row, "Question", where)
+    correct = _answers(row, "True answers", where)
+    incorrect = _answers(row, "False answers", where)
+    return instruction, correct, incorrect, _optional_text(row, "Best answer", where)
+
+
+def mt_bench(row: dict, where: str):
+    """{"question_id", "category", "turns": [first, follow-up], "reference": [...] (some rows)}."""
+    turns = row.get("turns")
+    if turns is None:
+        raise ConfigError(f"{where}: missing field 'turns' (has {', '.join(sorted(row)) or 'none'})")
+    if not isinstance(turns, list) or not turns:
+        raise ConfigError(f"{where}: field 'turns' must be a non-empty list of strings")
+    instruction = _text({"turns[0]": turns[0]}, "turns[0]", where)
+    reference = row.get("reference") or []
+    if not isinstance(reference, list) or not all(isinstance(r, str) for r in reference):
+        raise ConfigError(f"{where}: field 'reference' must be a list of strings")
+    return instruction, [], [], reference[0].strip() if reference else ""
+
+
 def ultrachat(row: dict, where: str):
     return _first_of_dialogue(row, where), [], [], ""
 
@@ -107,6 +133,7 @@ def generic(row: dict, where: str):
 ADAPTERS: dict[str, Callable[[dict, str], tuple[str, list[str], list[str], str]]] = {
     "evol_instruct": evol_instruct, "false_qa": false_qa, "flan": flan, "sharegpt": sharegpt,
     "truthful_qa": truthful_qa, "ultrachat": ultrachat, "generic": generic,
+    "bigbench-truthful_qa": bigbench_truthful_qa, "mt-bench": mt_bench,
 }
 SOURCE_FORMATS = tuple(ADAPTERS)
 

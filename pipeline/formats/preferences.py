@@ -6,7 +6,9 @@ rejected, margin}` (margin None = the row gives none); `PREFERENCE_FORMATS` (the
 - `pairs`: our `pairs` output, or any chosen/rejected pairs (conversational with or without an
   explicit `prompt`, or plain strings);
 - `anthropic_hh`, `shp`, `summarize`: Anthropic HH-RLHF, Stanford SHP and OpenAI
-  summarize_from_feedback comparisons.
+  summarize_from_feedback comparisons;
+- `bigbench-hhh`: BIG-bench hhh_alignment examples (the rows `pipeline.formats.fetch` writes);
+  the converted pair also carries `subset` (harmless/helpful/honest/other) for per-subset scores.
 A bad row is a ConfigError naming `key` (the recipe entry) and `where` (file:line).
 """
 
@@ -90,13 +92,43 @@ def summarize(row: dict, where: str, key: str) -> dict:
             "rejected": _assistant(summaries[1 - choice]["text"]), "margin": None}
 
 
+def bigbench_hhh(row: dict, where: str, key: str) -> dict:
+    """One hhh_alignment example: {"input": dialogue, "target_scores": {answer: 1, answer: 0},
+    "subset": "honest"}. The dialogue opens with the human's words (no 'Human:' label), may hold
+    earlier '\n\nAssistant:' / '\n\nHuman:' turns, and ends with the human; the answer scored 1
+    is chosen. `subset` is kept ("" when the row has none)."""
+    _need(row, ("input", "target_scores"), where, key)
+    text, scores, subset = row["input"], row["target_scores"], row.get("subset", "")
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{key}: {where}: `input` must be a non-empty string")
+    if not isinstance(subset, str):
+        raise ConfigError(f"{key}: {where}: `subset` must be a string, got {type(subset).__name__}")
+    if (not isinstance(scores, dict) or len(scores) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values())):
+        raise ConfigError(f"{key}: {where}: `target_scores` must map exactly two answers to numbers")
+    (first, s1), (second, s2) = scores.items()
+    if s1 == s2:
+        raise ConfigError(f"{key}: {where}: `target_scores` gives both answers the same score ({s1})")
+    chosen, rejected = (first, second) if s1 > s2 else (second, first)
+    if not all(isinstance(a, str) and a.strip() for a in (chosen, rejected)):
+        raise ConfigError(f"{key}: {where}: an answer in `target_scores` is empty")
+    # Reuse the HH transcript reader: label the opening turn, end on a stand-in assistant turn.
+    turns = _hh_turns("\n\nHuman: " + text.lstrip("\n") + "\n\nAssistant: -", where, key)[:-1]
+    if not turns or turns[-1]["role"] != "user":
+        raise ConfigError(f"{key}: {where}: `input` must end with the human's turn")
+    return {"prompt": turns, "chosen": _assistant(chosen.strip()), "rejected": _assistant(rejected.strip()),
+            "margin": None, "subset": subset}
+
+
 CONVERTERS: dict[str, Callable[[dict, str, str], dict]] = {
     "pairs": pairs, "anthropic_hh": anthropic_hh, "shp": shp, "summarize": summarize,
+    "bigbench-hhh": bigbench_hhh,
 }
 PREFERENCE_FORMATS = tuple(CONVERTERS)
 
 
 def convert(row: dict, fmt: str, where: str, key: str) -> dict:
-    """One public or pairs row -> {prompt, chosen, rejected, margin}; margin None = none given."""
+    """One public or pairs row -> {prompt, chosen, rejected, margin}; margin None = none given
+    (`bigbench-hhh` adds `subset`)."""
     # Unknown names fell through to `pairs` before the registry; the recipe allows only known ones.
     return CONVERTERS.get(fmt, pairs)(row, where, key)

@@ -7,7 +7,7 @@ that does not fit the format is a `ConfigError` naming the location and the fiel
 is checked before anything is returned, so a caller never sees half a file.
 
 Formats (the row shape each expects is in its loader's docstring): pararel, mmlu, hotpotqa,
-fever, wice, falseqa, nec, selfaware, and `qa` (rows already in the QA_FEATURES shape, e.g. a
+fever, wice, falseqa, nec, selfaware, freshqa (the rows `pipeline.formats.fetch` caches), and `qa` (rows already in the QA_FEATURES shape, e.g. a
 saved `qa-data` split; `qid` is recomputed).
 """
 
@@ -264,6 +264,28 @@ def selfaware(row: dict, dataset: str, **_) -> dict:
     return qa_item(dataset, question, "unanswerable", domain=domain)
 
 
+FRESHQA_ANSWERS = tuple(f"answer_{i}" for i in range(10))
+
+
+def freshqa(row: dict, dataset: str, **_) -> dict:
+    """FreshQA (the CSV's rows as JSON; every cell a string).
+
+    Shape: {"id": "0", "split": "TEST" | "DEV", "question": "...", "false_premise": "TRUE" |
+    "FALSE", "fact_type": "never-changing" | "slow-changing" | "fast-changing", "answer_0" ..
+    "answer_9": "..." or "" , ...}. A false premise -> unanswerable (its answers only rebut the
+    premise); otherwise open with the non-empty answers (at least one). domain = fact_type, so a
+    recipe can keep the never-changing facts apart from those whose answer moves over time.
+    """
+    question = _text(row, "question")
+    domain = _text(row, "fact_type")
+    if _bool(row, "false_premise"):
+        return qa_item(dataset, question, "unanswerable", domain=domain)
+    answers = [a for key in FRESHQA_ANSWERS for a in _strings(row, key, required=False)]
+    if not answers:
+        raise RowError(f"no answer in {FRESHQA_ANSWERS[0]}..{FRESHQA_ANSWERS[-1]}")
+    return qa_item(dataset, question, "open", answers=answers, domain=domain)
+
+
 def qa(row: dict, dataset: str, **_) -> dict:
     """Rows already in the QA_FEATURES shape (`qid` is recomputed; `dataset` kept when present).
 
@@ -287,7 +309,7 @@ def qa(row: dict, dataset: str, **_) -> dict:
 
 LOADERS: dict[str, Callable[..., dict]] = {
     "pararel": pararel, "mmlu": mmlu, "hotpotqa": hotpotqa, "fever": fever, "wice": wice,
-    "falseqa": falseqa, "nec": nec, "selfaware": selfaware, "qa": qa,
+    "falseqa": falseqa, "nec": nec, "selfaware": selfaware, "freshqa": freshqa, "qa": qa,
 }
 QA_FORMATS = tuple(LOADERS)
 

@@ -6,6 +6,9 @@ Sources (`reward.sources`, each tagged with its `name`):
 - `anthropic_hh`, `shp`, `summarize`: the public row shapes of Anthropic HH-RLHF, Stanford SHP
   and OpenAI summarize_from_feedback comparisons, read from JSONL, parquet or a `datasets`
   folder. A single file has no splits, so a seeded 10 % (at least one row) is held out.
+- `bigbench-hhh`: BIG-bench's hhh_alignment pairs (`pipeline.formats.fetch`); usually
+  `eval_only: true`, and its accuracy is also given per subset (harmless/helpful/honest/other).
+`eval_only: true` holds a source's rows (its file, or its `eval_split`) out for accuracy alone.
 Every row becomes TRL's explicit-prompt conversational shape (`prompt` = the turns before the
 answer, `chosen`/`rejected` = the answer as one assistant turn), plus `margin` and `source`.
 Rank-only data has margin 0 (as UltraRM did); `use_margin: false` zeroes it for a source too.
@@ -73,6 +76,8 @@ class RewardSource(Strict):
     train_size: int | None = Field(None, ge=1, description="Sample this many training pairs (seeded); None = all")
     eval_size: int | None = Field(None, ge=1)
     use_margin: bool = Field(True, description="Pass the margin column to the loss (0 when the source has none)")
+    eval_only: bool = Field(False, description="Only measure accuracy on this source (all of a file, or its "
+                            "eval_split); train on none of it")
 
 
 class RewardSection(Strict):
@@ -132,7 +137,14 @@ def load_source(recipe: Recipe, index: int, source: RewardSource) -> tuple[list[
     key = f"reward.sources[{index}]"
     path = resolve_input(recipe, source.dataset, f"{key}.dataset")
     rng = random.Random(f"{recipe.train.seed}:{source.name}")
-    if _has_splits(path):
+    if _has_splits(path) and source.eval_only:
+        if not source.eval_split:
+            raise ConfigError(f"{key}: eval_only needs an eval_split for the saved folder {path}")
+        train_raw, eval_raw = [], _split_rows(path, source.eval_split, key, f"{key}.eval_split")
+        held_out = False
+    elif source.eval_only:
+        train_raw, eval_raw, held_out = [], _file_rows(path, key), False
+    elif _has_splits(path):
         train_raw = _split_rows(path, source.train_split, key, f"{key}.train_split")
         eval_raw = (_split_rows(path, source.eval_split, key, f"{key}.eval_split")
                     if source.eval_split else [])
@@ -157,8 +169,10 @@ def load_source(recipe: Recipe, index: int, source: RewardSource) -> tuple[list[
         return out
 
     train, held = take(train_raw, source.train_size), take(eval_raw, source.eval_size)
-    if not train:
+    if not train and not source.eval_only:
         raise ConfigError(f"{key}: {path}: no training pairs")
+    if source.eval_only and not held:
+        raise ConfigError(f"{key}: {path}: no pairs to evaluate")
     counts = {"path": str(path), "format": source.format, "available_train": len(train_raw),
               "available_eval": len(eval_raw), "train": len(train), "eval": len(held), "held_out_from_file": held_out}
     return train, held, counts
@@ -195,16 +209,26 @@ def score_pairs(model, tokenizer, rows: list[dict], max_length: int, batch_size:
     return list(zip(scores[0::2], scores[1::2]))
 
 
-def accuracy_table(rows: list[dict], scores: list[tuple[float, float]], names: list[str]) -> dict:
-    """Pairwise accuracy (a tie is a miss) and mean reward gap per source and overall."""
+def _accuracy(scores: list[tuple[float, float]], idx: list[int]) -> dict:
+    gaps = [scores[i][0] - scores[i][1] for i in idx]
+    return {"pairs": len(idx), "accuracy": (sum(g > 0 for g in gaps) / len(idx)) if idx else None,
+            "mean_reward_gap": (sum(gaps) / len(idx)) if idx else None}
+
+
+def accuracy_table(rows: list[dict], scores: list[tuple[float, float]], names: list[str],
+                   subsets: list[str] | None = None) -> dict:
+    """Pairwise accuracy (a tie is a miss) and mean reward gap per source and overall; with
+    `subsets` (one label per row, "" = none), a source whose rows have labels also gets
+    `subsets`: the same figures per label."""
     table = {}
     groups = {name: [i for i, r in enumerate(rows) if r["source"] == name] for name in names}
     groups["overall"] = list(range(len(rows)))
     for name, idx in groups.items():
-        gaps = [scores[i][0] - scores[i][1] for i in idx]
-        table[name] = {"pairs": len(idx),
-                       "accuracy": (sum(g > 0 for g in gaps) / len(idx)) if idx else None,
-                       "mean_reward_gap": (sum(gaps) / len(idx)) if idx else None}
+        table[name] = _accuracy(scores, idx)
+        labels = sorted({subsets[i] for i in idx if subsets[i]}) if subsets and name != "overall" else []
+        if labels:
+            table[name]["subsets"] = {label: _accuracy(scores, [i for i in idx if subsets[i] == label])
+                                      for label in labels}
     return table
 
 
@@ -224,7 +248,10 @@ def plot_accuracy(table: dict, path: Path, title: str) -> None:
 
 def print_table(table: dict) -> None:
     print(f"  {'source':<20}{'pairs':>7}{'accuracy':>10}{'gap':>9}")
+    rows = []
     for name, r in table.items():
+        rows += [(name, r)] + [(f"  {name}/{label}", sub) for label, sub in r.get("subsets", {}).items()]
+    for name, r in rows:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         gap = "-" if r["mean_reward_gap"] is None else f"{r['mean_reward_gap']:.3f}"
         print(f"  {name:<20}{r['pairs']:>7}{acc:>10}{gap:>9}")
@@ -248,6 +275,12 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         train_rows += train
         eval_rows += held
         per_source[source.name] = counts
+    if not train_rows:
+        raise ConfigError("reward.sources: every source is eval_only; at least one must give training pairs")
+    # Subset labels (bigbench-hhh) go to the accuracy table, not into the datasets' columns.
+    for row in train_rows:
+        row.pop("subset", None)
+    eval_subsets = [row.pop("subset", "") for row in eval_rows]
     names = [s.name for s in recipe.reward.sources]
     if len(set(names)) != len(names) or "overall" in names:
         raise ConfigError("reward.sources: names must be unique and not 'overall' (they label the accuracy table)")
@@ -288,7 +321,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         scorer.to("cuda")
     scores = score_pairs(scorer, tokenizer, eval_rows, recipe.train.max_length,
                          batch_size=max(1, recipe.train.per_device_batch_size))
-    table = accuracy_table(eval_rows, scores, names)
+    table = accuracy_table(eval_rows, scores, names, eval_subsets)
     write_json(path / "eval.json", {"accuracy": table, "tie_counts_as_miss": True,
                                     "max_length": recipe.train.max_length})
     plot_accuracy(table, path / REPORT / "accuracy.png",
