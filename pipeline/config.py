@@ -112,7 +112,9 @@ class ModelSpec(Strict):
         "or auto (system when the chat template accepts one)",
     )
     # openai
-    model: str | None = Field(None, description="openai: model id at the server (default: name)")
+    model: ModelRef | str | None = Field(
+        None, description="openai: model id at the server (default: name); a stage reference names a model "
+        "folder, sent as its absolute path (what `transformers serve` loads a model by)")
     base_url: str | None = Field(None, description="openai: server URL; None = api.openai.com")
     base_url_file: str | None = Field(None, description="openai: a file holding the server URL, read into "
                                       "base_url when the stage starts (an `rlhf serve` job writes it once its "

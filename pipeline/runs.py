@@ -151,6 +151,8 @@ def resolve_model_paths(recipe) -> None:
     for key, spec in model_specs(recipe):
         if isinstance(spec.path, StageRef):
             spec.path = str(resolve_model(recipe, spec.path, f"{key}.path"))
+        if isinstance(spec.model, StageRef):  # a server that loads models by folder path
+            spec.model = str(resolve_model(recipe, spec.model, f"{key}.model").resolve())
 
 
 def load_rows(recipe, ref, key: str, need: set[str], split: str = "train") -> tuple[list[dict], Path]:

