@@ -33,7 +33,7 @@ TRAIN = $(if $(and $(ACCELERATE),$(filter-out slurm,$(LAUNCHER))),$(VENV)/bin/ac
 	--num_processes $(NPROC) $(if $(and $(filter ddp,$(ACCELERATE)),$(filter-out 1,$(NPROC))),--multi_gpu) \
 	-m pipeline,$(PY) -m pipeline)
 
-.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo all status report serve slurm-local
+.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo all status report serve slurm-local real-data real-models demo-tiny
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -114,6 +114,9 @@ sayself: $(STAMP)  ## SaySelf chain (recipes/pipelines/demo-sayself.yaml): sampl
 
 unknown-eval: $(STAMP)  ## UnknownBench-style refusal and elicited confidence (RECIPE=recipes/demo/unknown-eval.yaml)
 	$(PY) -m pipeline unknown-eval $(or $(RECIPE),recipes/demo/unknown-eval.yaml) $(RUN_ARG) $(ARGS)
+
+real-data: $(STAMP)  ## fetch public rows (BIG-bench HHH + TruthfulQA, MT-bench, FreshQA) through PyPI into data/cache/public/
+	$(PY) -m pipeline.formats.fetch
 
 standin: $(STAMP)  ## run the stand-in OpenAI-compatible server in the foreground (PORT=8765; NOT a real model)
 	$(PY) -m pipeline.standin --port $(or $(PORT),8765) --url-file data/runs/standin.url
