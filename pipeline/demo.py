@@ -11,14 +11,18 @@ its outputs are labelled as such wherever they appear.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from pipeline.launch import chain, exit_code, setup_logging
+from pipeline.stages import load_recipe
 
-PIPELINE = "recipes/pipelines/demo.yaml"
-STANDIN_URL_FILE = "data/runs/standin.url"  # the demo recipes' `base_url_file`
+PIPELINE = "recipes/pipelines/demo.yaml"  # on SmolLM2; demo-tiny.yaml: the tiny models
+STANDIN_URL_FILE = "data/runs/standin.url"  # the demo recipes' `base_url_file` for the stand-in
+SERVED_URL_FILE = "data/runs/smollm2.url"  # ... and for SmolLM2 behind transformers serve
 
 def _show_rows(run_root: Path, run: str) -> None:
     from datasets import load_from_disk
@@ -81,18 +85,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="run every stage again")
     args = parser.parse_args(argv)
     setup_logging()
+    started = time.monotonic()
+    overrides = [f"run.name={args.run}"]
+    with contextlib.ExitStack() as servers:
+        tmp = servers.enter_context(tempfile.TemporaryDirectory())
+        from pipeline.standin import start_standin
 
-    from pipeline.standin import start_standin
-
-    with tempfile.TemporaryDirectory() as tmp, start_standin(tmp, url_file=STANDIN_URL_FILE) as standin:
+        standin = servers.enter_context(start_standin(tmp, url_file=STANDIN_URL_FILE))
         print(f"stand-in server (an offline stand-in for a real API, NOT a model) at {standin.base_url}")
         # The URL is not part of a request's ledger key, so a rerun on another port still finds
         # every answer already paid for.
-        code = exit_code(lambda: chain.run(args.pipeline, [f"run.name={args.run}"], force=args.force))
+        real = _real_models_step(args.pipeline, overrides)
+        if real is not None:  # the real model first: transformers serve needs its folder
+            code = exit_code(lambda: chain.run_steps([real], overrides, force=args.force))
+            if code:
+                return code
+            from pipeline.launch.local_servers import transformers_serve
+            from pipeline.runs import stage_dir
+
+            recipe = load_recipe(real.recipe, [*real.overrides, *overrides], check_inputs=False)
+            folder = stage_dir(recipe) / recipe.models[0]
+            url = servers.enter_context(transformers_serve(folder, tmp, url_file=SERVED_URL_FILE))
+            print(f"transformers serve (a real server, not ours) serving {folder} at {url}")
+        code = exit_code(lambda: chain.run(args.pipeline, overrides, force=args.force))
     if code:
         return code
     _summary(Path("data/runs"), args.run)
+    print(f"demo: {time.monotonic() - started:.0f} s")
     return 0
+
+
+def _real_models_step(pipeline: str, overrides: list[str]):
+    """The pipeline's `real-models` step, if it has one."""
+    for step in chain.load_pipeline(pipeline).stages:
+        if load_recipe(step.recipe, [*step.overrides, *overrides], check_inputs=False).stage == "real-models":
+            return step
+    return None
 
 
 def _summary(runs: Path, run: str) -> None:

@@ -2,9 +2,9 @@
 of a pipeline file (`recipes/pipelines/*.yaml`), in order.
 
     stages:
-      - recipes/demo/prompts.yaml
-      - {recipe: recipes/demo/generate.yaml, overrides: [launch.num_shards=4]}
-      - recipes/pipelines/demo-rtuning.yaml    # another pipeline file: its stages, in place
+      - recipes/demo-tiny/prompts.yaml
+      - {recipe: recipes/demo-tiny/generate.yaml, overrides: [launch.num_shards=4]}
+      - recipes/pipelines/demo-tiny-rtuning.yaml    # another pipeline file: its stages, in place
 
 A step that repeats an earlier one (same recipe, same overrides; two included pipelines that
 both start from the tiny models, say) runs once.
@@ -88,16 +88,21 @@ def validate(path: str | Path, check_inputs: bool = True) -> list:
 def run(path: str, overrides: list[str], launcher: str = "local", profile: str | None = None,
         force: bool = False) -> int:
     """Run (or submit) the pipeline's stages; `force` runs done stages again (here only)."""
+    return run_steps(load_pipeline(path).stages, overrides, launcher, profile, force, origin=path)
+
+
+def run_steps(stages: list[PipelineStep], overrides: list[str], launcher: str = "local", profile: str | None = None,
+              force: bool = False, origin: str = "pipeline") -> int:
+    """`run` on a list of steps (a pipeline file's, or a few of them)."""
     from pipeline.launch import run_stage_exit_code
     from pipeline.runs import RunOptions, is_done, stage_dir
 
-    pipeline = load_pipeline(path)
     if force and launcher != "local":
-        raise ConfigError(f"{path}: --force runs the stages here; with --launcher {launcher}, submit the "
+        raise ConfigError(f"{origin}: --force runs the stages here; with --launcher {launcher}, submit the "
                           "stage to redo on its own (`rlhf STAGE RECIPE --force launch.launcher=slurm`)")
     common = [*overrides, f"launch.launcher={launcher}"] + ([f"launch.profile={profile}"] if profile else [])
     steps, pending = [], False
-    for step in pipeline.stages:
+    for step in stages:
         # Inputs are checked now only while every earlier stage is done: a later stage's inputs
         # may be what an earlier one makes.
         recipe = load_recipe(step.recipe, [*step.overrides, *common], check_inputs=not pending)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "recipes" / "demo"
+DEMO = ROOT / "recipes" / "demo-tiny"
 
 
 def rlhf(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -61,7 +61,7 @@ def test_bad_source_files_name_file_and_line(tmp_path, bad, fmt, expected):
                                f"inputs.sources[0].path=data/samples/bad/{bad}.jsonl",
                                f"inputs.sources[0].format={fmt}"))
     assert expected in line
-    assert not (tmp_path / "demo" / "prompts" / "_SUCCESS").exists()
+    assert not (tmp_path / "demo-tiny" / "prompts" / "_SUCCESS").exists()
 
 
 def test_missing_model_path_is_named(tmp_path):
@@ -73,7 +73,7 @@ def test_missing_model_path_is_named(tmp_path):
 def test_generate_before_prompts_names_the_unfinished_stage(tmp_path, tiny_pool):
     line = one_line_error(rlhf("generate", str(DEMO / "generate.yaml"), f"run.root={tmp_path}",
                                *pool_overrides(tiny_pool)))
-    assert "inputs.prompts: stage 'prompts' of run 'demo' has not finished" in line
+    assert "inputs.prompts: stage 'prompts' of run 'demo-tiny' has not finished" in line
 
 
 def test_missing_api_key_names_the_variable_and_never_prints_a_secret(tmp_path, tiny_pool):
@@ -84,7 +84,7 @@ def test_missing_api_key_names_the_variable_and_never_prints_a_secret(tmp_path, 
                                *pool_overrides(tiny_pool), "generation.pool[4].base_url=null",
                                "generation.pool[4].api_key_env=RLHF_TEST_UNSET_KEY", env=env))
     assert "RLHF_TEST_UNSET_KEY" in line
-    assert not (tmp_path / "demo" / "generate" / "_SUCCESS").exists()
+    assert not (tmp_path / "demo-tiny" / "generate" / "_SUCCESS").exists()
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.suffix in (".yaml", ".json", ".jsonl"):
             assert "sk-should-never-appear" not in path.read_text(errors="replace")
@@ -117,13 +117,13 @@ def test_validate_without_inputs_accepts_every_shipped_recipe():
 def test_done_stage_is_skipped_and_force_reruns(tmp_path):
     args = ("prompts", str(DEMO / "prompts.yaml"), f"run.root={tmp_path}")
     assert rlhf(*args).returncode == 0
-    stamp = (tmp_path / "demo/prompts/_SUCCESS").stat().st_mtime_ns
+    stamp = (tmp_path / "demo-tiny/prompts/_SUCCESS").stat().st_mtime_ns
     again = rlhf(*args)
     assert again.returncode == 0 and "already done" in again.stdout
-    assert (tmp_path / "demo/prompts/_SUCCESS").stat().st_mtime_ns == stamp
+    assert (tmp_path / "demo-tiny/prompts/_SUCCESS").stat().st_mtime_ns == stamp
     forced = rlhf(*args, "--force")
     assert forced.returncode == 0 and "76 kept" in forced.stdout
-    assert (tmp_path / "demo/prompts/_SUCCESS").stat().st_mtime_ns != stamp
+    assert (tmp_path / "demo-tiny/prompts/_SUCCESS").stat().st_mtime_ns != stamp
 
 
 def test_overrides_after_an_option_still_count(tmp_path):

@@ -40,7 +40,7 @@ def shipped_recipes() -> list[Path]:
 
 def test_recipe_discovery_finds_the_demo_recipes():
     names = {p.relative_to(RECIPES).as_posix() for p in shipped_recipes()}
-    assert {"demo/tiny-models.yaml", "demo/prompts.yaml", "demo/generate.yaml"} <= names
+    assert {"demo-tiny/tiny-models.yaml", "demo-tiny/prompts.yaml", "demo-tiny/generate.yaml"} <= names
     assert not any(n.split("/")[0] in NOT_STAGE_RECIPES for n in names)
 
 

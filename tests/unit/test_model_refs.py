@@ -105,9 +105,9 @@ def _model_inputs(node, key=""):
 def test_every_demo_recipe_moves_with_the_run_name():
     """`run.name=try2` on any demo recipe moves every input and model with it: no path into run demo."""
     found = 0
-    for step in chain.load_pipeline(ROOT / "recipes/pipelines/demo.yaml").stages:
+    for step in chain.load_pipeline(ROOT / "recipes/pipelines/demo-tiny.yaml").stages:
         recipe = load_recipe(ROOT / step.recipe, [*step.overrides, "run.name=try2"], check_inputs=False)
-        assert "data/runs/demo" not in json.dumps(recipe.model_dump(mode="json")), step.recipe
+        assert "data/runs/demo-tiny" not in json.dumps(recipe.model_dump(mode="json")), step.recipe
         for key, value in _model_inputs(recipe):
             assert isinstance(value, ModelRef), f"{step.recipe}: {key} is a plain path ({value}); name the stage"
             found += 1
@@ -117,10 +117,10 @@ def test_every_demo_recipe_moves_with_the_run_name():
 
 
 def test_the_demo_pipeline_covers_every_demo_recipe_once():
-    steps = chain.load_pipeline(ROOT / "recipes/pipelines/demo.yaml").stages
+    steps = chain.load_pipeline(ROOT / "recipes/pipelines/demo-tiny.yaml").stages
     recipes = [Path(s.recipe).name for s in steps]
     assert len(recipes) == len(set(recipes))  # tiny-models and qa-data are named twice, run once
-    assert set(recipes) == {p.name for p in (ROOT / "recipes/demo").glob("*.yaml")}
+    assert set(recipes) == {p.name for p in (ROOT / "recipes/demo-tiny").glob("*.yaml")}
     folders = [stage_dir(load_recipe(ROOT / s.recipe, s.overrides, check_inputs=False)).name for s in steps]
     assert len(folders) == len(set(folders))  # the three sft recipes get three folders
     assert {"sft", "rtuning-sft", "sayself-sft"} <= set(folders)
@@ -129,20 +129,20 @@ def test_the_demo_pipeline_covers_every_demo_recipe_once():
 def test_a_pipeline_that_includes_itself_is_an_error(tmp_path):
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     first.write_text(yaml.safe_dump({"stages": [str(second)]}))
-    second.write_text(yaml.safe_dump({"stages": [str(ROOT / "recipes/demo/prompts.yaml"), str(first)]}))
+    second.write_text(yaml.safe_dump({"stages": [str(ROOT / "recipes/demo-tiny/prompts.yaml"), str(first)]}))
     with pytest.raises(ConfigError, match="a.yaml: includes itself"):
         chain.load_pipeline(first)
 
 
 def test_an_included_pipeline_takes_the_including_steps_overrides(tmp_path):
     inner = tmp_path / "inner.yaml"
-    inner.write_text(yaml.safe_dump({"stages": [{"recipe": "recipes/demo/prompts.yaml", "overrides": ["a=1"]}]}))
+    inner.write_text(yaml.safe_dump({"stages": [{"recipe": "recipes/demo-tiny/prompts.yaml", "overrides": ["a=1"]}]}))
     outer = tmp_path / "outer.yaml"
     outer.write_text(yaml.safe_dump({"stages": [{"recipe": str(inner), "overrides": ["b=2"]},
-                                                "recipes/demo/tiny-models.yaml"]}))
+                                                "recipes/demo-tiny/tiny-models.yaml"]}))
     steps = chain.load_pipeline(outer).stages
-    assert [(s.recipe, s.overrides) for s in steps] == [("recipes/demo/prompts.yaml", ["a=1", "b=2"]),
-                                                        ("recipes/demo/tiny-models.yaml", [])]
+    assert [(s.recipe, s.overrides) for s in steps] == [("recipes/demo-tiny/prompts.yaml", ["a=1", "b=2"]),
+                                                        ("recipes/demo-tiny/tiny-models.yaml", [])]
 
 
 def test_the_standin_writes_its_url_for_base_url_file_and_removes_it(tmp_path):
@@ -151,7 +151,7 @@ def test_the_standin_writes_its_url_for_base_url_file_and_removes_it(tmp_path):
     url_file = tmp_path / "urls" / "standin.url"
     with start_standin(tmp_path, url_file=url_file) as server:
         assert url_file.read_text().strip() == server.base_url
-        recipe = load_recipe(ROOT / "recipes/demo/annotate.yaml", [f"annotation.judge.base_url_file={url_file}"],
+        recipe = load_recipe(ROOT / "recipes/demo-tiny/annotate.yaml", [f"annotation.judge.base_url_file={url_file}"],
                              check_inputs=False)
         resolve_url_files(recipe)
         assert recipe.annotation.judge.base_url == server.base_url

@@ -52,9 +52,9 @@ def kept(summary_path: Path) -> list[dict]:
 def test_demo_samples_known_removals(tmp_path):
     from pipeline.stages import load_recipe
 
-    r = load_recipe(ROOT / "recipes/demo/prompts.yaml", [f"run.root={tmp_path}"])
+    r = load_recipe(ROOT / "recipes/demo-tiny/prompts.yaml", [f"run.root={tmp_path}"])
     summary = stage.run(r)
-    out = tmp_path / "demo" / "prompts"
+    out = tmp_path / "demo-tiny" / "prompts"
     assert is_done(out)
     assert summary["read"] == 80 and summary["kept"] == 76
     per = summary["per_source"]

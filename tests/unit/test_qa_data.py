@@ -207,7 +207,7 @@ def test_stage_end_to_end(tmp_path):
 
     from pipeline.stages import qa_data
 
-    recipe = load_recipe(ROOT / "recipes" / "demo" / "qa-data.yaml", [f"run.root={tmp_path}"])
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny" / "qa-data.yaml", [f"run.root={tmp_path}"])
     assert isinstance(recipe, QaDataRecipe)
     cwd = os.getcwd()
     os.chdir(ROOT)  # the recipe's sample paths are relative to the repository
@@ -215,7 +215,7 @@ def test_stage_end_to_end(tmp_path):
         summary = qa_data.run(recipe)
     finally:
         os.chdir(cwd)
-    out = tmp_path / "demo" / "qa-data"
+    out = tmp_path / "demo-tiny" / "qa-data"
     data = load_from_disk(str(out / "dataset"))
     assert set(data) == {"train", "test_id", "test_ood", "unanswerable"}
     for name, split in data.items():

@@ -112,7 +112,7 @@ def test_a_secret_in_a_setup_line_is_refused(tmp_path):
 
 def test_multi_node_training_script(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    recipe = load_recipe(ROOT / "recipes/demo/reward.yaml", ["launch.launcher=slurm", "launch.profile=example-gpu",
+    recipe = load_recipe(ROOT / "recipes/demo-tiny/reward.yaml", ["launch.launcher=slurm", "launch.profile=example-gpu",
                                                             "launch.accelerate=zero3", "launch.time=0-02:00:00"],
                          check_inputs=False)
     _, profile = load_profile("example-gpu", "r.yaml")
@@ -134,7 +134,7 @@ def test_multi_node_training_script(tmp_path, monkeypatch):
 
 
 def test_one_process_training_needs_no_accelerate(tmp_path):
-    recipe = load_recipe(ROOT / "recipes/demo/reward.yaml", ["launch.launcher=slurm", "launch.profile=local"],
+    recipe = load_recipe(ROOT / "recipes/demo-tiny/reward.yaml", ["launch.launcher=slurm", "launch.profile=local"],
                          check_inputs=False)
     _, profile = load_profile("local", "r.yaml")
     (job,) = render_stage(recipe, "r.yaml", "training", "local", profile, shards=[], num_shards=1, merge=False,
@@ -203,7 +203,7 @@ def test_a_pipeline_with_a_bad_stage_names_it(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"stage": "generate", "run": {"name": "t"}}))
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(yaml.safe_dump({"stages": [str(ROOT / "recipes/demo/prompts.yaml"), str(bad)]}))
+    pipeline.write_text(yaml.safe_dump({"stages": [str(ROOT / "recipes/demo-tiny/prompts.yaml"), str(bad)]}))
     capsys.readouterr()
     assert rlhf(["validate", "--no-inputs", str(pipeline)]) == 2
     assert f"{bad}: " in capsys.readouterr().err
@@ -250,7 +250,7 @@ def test_vllm_server_jobs_render_and_publish_their_urls(tmp_path, monkeypatch, c
 def test_all_runs_a_pipeline_locally_and_skips_what_is_done(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # the demo recipes name data/samples/... relative to the checkout
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(yaml.safe_dump({"stages": ["recipes/demo/prompts.yaml"]}))
+    pipeline.write_text(yaml.safe_dump({"stages": ["recipes/demo-tiny/prompts.yaml"]}))
     root = f"run.root={tmp_path / 'runs'}"
     assert rlhf(["all", str(pipeline), root, "run.name=p"]) == 0
     assert (tmp_path / "runs" / "p" / "prompts" / "_SUCCESS").is_file()

@@ -82,6 +82,6 @@ def test_validating_a_recipe_without_train_trl_does_not_import_trl():
     import sys
 
     code = ("import sys; from pipeline.stages import load_recipe; "
-            "load_recipe('recipes/demo/sft.yaml', check_inputs=False); print('trl' in sys.modules)")
+            "load_recipe('recipes/demo-tiny/sft.yaml', check_inputs=False); print('trl' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
