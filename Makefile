@@ -33,7 +33,7 @@ TRAIN = $(if $(and $(ACCELERATE),$(filter-out slurm,$(LAUNCHER))),$(VENV)/bin/ac
 	--num_processes $(NPROC) $(if $(and $(filter ddp,$(ACCELERATE)),$(filter-out 1,$(NPROC))),--multi_gpu) \
 	-m pipeline,$(PY) -m pipeline)
 
-.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo all status report serve slurm-local real-data real-models demo-tiny
+.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo all status report serve slurm-local real-data real-models demo-tiny serve-smollm2
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -123,6 +123,9 @@ unknown-eval: $(STAMP)  ## UnknownBench-style refusal and elicited confidence (R
 
 real-data: $(STAMP)  ## fetch public rows (BIG-bench HHH + TruthfulQA, MT-bench, FreshQA) through PyPI into data/cache/public/
 	$(PY) -m pipeline.formats.fetch
+
+serve-smollm2: $(STAMP)  ## SmolLM2 behind transformers serve in the foreground, URL in data/runs/smollm2.url (after make real-models)
+	$(PY) -m pipeline.launch.local_servers data/runs/$(RUN)/real-models/smollm2-135m --url-file data/runs/smollm2.url
 
 standin: $(STAMP)  ## run the stand-in OpenAI-compatible server in the foreground (PORT=8765; NOT a real model)
 	$(PY) -m pipeline.standin --port $(or $(PORT),8765) --url-file data/runs/standin.url

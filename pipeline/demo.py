@@ -33,8 +33,20 @@ def _show_rows(run_root: Path, run: str) -> None:
     for row in rows.select(range(min(2, len(rows)))):
         print(f"\n[{row['source']}] {row['instruction'][:100]}")
         for c in row["completions"]:
-            label = " (stand-in server, not a real model)" if c["model"].startswith("standin") else ""
-            print(f"  - {c['model']}{label} / {c['principle']}: {c['response'][:80]!r}")
+            print(f"  - {c['model']}{_who(c['model'])} / {c['principle']}: {c['response'][:80]!r}")
+
+
+def _who(model: str) -> str:
+    """Which kind of model a pool name is, in words, so nobody mistakes noise for a model's answer."""
+    if model.startswith("standin"):
+        return " (stand-in server: a rule, NOT a model)"
+    if model.startswith("tiny-"):
+        return " (tiny untrained model: noise on purpose)"
+    if model.endswith("-served"):
+        return " (SmolLM2-135M-Instruct behind transformers serve)"
+    if model.startswith("smollm2"):
+        return " (SmolLM2-135M-Instruct, in process)"
+    return ""
 
 
 def _show_judging(run_root: Path, run: str) -> None:
@@ -43,7 +55,8 @@ def _show_judging(run_root: Path, run: str) -> None:
     annotate = run_root / run / "annotate"
     summary = json.loads((annotate / "summary.json").read_text())
     pairs = json.loads((run_root / run / "pairs" / "summary.json").read_text())
-    print(f"\nJudge (the stand-in server's rule, not a model): {summary['completions_annotated']} completions, "
+    judge = summary["judge_model"] + (" (the stand-in server's rule, NOT a model)" if "standin" in summary["judge_model"] else "")
+    print(f"\nJudge {judge}: {summary['completions_annotated']} completions, "
           f"{summary['tokens']['total']:,} tokens, ${summary['cost_usd_all_runs'] or 0:.4f} at the recipe's "
           "illustrative price")
     print(f"  report: {annotate / 'report'} ({', '.join(summary['report']['plots'])})")
@@ -63,18 +76,32 @@ def _show_training(run_root: Path, run: str) -> None:
     def summary(stage: str) -> dict:
         return json.loads((run_root / run / stage / "summary.json").read_text())
 
-    print("\nTraining (tiny untrained models, a few steps each: plumbing, not quality):")
+    base = summary("reward").get("model", "")
+    real = "real-models" in base
+    print("\nTraining from " + ("SmolLM2-135M-Instruct, a few LoRA steps each: the loop on a real model, too short and "
+                              "too small to show quality" if real else "tiny untrained models, a few steps each: "
+                              "plumbing, not quality") + ":")
     reward = json.loads((run_root / run / "reward" / "eval.json").read_text())["accuracy"]
-    print("  reward model, held-out pair accuracy: "
-          + ", ".join(f"{name} {row['accuracy']:.3f} (n={row['pairs']})" for name, row in reward.items()))
+    overall = reward.get("overall", {})
+    few = " (too few pairs for the figure to mean much)" if overall.get("pairs", 0) < 50 else ""
+    print(f"  reward model, held-out pair accuracy {overall.get('accuracy', 0):.3f} on {overall.get('pairs', 0)} "
+          f"pairs{few}")
     ppo = summary("ppo")
-    print(f"  ppo: held-out reward {ppo['reward_before']} -> {ppo['reward_after']}, KL {ppo['kl_after']}; "
-          f"curves {run_root / run / 'ppo' / 'report' / 'ppo_curves.png'}")
+    kl = ppo.get("kl_after")
+    kl_text = (f"KL to the start policy {kl}" + (" (a sampled estimate: below zero means it is within noise)"
+                                                   if isinstance(kl, (int, float)) and kl < 0 else ""))
+    print(f"  ppo: mean held-out reward {ppo['reward_before']} -> {ppo['reward_after']} over {ppo['eval_prompts']} "
+          f"prompts, {kl_text}; curves {run_root / run / 'ppo' / 'report' / 'ppo_curves.png'}")
     table = json.loads((run_root / run / "bestofn" / "eval.json").read_text())
-    print("  best-of-n mean reward: " + ", ".join(f"n={row['n']} {row['mean_best_reward']:.4f}"
-                                                   for row in table["table"]))
+    print("  best-of-n mean reward of the pick: " + ", ".join(f"n={row['n']} {row['mean_best_reward']:.4f}"
+                                                              for row in table["table"]))
     critique = summary("critique")
-    print(f"  critique model: parse rate {critique.get('parse_rate')}, Spearman {critique.get('spearman')}")
+    rate, rho = critique.get("parse_rate"), critique.get("spearman")
+    rate_text = ("no critique ended with a parsable overall score" if not rate
+                 else f"{rate:.0%} of critiques ended with a parsable score")
+    rho_text = (f"Spearman {rho:.2f} with the judge's scores" if isinstance(rho, (int, float))
+                else "no rank correlation (it needs at least two parsed scores that differ)")
+    print(f"  critique model: {rate_text}; {rho_text}")
     print(f"  outputs: {run_root / run}/{{sft,reward,dpo,ppo,bestofn,critique}}/ (model/, eval.json, report/)")
 
 

@@ -84,3 +84,30 @@ def transformers_serve(model_dir: str | Path, work_dir: str | Path, *, url_file:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.launch.local_servers MODEL_DIR [--url-file F]`: serve in the foreground."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.launch.local_servers",
+                                     description="transformers serve on a local model folder, until Ctrl-C")
+    parser.add_argument("model_dir")
+    parser.add_argument("--url-file", help="write the base URL here while the server is up")
+    args = parser.parse_args(argv)
+    if not (Path(args.model_dir) / "config.json").is_file():
+        print(f"error: {args.model_dir} is not a model folder (no config.json); `make real-models` makes one",
+              file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp, transformers_serve(args.model_dir, tmp, url_file=args.url_file) as url:
+        print(f"transformers serve: {args.model_dir} at {url} (Ctrl-C stops it)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

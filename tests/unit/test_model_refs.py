@@ -89,6 +89,8 @@ def _model_inputs(node, key=""):
     if isinstance(node, ModelSpec):
         if node.path is not None:
             yield f"{key}.path", node.path
+        if isinstance(node.model, ModelRef):  # a served model named by its folder
+            yield f"{key}.model", node.model
     elif isinstance(node, BaseModel):
         for name in type(node).model_fields:
             value = getattr(node, name)
@@ -102,25 +104,38 @@ def _model_inputs(node, key=""):
             yield from _model_inputs(item, f"{key}[{i}]")
 
 
-def test_every_demo_recipe_moves_with_the_run_name():
-    """`run.name=try2` on any demo recipe moves every input and model with it: no path into run demo."""
+# (pipeline, model inputs in its recipes, recipes of its folder that it does not run)
+DEMOS = [
+    # tiny: 4 pool entries; base models of sft, reward, critique, rtuning-probe and the two step
+    # sfts; dpo, ppo and bestofn policies and reward models; what rtuning-eval, unknown-eval,
+    # sayself-rl and sayself-eval read
+    ("demo-tiny", 19, set()),
+    # SmolLM2: the pool holds 3 (in-process and served SmolLM2, tiny-a) and unknown-eval 2 (in-process
+    # and served); the rest as above
+    ("demo", 19, {"annotate-smollm2.yaml"}),  # the real-judge switch, run on its own
+]
+
+
+@pytest.mark.parametrize("demo, model_inputs, extra", DEMOS)
+def test_every_demo_recipe_moves_with_the_run_name(demo, model_inputs, extra):
+    """`run.name=try2` on any demo recipe moves every input and model with it: no path into its run."""
     found = 0
-    for step in chain.load_pipeline(ROOT / "recipes/pipelines/demo-tiny.yaml").stages:
+    for step in chain.load_pipeline(ROOT / f"recipes/pipelines/{demo}.yaml").stages:
         recipe = load_recipe(ROOT / step.recipe, [*step.overrides, "run.name=try2"], check_inputs=False)
-        assert "data/runs/demo-tiny" not in json.dumps(recipe.model_dump(mode="json")), step.recipe
+        assert f"data/runs/{demo}/" not in json.dumps(recipe.model_dump(mode="json")), step.recipe
         for key, value in _model_inputs(recipe):
             assert isinstance(value, ModelRef), f"{step.recipe}: {key} is a plain path ({value}); name the stage"
             found += 1
-    # 4 pool entries; base models of sft, reward, critique, rtuning-probe and the two step sfts; dpo, ppo
-    # and bestofn policies and reward models; the models rtuning-eval, unknown-eval, sayself-rl/-eval read
-    assert found == 19
+    assert found == model_inputs
 
 
-def test_the_demo_pipeline_covers_every_demo_recipe_once():
-    steps = chain.load_pipeline(ROOT / "recipes/pipelines/demo-tiny.yaml").stages
+@pytest.mark.parametrize("demo, model_inputs, extra", DEMOS)
+def test_the_demo_pipeline_covers_every_demo_recipe_once(demo, model_inputs, extra):
+    steps = chain.load_pipeline(ROOT / f"recipes/pipelines/{demo}.yaml").stages
     recipes = [Path(s.recipe).name for s in steps]
     assert len(recipes) == len(set(recipes))  # tiny-models and qa-data are named twice, run once
-    assert set(recipes) == {p.name for p in (ROOT / "recipes/demo-tiny").glob("*.yaml")}
+    assert set(recipes) | extra == {p.name for p in (ROOT / "recipes" / demo).glob("*.yaml")}
+    assert all(Path(s.recipe).parent.name == demo for s in steps)
     folders = [stage_dir(load_recipe(ROOT / s.recipe, s.overrides, check_inputs=False)).name for s in steps]
     assert len(folders) == len(set(folders))  # the three sft recipes get three folders
     assert {"sft", "rtuning-sft", "sayself-sft"} <= set(folders)
