@@ -93,3 +93,30 @@ def stage(root: Path, name: str, tree: dict, **kwargs):
     tree = {"stage": name, **tree, "run": {"name": "t", "root": str(root / "runs"), **tree.get("run", {})}}
     recipe = STAGES[name].recipe_class.model_validate(tree)
     return STAGES[name].load().run(recipe, RunOptions(**kwargs))
+
+def write_items(path: Path) -> Path:
+    """A small QA DatasetDict (train, test_id, test_ood, unanswerable) of well-known facts and
+    questions without an answer; unknown-eval and the real-server tests read it."""
+    from datasets import Dataset, DatasetDict
+
+    from pipeline.records import QA_FEATURES, qa_item
+
+    answerable = [
+        qa_item("facts", "What is the capital of France?", "open", answers=["Paris"]),
+        qa_item("facts", "How many legs does a spider have?", "open", answers=["8", "eight"]),
+        qa_item("facts", "Which planet is largest?", "choice", choices=["Mars", "Jupiter", "Venus"], answer_index=1),
+        qa_item("facts", "Who wrote Hamlet?", "open", answers=["Shakespeare"], context="An English play."),
+    ]
+    ood = [qa_item("ood", "What is the boiling point of water in Celsius?", "open", answers=["100"])]
+    unanswerable = [
+        qa_item("nec", "What is the half-life of the element glorbium?", "unanswerable"),
+        qa_item("falseqa", "Why do fish breathe through their ears?", "unanswerable"),
+        qa_item("refunq", "Who founded the city of Trelvanor in 1742?", "unanswerable"),
+    ]
+    DatasetDict({
+        "train": Dataset.from_list(answerable[:2], features=QA_FEATURES),
+        "test_id": Dataset.from_list(answerable, features=QA_FEATURES),
+        "test_ood": Dataset.from_list(ood, features=QA_FEATURES),
+        "unanswerable": Dataset.from_list(unanswerable, features=QA_FEATURES),
+    }).save_to_disk(str(path))
+    return path

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
+from helpers import write_items
 
 from pipeline.cli import main as rlhf
 from pipeline.config import ConfigError
@@ -105,28 +106,6 @@ def test_gold_match():
 
 
 # --- the stage -----------------------------------------------------------------------------------
-
-
-def write_items(path: Path) -> Path:
-    answerable = [
-        qa_item("facts", "What is the capital of France?", "open", answers=["Paris"]),
-        qa_item("facts", "How many legs does a spider have?", "open", answers=["8", "eight"]),
-        qa_item("facts", "Which planet is largest?", "choice", choices=["Mars", "Jupiter", "Venus"], answer_index=1),
-        qa_item("facts", "Who wrote Hamlet?", "open", answers=["Shakespeare"], context="An English play."),
-    ]
-    ood = [qa_item("ood", "What is the boiling point of water in Celsius?", "open", answers=["100"])]
-    unanswerable = [
-        qa_item("nec", "What is the half-life of the element glorbium?", "unanswerable"),
-        qa_item("falseqa", "Why do fish breathe through their ears?", "unanswerable"),
-        qa_item("refunq", "Who founded the city of Trelvanor in 1742?", "unanswerable"),
-    ]
-    DatasetDict({
-        "train": Dataset.from_list(answerable[:2], features=QA_FEATURES),
-        "test_id": Dataset.from_list(answerable, features=QA_FEATURES),
-        "test_ood": Dataset.from_list(ood, features=QA_FEATURES),
-        "unanswerable": Dataset.from_list(unanswerable, features=QA_FEATURES),
-    }).save_to_disk(str(path))
-    return path
 
 
 def write_recipe(tmp_path: Path, models: list[dict], items: Path, **evaluation) -> Path:
