@@ -80,10 +80,11 @@ test-fast: $(STAMP)  ## import contracts and the tests not marked slow
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow and not slurm" tests
 
-bench: $(STAMP)  ## benchmarks (print figures): hf batching; judge throughput, rerun, memory, tokens; training overhead
+bench: $(STAMP)  ## benchmarks (print figures): hf batching; judge throughput, rerun, memory, tokens; training overhead; SmolLM2 tokens/s in process vs transformers serve (vs vLLM with RLHF_VLLM_PYTHON)
 	$(PY) bench/generate.py
 	$(PY) bench/annotate.py
 	$(PY) bench/train_overhead.py
+	$(PY) bench/real_model.py
 
 validate: $(STAMP)  ## validate every recipe under recipes/ (input files not checked)
 	$(PY) -m pipeline validate --no-inputs $$(find recipes -name '*.yaml' -not -path 'recipes/accelerate/*' -not -path 'recipes/slurm/*' | sort)

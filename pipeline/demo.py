@@ -138,8 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         return code
     _summary(Path("data/runs"), args.run)
+    _timings(Path("data/runs") / args.run, time.time() - (time.monotonic() - started))
     print(f"demo: {time.monotonic() - started:.0f} s")
     return 0
+
+
+def _timings(run_dir: Path, started_at: float) -> None:
+    """Seconds per stage run by this demo: the gap between one stage's `_SUCCESS` and the one before."""
+    done = sorted((p.stat().st_mtime, p.parent.name) for p in run_dir.glob("*/_SUCCESS")
+                  if p.stat().st_mtime >= started_at)
+    previous, parts = started_at, []
+    for finished, name in done:
+        parts.append(f"{name} {finished - previous:.0f}")
+        previous = finished
+    if parts:
+        print("time by stage (s): " + ", ".join(parts))
 
 
 def _real_models_step(pipeline: str, overrides: list[str]):
