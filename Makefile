@@ -74,7 +74,7 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 test-vllm: $(STAMP) $(VLLM_VENV)/.installed  ## opt-in: SmolLM2 behind vLLM for CPU (own venv, ~6 min install, minutes to start)
-	RLHF_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q -s -m vllm tests/integration/test_vllm.py
+	RLHF_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q -s -m vllm --timeout 3600 tests/integration/test_vllm.py
 
 test-fast: $(STAMP)  ## import contracts and the tests not marked slow
 	$(VENV)/bin/lint-imports
