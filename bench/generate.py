@@ -41,11 +41,21 @@ def make_prompts(n: int) -> list[str]:
 def run_once(spec_fields: dict, batch_size: int, prompts: list[str], params: dict) -> tuple[float, int, int]:
     """Generate for every prompt; return (seconds, tokens produced, failures)."""
     from pipeline.config import ModelSpec
-    from pipeline.llm.base import GenRequest
     from pipeline.llm.hf import HFBackend
 
     backend = HFBackend(ModelSpec(**spec_fields, batch_size=batch_size))
     backend._load()  # loading is not what is measured
+    elapsed, produced, failures = measure(backend, prompts, params)
+    backend.close()
+    if failures:
+        print(f"  batch_size={batch_size}: {len(failures)} failures, first: {failures[0]}", file=sys.stderr)
+    return elapsed, produced, len(failures)
+
+
+def measure(backend, prompts: list[str], params: dict) -> tuple[float, int, list[str]]:
+    """One generate() call over every prompt: (seconds, tokens produced, failure reasons)."""
+    from pipeline.llm.base import GenRequest
+
     requests = [GenRequest(f"p{i}", ({"role": "user", "content": p},), params) for i, p in enumerate(prompts)]
     produced, failures = 0, []
 
@@ -55,11 +65,7 @@ def run_once(spec_fields: dict, batch_size: int, prompts: list[str], params: dic
 
     start = time.perf_counter()
     backend.generate(requests, on_done, lambda req, reason: failures.append(reason))
-    elapsed = time.perf_counter() - start
-    backend.close()
-    if failures:
-        print(f"  batch_size={batch_size}: {len(failures)} failures, first: {failures[0]}", file=sys.stderr)
-    return elapsed, produced, len(failures)
+    return time.perf_counter() - start, produced, failures
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,30 +135,39 @@ def _rating_schema(aspect: str) -> dict:
     return {"type": "string", "enum": ["1", "2", "3", "4", "5"] + (["N/A"] if aspect in NA_ASPECTS else [])}
 
 
-def _aspect_item(aspect: str, with_text: bool) -> dict:
-    props: dict = {"text": {"type": "integer"}} if with_text else {}
+def _text_number(texts: int | None) -> dict:
+    return {"type": "integer", **({"minimum": 1, "maximum": texts} if texts else {})}
+
+
+def _aspect_item(aspect: str, with_text: bool, texts: int | None = None) -> dict:
+    props: dict = {"text": _text_number(texts)} if with_text else {}
     if aspect in TYPED_ASPECTS:
-        props["types"] = {"type": "array", "items": {"type": "string", "enum": list(TYPE_CHOICES)}}
+        # Bounded, so that a decoder held to the schema cannot list types until it runs out of tokens.
+        props["types"] = {"type": "array", "items": {"type": "string", "enum": list(TYPE_CHOICES)},
+                          "maxItems": len(TYPE_CHOICES), "uniqueItems": True}
         props["types_rationale"] = {"type": "string"}
     props["rating"] = _rating_schema(aspect)
     props["rationale"] = {"type": "string"}
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 
-def _texts_schema(item: dict) -> dict:
-    return {"type": "object", "properties": {"texts": {"type": "array", "items": item}},
-            "required": ["texts"], "additionalProperties": False}
+def _texts_schema(item: dict, texts: int | None) -> dict:
+    # With the number of texts known, exactly that many blocks: guided decoding (vLLM) otherwise
+    # lets a small judge go on adding blocks until max_tokens cuts the JSON off.
+    array = {"type": "array", "items": item, **({"minItems": texts, "maxItems": texts} if texts else {})}
+    return {"type": "object", "properties": {"texts": array}, "required": ["texts"], "additionalProperties": False}
 
 
-def aspect_schema(aspect: str) -> dict:
-    return _texts_schema(_aspect_item(aspect, with_text=True))
+def aspect_schema(aspect: str, texts: int | None = None) -> dict:
+    """The JSON schema of one aspect's answer for `texts` completions (None: any number)."""
+    return _texts_schema(_aspect_item(aspect, with_text=True, texts=texts), texts)
 
 
-def compact_schema() -> dict:
-    props = {"text": {"type": "integer"}}
+def compact_schema(texts: int | None = None) -> dict:
+    props = {"text": _text_number(texts)}
     props.update({a: _aspect_item(a, with_text=False) for a in ASPECTS})
     return _texts_schema({"type": "object", "properties": props, "required": list(props),
-                          "additionalProperties": False})
+                          "additionalProperties": False}, texts)
 
 
 CRITIQUE_SCHEMA = {

@@ -96,10 +96,10 @@ class Requests:
             nonce = self._nonce(item, texts)
             if item.kind == "compact":
                 messages = rubric.compact_messages(row, texts, nonce, structured)
-                schema = ("compact", rubric.compact_schema())
+                schema = ("compact", rubric.compact_schema(len(texts)))
             else:
                 messages = rubric.aspect_messages(item.aspect, row, texts, nonce, structured)
-                schema = (item.aspect, rubric.aspect_schema(item.aspect))
+                schema = (item.aspect, rubric.aspect_schema(item.aspect, len(texts)))
             params = {"temperature": ann.temperature, "max_new_tokens": ann.aspect_max_tokens}
         if structured:
             params["response_format"] = rubric.response_format(*schema)

@@ -726,3 +726,17 @@ def test_garbled_answers_raise_only_parse_error():
                         _check_shape(annotation, kind)
             except ParseError as err:
                 assert str(err) and "\n" not in str(err)
+
+
+def test_the_schema_sent_to_a_guided_decoder_bounds_every_list():
+    """A decoder held to the schema (vLLM) must not be able to add text blocks or types until
+    max_tokens cuts the JSON off, as SmolLM2 under vLLM did with the unbounded schema."""
+    schema = rubric.aspect_schema("helpfulness", 3)
+    texts = schema["properties"]["texts"]
+    assert texts["minItems"] == texts["maxItems"] == 3
+    assert texts["items"]["properties"]["text"] == {"type": "integer", "minimum": 1, "maximum": 3}
+    types = texts["items"]["properties"]["types"]
+    assert types["maxItems"] == 3 and types["uniqueItems"] is True
+    compact = rubric.compact_schema(2)["properties"]["texts"]
+    assert compact["minItems"] == compact["maxItems"] == 2
+    assert "minItems" not in rubric.aspect_schema("helpfulness")["properties"]["texts"]  # the parser's view
