@@ -346,7 +346,7 @@ def _load_json(text: str) -> dict:
 
 _JSON_TYPES = {"object": "an object", "array": "an array", "string": "a string", "integer": "an integer"}
 _KNOWN_KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "enum", "minimum", "maximum",
-                   "minItems", "maxItems", "uniqueItems"}
+                   "minItems", "maxItems"}
 
 
 def _is_type(value, kind: str) -> bool:
@@ -387,7 +387,7 @@ def _validate(value, schema: dict, path: str) -> None:
         for key, sub in props.items():
             if key in value:
                 _validate(value[key], sub, f"{path}.{key}")
-    # minItems, maxItems and uniqueItems bound what a guided decoder may write; the checks after
+    # minItems and maxItems bound what a guided decoder may write; the checks after
     # this one (_numbered_entries, _json_annotation) enforce the same and name the text at fault.
     if isinstance(value, list) and "items" in schema:
         for i, item in enumerate(value):

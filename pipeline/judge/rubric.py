@@ -142,9 +142,10 @@ def _text_number(texts: int | None) -> dict:
 def _aspect_item(aspect: str, with_text: bool, texts: int | None = None) -> dict:
     props: dict = {"text": _text_number(texts)} if with_text else {}
     if aspect in TYPED_ASPECTS:
-        # Bounded, so that a decoder held to the schema cannot list types until it runs out of tokens.
+        # Bounded, so that a decoder held to the schema cannot list types until it runs out of tokens
+        # (no uniqueItems: vLLM's grammar engine refuses it with HTTP 400; the parser checks repeats).
         props["types"] = {"type": "array", "items": {"type": "string", "enum": list(TYPE_CHOICES)},
-                          "maxItems": len(TYPE_CHOICES), "uniqueItems": True}
+                          "maxItems": len(TYPE_CHOICES)}
         props["types_rationale"] = {"type": "string"}
     props["rating"] = _rating_schema(aspect)
     props["rationale"] = {"type": "string"}

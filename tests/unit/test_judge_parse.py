@@ -736,7 +736,7 @@ def test_the_schema_sent_to_a_guided_decoder_bounds_every_list():
     assert texts["minItems"] == texts["maxItems"] == 3
     assert texts["items"]["properties"]["text"] == {"type": "integer", "minimum": 1, "maximum": 3}
     types = texts["items"]["properties"]["types"]
-    assert types["maxItems"] == 3 and types["uniqueItems"] is True
+    assert types["maxItems"] == 3 and "uniqueItems" not in types  # vLLM's grammar engine refuses uniqueItems
     compact = rubric.compact_schema(2)["properties"]["texts"]
     assert compact["minItems"] == compact["maxItems"] == 2
     assert "minItems" not in rubric.aspect_schema("helpfulness")["properties"]["texts"]  # the parser's view
