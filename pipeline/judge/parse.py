@@ -346,7 +346,7 @@ def _load_json(text: str) -> dict:
 
 _JSON_TYPES = {"object": "an object", "array": "an array", "string": "a string", "integer": "an integer"}
 _KNOWN_KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "enum", "minimum", "maximum",
-                   "minItems", "maxItems"}
+                   "minItems", "maxItems", "maxLength"}
 
 
 def _is_type(value, kind: str) -> bool:
@@ -387,8 +387,9 @@ def _validate(value, schema: dict, path: str) -> None:
         for key, sub in props.items():
             if key in value:
                 _validate(value[key], sub, f"{path}.{key}")
-    # minItems and maxItems bound what a guided decoder may write; the checks after
-    # this one (_numbered_entries, _json_annotation) enforce the same and name the text at fault.
+    # minItems, maxItems and maxLength bound what a guided decoder may write. The checks after this
+    # one (_numbered_entries, _json_annotation) enforce the counts and name the text at fault; a
+    # longer rationale from a judge that ignored maxLength is still a rationale, so it is kept.
     if isinstance(value, list) and "items" in schema:
         for i, item in enumerate(value):
             _validate(item, schema["items"], f"{path}[{i}]")

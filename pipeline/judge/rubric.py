@@ -139,16 +139,20 @@ def _text_number(texts: int | None) -> dict:
     return {"type": "integer", **({"minimum": 1, "maximum": texts} if texts else {})}
 
 
-def _aspect_item(aspect: str, with_text: bool, texts: int | None = None) -> dict:
+def _string(max_chars: int | None) -> dict:
+    return {"type": "string", **({"maxLength": max_chars} if max_chars else {})}
+
+
+def _aspect_item(aspect: str, with_text: bool, texts: int | None = None, rationale_chars: int | None = None) -> dict:
     props: dict = {"text": _text_number(texts)} if with_text else {}
     if aspect in TYPED_ASPECTS:
         # Bounded, so that a decoder held to the schema cannot list types until it runs out of tokens
         # (no uniqueItems: vLLM's grammar engine refuses it with HTTP 400; the parser checks repeats).
         props["types"] = {"type": "array", "items": {"type": "string", "enum": list(TYPE_CHOICES)},
                           "maxItems": len(TYPE_CHOICES)}
-        props["types_rationale"] = {"type": "string"}
+        props["types_rationale"] = _string(rationale_chars)
     props["rating"] = _rating_schema(aspect)
-    props["rationale"] = {"type": "string"}
+    props["rationale"] = _string(rationale_chars)
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 
@@ -159,14 +163,15 @@ def _texts_schema(item: dict, texts: int | None) -> dict:
     return {"type": "object", "properties": {"texts": array}, "required": ["texts"], "additionalProperties": False}
 
 
-def aspect_schema(aspect: str, texts: int | None = None) -> dict:
-    """The JSON schema of one aspect's answer for `texts` completions (None: any number)."""
-    return _texts_schema(_aspect_item(aspect, with_text=True, texts=texts), texts)
+def aspect_schema(aspect: str, texts: int | None = None, rationale_chars: int | None = None) -> dict:
+    """The JSON schema of one aspect's answer for `texts` completions (None: any number), each
+    rationale at most `rationale_chars` long (None: no bound)."""
+    return _texts_schema(_aspect_item(aspect, with_text=True, texts=texts, rationale_chars=rationale_chars), texts)
 
 
-def compact_schema(texts: int | None = None) -> dict:
+def compact_schema(texts: int | None = None, rationale_chars: int | None = None) -> dict:
     props = {"text": _text_number(texts)}
-    props.update({a: _aspect_item(a, with_text=False) for a in ASPECTS})
+    props.update({a: _aspect_item(a, with_text=False, rationale_chars=rationale_chars) for a in ASPECTS})
     return _texts_schema({"type": "object", "properties": props, "required": list(props),
                           "additionalProperties": False}, texts)
 
@@ -176,6 +181,12 @@ CRITIQUE_SCHEMA = {
     "properties": {"feedback": {"type": "string"}, "overall_score": {"type": "integer", "minimum": 1, "maximum": 10}},
     "required": ["feedback", "overall_score"], "additionalProperties": False,
 }
+
+
+def critique_schema(feedback_chars: int | None = None) -> dict:
+    if not feedback_chars:
+        return CRITIQUE_SCHEMA
+    return {**CRITIQUE_SCHEMA, "properties": {**CRITIQUE_SCHEMA["properties"], "feedback": _string(feedback_chars)}}
 
 
 def response_format(name: str, schema: dict) -> dict:

@@ -90,16 +90,16 @@ class Requests:
             nonce = self._nonce(item, [completion["response"]])
             messages = rubric.critique_messages(row, completion, nonce, structured)
             params = {"temperature": ann.temperature, "max_new_tokens": ann.critique_max_tokens}
-            schema = ("critique", rubric.CRITIQUE_SCHEMA)
+            schema = ("critique", rubric.critique_schema(ann.schema_max_chars and 2 * ann.schema_max_chars))
         else:
             texts = [row["completions"][i]["response"] for i in self.order(item)]
             nonce = self._nonce(item, texts)
             if item.kind == "compact":
                 messages = rubric.compact_messages(row, texts, nonce, structured)
-                schema = ("compact", rubric.compact_schema(len(texts)))
+                schema = ("compact", rubric.compact_schema(len(texts), ann.schema_max_chars))
             else:
                 messages = rubric.aspect_messages(item.aspect, row, texts, nonce, structured)
-                schema = (item.aspect, rubric.aspect_schema(item.aspect, len(texts)))
+                schema = (item.aspect, rubric.aspect_schema(item.aspect, len(texts), ann.schema_max_chars))
             params = {"temperature": ann.temperature, "max_new_tokens": ann.aspect_max_tokens}
         if structured:
             params["response_format"] = rubric.response_format(*schema)

@@ -88,6 +88,10 @@ class AnnotationSection(Strict):
     temperature: float = Field(0.0, ge=0, le=2)
     aspect_max_tokens: int = Field(1024, ge=16)
     critique_max_tokens: int = Field(1024, ge=16)
+    schema_max_chars: int | None = Field(
+        None, ge=20, description="structured mode: longest rationale the schema allows (maxLength; the critique's "
+        "feedback gets twice this). For a small judge under guided decoding (vLLM), which otherwise may not "
+        "close a string before max_tokens; OpenAI's strict mode may refuse the keyword, so None leaves it out")
     seed: int = Field(0, description="Seeds the order in which completions are shown to the judge")
     max_reasks: int = Field(2, ge=0, description="Re-asks (with a corrective message) after an unusable answer")
     max_failure_fraction: float = Field(0.05, ge=0, le=1)

@@ -85,8 +85,9 @@ def test_generate_and_the_structured_judge_through_vllm(vllm_server, tmp_path):
         judge = {"stage": "annotate", "run": {"name": "t", "root": str(tmp_path / "runs"), "step": f"annotate-{mode}"},
                  "inputs": {"completions": {"stage": "generate"}},
                  "annotation": {"judge": _served(vllm_server, name="smollm2-vllm-judge"), "mode": mode,
-                                "critique": True, "max_reasks": 1, "aspect_max_tokens": 256,
-                                "critique_max_tokens": 256, "max_failure_fraction": 1.0, "seed": 0}}
+                                "critique": True, "max_reasks": 1, "aspect_max_tokens": 384,
+                                "critique_max_tokens": 384, "schema_max_chars": 300,
+                                "max_failure_fraction": 1.0, "seed": 0}}
         path = tmp_path / f"annotate-{mode}.yaml"
         path.write_text(yaml.safe_dump(judge))
         code = rlhf(["annotate", str(path)])
