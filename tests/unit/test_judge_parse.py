@@ -740,3 +740,15 @@ def test_the_schema_sent_to_a_guided_decoder_bounds_every_list():
     compact = rubric.compact_schema(2)["properties"]["texts"]
     assert compact["minItems"] == compact["maxItems"] == 2
     assert "minItems" not in rubric.aspect_schema("helpfulness")["properties"]["texts"]  # the parser's view
+
+
+def test_schema_max_chars_bounds_every_rationale_for_the_decoder_only():
+    item = rubric.aspect_schema("truthfulness", 2, rationale_chars=300)["properties"]["texts"]["items"]
+    assert item["properties"]["rationale"]["maxLength"] == 300
+    assert item["properties"]["types_rationale"]["maxLength"] == 300
+    assert rubric.critique_schema(600)["properties"]["feedback"]["maxLength"] == 600
+    assert rubric.critique_schema(None) is rubric.CRITIQUE_SCHEMA  # unbounded unless asked
+    # the parser does not reject a longer rationale: the bound is for the decoder
+    long = "x" * 500
+    answer = json.dumps({"texts": [{"text": 1, "rating": "4", "rationale": long}]})
+    assert parse_aspect("honesty", answer, 1, structured=True)[0]["Rationale"] == long
