@@ -15,7 +15,6 @@ loudly instead of training on garbage.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.runs import atomic_dir, file_sha256
 
 CACHE_ENV = "RLHF_MODEL_CACHE"
 DEFAULT_CACHE = "data/cache/models"
@@ -96,14 +96,6 @@ def locate_gguf(spec: PackagedModel) -> Path:
                       f"{spec.package}=={spec.version}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _is_finished(folder: Path) -> dict | None:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -120,8 +112,6 @@ def convert(spec: PackagedModel, out: Path) -> dict:
 
     gguf = locate_gguf(spec)
     started = time.monotonic()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if spec.chat_template:
         _swap_template(tokenizer, spec)
@@ -134,17 +124,15 @@ def convert(spec: PackagedModel, out: Path) -> dict:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     manifest = {"name": spec.name, "source": f"{spec.package}=={spec.version}:{spec.gguf}",
-                "gguf_sha256": _sha256(gguf), "hub_id": spec.hub_id, "licence": spec.licence,
+                "gguf_sha256": file_sha256(gguf), "hub_id": spec.hub_id, "licence": spec.licence,
                 "conversion_version": _CONVERSION_VERSION, "dtype": "float32",
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "conversion_s": round(time.monotonic() - started, 1)}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+                "parameters": sum(p.numel() for p in model.parameters())}
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        manifest["conversion_s"] = round(time.monotonic() - started, 1)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -173,15 +161,12 @@ def prepare(name: str, dest: Path, cache: Path | None = None) -> dict:
     if manifest is None:
         manifest = convert(spec, cached)
     if _is_finished(dest) != manifest:
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            shutil.copytree(cached, tmp, copy_function=os.link)
-        except OSError:  # another file system: a real copy
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(cached, tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        with atomic_dir(dest) as tmp:
+            try:
+                shutil.copytree(cached, tmp, copy_function=os.link)
+            except OSError:  # another file system: a real copy
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(cached, tmp)
     return {**manifest, "cached": was_cached}
 
 

