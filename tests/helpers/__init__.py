@@ -87,6 +87,17 @@ def ledger_ok_keys(stage: Path) -> set[str]:
                 keys.add(rec["key"])
     return keys
 
+def ledger_records(stage: Path) -> list[dict]:
+    """Every record of a stage's ledgers (all shards), in file order; a torn last line is skipped."""
+    records = []
+    for path in sorted(stage.rglob("ledger.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # the torn last line of a killed writer
+    return records
+
 def stage(root: Path, name: str, tree: dict, **kwargs):
     """Run stage `name` in-process from a recipe tree, under `root`/runs (run name "t" unless the
     tree names one); the stage tests of SaySelf and the method checks share it."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import stage_path, write_items, write_prompts
+from helpers import ledger_records, stage_path, write_items, write_prompts
 
 from pipeline.cli import main as rlhf
 
@@ -41,17 +41,6 @@ def _generate_recipe(tmp_path: Path, pool: list[dict], prompts: Path, run: str =
     path = tmp_path / f"generate-{run}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def _ledger_lines(stage: Path) -> list[dict]:
-    lines = []
-    for path in sorted(stage.rglob("ledger.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except ValueError:
-                pass  # the torn last line of a killed writer
-    return lines
 
 
 def _english(text: str) -> bool:
@@ -96,7 +85,7 @@ def test_annotate_with_smollm2_as_the_judge_reports_its_parse_rate(generated, sm
     path.write_text(yaml.safe_dump(recipe))
     code = rlhf(["annotate", str(path)])
     folder = tmp / "runs" / "t" / "annotate"
-    ledger = _ledger_lines(folder)
+    ledger = ledger_records(folder)
     failures = [json.loads(line) for line in (folder / "failures.jsonl").read_text().splitlines()]
     # compact mode: one request per prompt rates all its completions; an unusable answer is asked again once
     assert {r["prompt_id"] for r in ledger} == {f["prompt_id"] for f in failures} | {
@@ -114,7 +103,7 @@ def test_annotate_with_smollm2_as_the_judge_reports_its_parse_rate(generated, sm
     print(f"smollm2 judge (compact, transformers serve): {parsed}/3 items parsed, {len(ledger) - 3} re-asks; "
           f"reasons: {sorted({f['reason'] for f in failures})}")
     assert rlhf(["annotate", str(path)]) == code
-    assert _ledger_lines(folder) == ledger  # the rerun sent nothing: every answer came from the ledger
+    assert ledger_records(folder) == ledger  # the rerun sent nothing: every answer came from the ledger
 
 
 def test_generate_killed_mid_run_against_a_real_server_resumes_without_resending(smollm2, smollm2_server,
@@ -127,17 +116,17 @@ def test_generate_killed_mid_run_against_a_real_server_resumes_without_resending
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
-        if len([r for r in _ledger_lines(stage_path(tmp_path)) if r["status"] == "ok"]) >= 2:
+        if len([r for r in ledger_records(stage_path(tmp_path)) if r["status"] == "ok"]) >= 2:
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    paid = [r["key"] for r in _ledger_lines(stage_path(tmp_path)) if r["status"] == "ok"]
+    paid = [r["key"] for r in ledger_records(stage_path(tmp_path)) if r["status"] == "ok"]
     assert 2 <= len(paid) < 6
 
     assert rlhf(["generate", str(recipe)]) == 0
-    keys = [r["key"] for r in _ledger_lines(stage_path(tmp_path)) if r["status"] == "ok"]
+    keys = [r["key"] for r in ledger_records(stage_path(tmp_path)) if r["status"] == "ok"]
     # Each request is written to the ledger when its answer arrives; one sent twice would be there twice.
     assert len(keys) == len(set(keys)) == 6 and set(paid) <= set(keys)
 
@@ -185,5 +174,5 @@ def test_sayself_sample_draws_chains_from_transformers_serve(smollm2, smollm2_se
     assert summary["questions"] == 2 and summary["chains_planned"] == 6 and summary["chains_failed"] == 0
     # Every chain is either kept (a parsable answer) or counted as unparsable: none goes missing.
     assert summary["chains_kept"] + summary["chains_unparsable"] == 6
-    assert len([r for r in _ledger_lines(folder) if r["status"] == "ok"]) == 6
+    assert len([r for r in ledger_records(folder) if r["status"] == "ok"]) == 6
     print(f"sayself-sample via transformers serve: {summary['chains_kept']}/6 chains with a parsable answer")
