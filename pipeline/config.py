@@ -21,7 +21,9 @@ class ConfigError(Exception):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: YAML `true` or "3" where a number is meant (and 1 where a flag is) is a mistake to name,
+    # not something to coerce; a float field still takes an integer.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 # --- shared sections -------------------------------------------------------------------------
@@ -149,16 +151,25 @@ class LoraSection(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+# transformers' SchedulerType values (kept here so `rlhf validate` needs no transformers import;
+# tests/unit/test_config.py checks they match)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+
+
 class TrainSection(Strict):
     """What every training stage shares; the stage's own section holds the method's knobs."""
 
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="> 0: stop after this many optimizer steps (overrides epochs)")
+    max_steps: int = Field(-1, description="> 0: stop after this many optimizer steps (overrides epochs); "
+                           "-1: train for `epochs`")
     global_batch_size: int = Field(8, ge=1, description="Sequences (pairs) per optimizer step over all "
                                    "processes; gradient accumulation = global / (processes x per-device)")
     per_device_batch_size: int = Field(4, ge=1)
     learning_rate: float = Field(1e-5, gt=0)
-    lr_scheduler: str = Field("cosine", description="transformers scheduler name (linear, cosine, constant, ...)")
+    lr_scheduler: Literal[LR_SCHEDULERS] = Field(  # type: ignore[valid-type]
+        "cosine", description="transformers scheduler name (linear, cosine, constant, ...)")
     min_learning_rate: float | None = Field(None, ge=0, description="cosine decays to this (cosine_with_min_lr)")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -179,6 +190,14 @@ class TrainSection(Strict):
     trl: dict[str, Any] = Field(
         default_factory=dict, description="Any other field of the stage's TRL config class (SFTConfig, DPOConfig, "
         "...), handed over as is after the fields derived above; `rlhf validate` checks names and values")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        # transformers reads 0 as "no limit" and then still takes a step; say what was meant instead
+        if value == 0 or value < -1:
+            raise ValueError("use a number of steps above 0, or -1 to train for `epochs`")
+        return value
 
 
 class TrainInputs(Strict):
@@ -253,7 +272,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -287,13 +306,31 @@ def format_validation_error(origin: str, err: ValidationError) -> str:
     return f"{origin}: " + "; ".join(unique)
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """safe_load, except that `1e-5` is a float as in YAML 1.2 (PyYAML's YAML 1.1 wants `1.0e-5`
+    and would hand the strict recipe classes a string)."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """The YAML document in `path`; a missing file or bad YAML is a ConfigError naming the file
     (and the line, where the parser knows it)."""
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
+    raw = path.read_bytes()
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                          "save the file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=RecipeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -315,23 +352,38 @@ def read_recipe_tree(path: str | Path, overrides: list[str] | tuple[str, ...] = 
 
 # --- saving ----------------------------------------------------------------------------------
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)$", re.IGNORECASE)
+# A key is secret when one of the words of its name says so (`api_key`, `hf_token`, `db-password`,
+# `clientSecret`); `max_new_tokens` or `tokenizer` are not (the words are `tokens`, `tokenizer`).
+_SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "authorization", "credential",
+                 "credentials"}
 # Keys that *name* where a secret lives are not secrets themselves.
 _SECRET_NAME_KEY = re.compile(r"_env$", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
+# user:password@ (or a lone token@) in a URL: scheme://<userinfo>@host
+_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# ?api_key=... / &token=... in a query string
+_URL_QUERY_SECRET = re.compile(r"([?&][^=&#\s]*(?:key|token|secret|password)[^=&#\s]*=)[^&#\s]+", re.IGNORECASE)
+
+
+def secret_key(name: str) -> bool:
+    if _SECRET_NAME_KEY.search(name):
+        return False
+    words = re.split(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])", name)
+    return any(word.lower() in _SECRET_WORDS for word in words)
 
 
 def redact(tree: Any) -> Any:
+    """`tree` (a mapping, list or string) with secrets replaced by <redacted>: the value of every key
+    whose name says key/token/secret/password, credentials inside URLs, and API-key-shaped strings.
+    config.yaml, log lines, Slurm scripts and the run report all pass through it."""
     if isinstance(tree, dict):
-        return {
-            k: ("<redacted>" if SECRET_KEY.search(str(k)) and not _SECRET_NAME_KEY.search(str(k)) and v
-                else redact(v))
-            for k, v in tree.items()
-        }
-    if isinstance(tree, list):
+        return {k: ("<redacted>" if secret_key(str(k)) and v not in (None, "") else redact(v))
+                for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
         return [redact(v) for v in tree]
     if isinstance(tree, str):
-        return _SECRET_VALUE.sub("<redacted>", tree)
+        text = _SECRET_VALUE.sub("<redacted>", tree)
+        return _URL_QUERY_SECRET.sub(r"\1<redacted>", _URL_USERINFO.sub(r"\1<redacted>@", text))
     return tree
 
 

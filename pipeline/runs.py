@@ -23,6 +23,9 @@ from pipeline.config import ConfigError, StageRef, dump_recipe
 
 SUCCESS = "_SUCCESS"
 DATASET = "dataset"
+# The stage names (filled in by pipeline.stages, which every stage module is imported through; this
+# layer cannot import that table): an input naming none of them and no step of its run is a typo.
+STAGE_NAMES: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,11 @@ def resolve_input(recipe, ref: StageRef | str, key: str) -> Path:
             raise ConfigError(f"{key}: no such file or folder: {path}")
         return path
     path = stage_dir(recipe, ref.stage, ref.run)
+    if not path.exists() and STAGE_NAMES and ref.stage not in STAGE_NAMES:
+        steps = sorted(p.name for p in path.parent.iterdir() if p.is_dir()) if path.parent.is_dir() else []
+        raise ConfigError(
+            f"{key}.stage: no such stage {ref.stage!r}, and run {ref.run or recipe.run.name!r} has no step of "
+            f"that name (stages: {', '.join(sorted(STAGE_NAMES))}; steps of the run: {', '.join(steps) or 'none'})")
     if not is_done(path):
         raise ConfigError(
             f"{key}: stage {ref.stage!r} of run {ref.run or recipe.run.name!r} has not finished "

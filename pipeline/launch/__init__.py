@@ -13,7 +13,7 @@ import shutil
 import sys
 from typing import Callable
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, redact
 from pipeline.runs import RunOptions, StageFailed, clear_done, is_done, stage_dir
 from pipeline.stages import STAGES, load_recipe
 
@@ -74,8 +74,22 @@ def run_stage_exit_code(stage_name: str, recipe_path: str, overrides: list[str] 
     return exit_code(lambda: run_stage(stage_name, recipe_path, overrides, opts))
 
 
+class _Redacting(logging.Filter):
+    """Every log line through `config.redact` (a URL with a password, a key printed by a library)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("RLHF_LOG", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Redacting) for f in handler.filters):
+            handler.addFilter(_Redacting())
     for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per request drowns the progress bar
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -40,7 +40,6 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from pipeline.config import (
-    SECRET_KEY,
     SLURM_MEM,
     ConfigError,
     Strict,
@@ -48,6 +47,7 @@ from pipeline.config import (
     format_validation_error,
     read_yaml,
     redact,
+    secret_key,
     slurm_time_limit,
 )
 from pipeline.preempt import EXIT_CODE as PREEMPTED_CODE
@@ -93,7 +93,7 @@ class SlurmProfile(Strict):
     @classmethod
     def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if SECRET_KEY.search(name) or name.upper().endswith("KEY"):
+            if secret_key(name) or name.upper().endswith("KEY"):
                 raise ValueError(f"{name}: looks like a secret; export it in the submitting shell instead "
                                  "(sbatch passes the environment on; a rendered script never holds it)")
         return value

@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import ValidationError
 
+from pipeline import runs
 from pipeline.config import ConfigError, format_validation_error, read_recipe_tree
 
 
@@ -71,6 +72,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sayself-rl", "sayself_rl", "train", "SaySelf: GRPO with the calibration reward"),
     Stage("sayself-eval", "sayself_eval", "eval", "SaySelf: accuracy, ECE, AUROC, Brier per split"),
 )}
+runs.STAGE_NAMES.update(STAGES)
 
 
 def recipe_for(tree: dict, origin: str, stage: str | None = None):

@@ -412,3 +412,105 @@ def test_every_stage_recipe_has_a_launch_section():
     # crashed `rlhf tiny-models` once.
     missing = [name for name, stage in STAGES.items() if "launch" not in stage.recipe_class.model_fields]
     assert not missing, missing
+
+
+# --- issue 18: the recipe layer on bad input -----------------------------------------------------
+
+
+def sft_tree(**train) -> dict:
+    return {"stage": "sft", "run": {"name": "t"}, "model": "m", "inputs": {"dataset": "d"},
+            "train": {"report_to": [], **train}}
+
+
+def test_a_misspelt_scheduler_is_refused_by_validate(tmp_path):
+    message = error_of(write(tmp_path, sft_tree(lr_scheduler="cosin")))
+    assert "train.lr_scheduler" in message and "'cosin'" in message and "'cosine'" in message
+
+
+def test_scheduler_names_match_transformers():
+    from transformers import SchedulerType
+
+    from pipeline.config import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+def test_a_recipe_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("stage: sft\nrun: {name: t}\n# caf\xe9\n".encode("latin-1"))
+    message = error_of(path)
+    assert f"{path}:3: not UTF-8" in message
+
+
+@pytest.mark.parametrize("value, expected", [
+    (0, "use a number of steps above 0, or -1"),
+    (-5, "use a number of steps above 0, or -1"),
+    (True, "valid integer"),
+    ("3", "valid integer"),
+    (2.5, "valid integer"),
+])
+def test_max_steps_takes_only_a_real_step_count(tmp_path, value, expected):
+    message = error_of(write(tmp_path, sft_tree(max_steps=value)))
+    assert "train.max_steps" in message and expected in message
+
+
+@pytest.mark.parametrize("key, value", [("gradient_checkpointing", 1), ("gradient_checkpointing", "yes"),
+                                        ("seed", "0"), ("learning_rate", "fast")])
+def test_no_silent_coercion_of_flags_and_numbers(tmp_path, key, value):
+    assert f"train.{key}" in error_of(write(tmp_path, sft_tree(**{key: value})))
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads `2e-5` as a string; with strict types that would be refused
+    recipe = load_recipe(write(tmp_path, "stage: sft\nrun: {name: t}\nmodel: m\ninputs: {dataset: d}\n"
+                                         "train: {learning_rate: 2e-5}\n"), ["train.weight_decay=1e-2"],
+                         check_inputs=False)
+    assert recipe.train.learning_rate == 2e-5 and recipe.train.weight_decay == 0.01
+
+
+def test_a_misspelt_input_stage_says_no_such_stage(tmp_path):
+    from pipeline.runs import resolve_input
+    from pipeline.config import StageRef
+
+    recipe = load_recipe(write(tmp_path, sft_tree()), check_inputs=False)
+    recipe.run.root = str(tmp_path / "runs")
+    (tmp_path / "runs" / "t" / "prompts").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"inputs.dataset.stage: no such stage 'promtps'.*steps of the run: prompts"):
+        resolve_input(recipe, StageRef(stage="promtps"), "inputs.dataset")
+    with pytest.raises(ConfigError, match="stage 'pairs' of run 't' has not finished"):  # a real stage, not run yet
+        resolve_input(recipe, StageRef(stage="pairs"), "inputs.dataset")
+
+
+def test_credentials_in_urls_and_secret_keys_are_redacted():
+    tree = {"base_url": "http://user:SECRET@host:8000/v1", "other": "https://tok3n@example.org/x",
+            "q": "http://h/v1?api_key=SECRET2&x=1", "db_password": "SECRET3", "hfToken": "SECRET4",
+            "sort_key": "SECRET5", "max_new_tokens": 12, "tokenizer": "gpt2", "api_key_env": "MY_KEY"}
+    out = redact(tree)
+    text = repr(out)
+    assert "SECRET" not in text and "tok3n" not in text, text
+    assert out["base_url"] == "http://<redacted>@host:8000/v1"
+    assert out["q"] == "http://h/v1?api_key=<redacted>&x=1"
+    assert out["max_new_tokens"] == 12 and out["tokenizer"] == "gpt2" and out["api_key_env"] == "MY_KEY"
+
+
+def test_a_url_credential_never_reaches_config_yaml_or_logs(tmp_path, capsys):
+    import logging
+
+    from pipeline.launch import setup_logging
+    from pipeline.runs import save_config
+
+    tree = generate_tree()
+    tree["generation"]["pool"][0]["base_url"] = "http://user:SECRET@127.0.0.1:1/v1"
+    recipe = load_recipe(write(tmp_path, tree), check_inputs=False)
+    save_config(tmp_path / "stage", recipe)
+    assert "SECRET" not in (tmp_path / "stage" / "config.yaml").read_text()
+    setup_logging()
+    handler = logging.StreamHandler()
+    logging.getLogger().addHandler(handler)
+    try:
+        setup_logging()  # attaches the redacting filter to every root handler
+        logging.getLogger("pipeline.test").warning("connecting to %s", "http://user:SECRET@host/v1")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "connecting to http://<redacted>@host/v1" in err and "SECRET" not in err
