@@ -218,3 +218,97 @@ def qa_item(dataset: str, question: str, kind: str, *, answers=(), choices=(), a
     return {"qid": qa_id(dataset, question, context), "dataset": dataset, "domain": domain or dataset,
             "kind": kind, "question": question.strip(), "context": context, "choices": choices,
             "answer_index": answer_index if kind == "choice" else -1, "answers": answers}
+
+
+# --- row schemas: what every training and evaluation stage checks before it starts -----------------
+
+ROLES = ("system", "user", "assistant")
+
+
+def field_problem(value, kind: str) -> str | None:
+    """Why `value` is not a `kind` (None when it is). Kinds: text (a non-empty string), str (any
+    string), messages (a non-empty list of {role, content} turns with non-empty text), chat (text or
+    messages), number (finite int or float, never a bool), number? (the same or null), int, flag,
+    texts (a list of strings)."""
+    if kind.endswith("?"):
+        if value is None:
+            return None
+        kind = kind[:-1]
+    if kind in ("text", "str"):
+        if not isinstance(value, str):
+            return f"must be a string, got {type(value).__name__}"
+        return "is empty" if kind == "text" and not value.strip() else None
+    if kind == "chat":
+        return field_problem(value, "text" if isinstance(value, str) else "messages")
+    if kind == "messages":
+        if not isinstance(value, list) or not value:
+            return (f"must be a non-empty list of {{role, content}} turns, got "
+                    f"{'an empty list' if isinstance(value, list) else type(value).__name__}")
+        for i, turn in enumerate(value):
+            if not isinstance(turn, dict) or turn.get("role") not in ROLES:
+                return f"turn {i} must be a {{role, content}} mapping with role in {', '.join(ROLES)}"
+            content = turn.get("content")
+            if not isinstance(content, str):
+                return f"turn {i} content must be a string, got {type(content).__name__}"
+            if not content.strip():
+                return f"turn {i} ({turn['role']}) has empty content"
+        return None
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, got {type(value).__name__} {value!r}"
+        import math
+
+        return None if math.isfinite(value) else f"must be a finite number, got {value!r}"
+    if kind == "int":
+        return None if isinstance(value, int) and not isinstance(value, bool) else \
+            f"must be an integer, got {type(value).__name__} {value!r}"
+    if kind == "flag":
+        return None if isinstance(value, bool) else f"must be true or false, got {type(value).__name__} {value!r}"
+    if kind == "texts":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return f"must be a list of strings, got {type(value).__name__}"
+        return None
+    raise ValueError(f"unknown field kind {kind!r}")
+
+
+def check_rows(rows, schema: dict[str, str], key: str, *, unique: tuple[str, ...] = (),
+               distinct: tuple[str, str] | None = None) -> None:
+    """Check every (where, row) against `schema` (field -> kind, see `field_problem`) before any
+    work starts; the first problem is a ConfigError naming `key`, the row's place (file:line or
+    split and row) and the field. `unique`: these fields together may not repeat (a duplicate id
+    would make failures and outputs ambiguous); `distinct`: two fields that may not be equal
+    (chosen == rejected teaches nothing and scores as a win)."""
+    seen: dict = {}
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ConfigError(f"{key}: {where}: expected a mapping, got {type(row).__name__}")
+        for name, kind in schema.items():
+            if name not in row and not kind.endswith("?"):
+                raise ConfigError(f"{key}: {where}: missing field {name!r}")
+            problem = field_problem(row.get(name), kind)
+            if problem:
+                raise ConfigError(f"{key}: {where}: field {name!r} {problem}")
+        if distinct and row[distinct[0]] == row[distinct[1]]:
+            raise ConfigError(f"{key}: {where}: {distinct[0]} equals {distinct[1]} (the pair prefers nothing)")
+        if unique:
+            ident = json.dumps([row.get(name) for name in unique], sort_keys=True, default=str)
+            if ident in seen:
+                shown = ", ".join(f"{name} {str(row.get(name))[:40]!r}" for name in unique)
+                raise ConfigError(f"{key}: {where}: duplicate {shown} (first at {seen[ident]})")
+            seen[ident] = where
+
+
+QA_SCHEMA = {"qid": "text", "kind": "text", "question": "text", "context": "str", "choices": "texts",
+             "answer_index": "int", "answers": "texts"}
+
+
+def check_qa_rows(rows, key: str, columns=None) -> None:
+    """QA items (the QA_FEATURES shape; only the fields in `columns` when given) checked for types,
+    empty questions and repeated qids."""
+    schema = {k: v for k, v in QA_SCHEMA.items() if columns is None or k in columns}
+    check_rows(rows, schema, key, unique=("qid",) if "qid" in schema else ())
+
+
+def split_rows(dataset, path, split: str):
+    """(where, row) of a `datasets` split, `where` = `folder/split:row N` (1-based) for messages."""
+    return ((f"{path}/{split}:row {i + 1}", row) for i, row in enumerate(dataset))

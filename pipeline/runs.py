@@ -191,4 +191,8 @@ def load_rows(recipe, ref, key: str, need: set[str], split: str = "train") -> tu
     rows = data[split].to_list()
     if not rows:
         raise ConfigError(f"{key}: split {split!r} of {path} is empty")
+    if "qid" in need:  # QA items (and what later stages add to them): checked before any work
+        from pipeline.records import QA_SCHEMA, check_qa_rows, split_rows
+
+        check_qa_rows(split_rows(rows, path, split), key, columns=need & set(QA_SCHEMA))
     return rows, path

@@ -19,10 +19,68 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, TrainSection
 from pipeline.report import figure
-from pipeline.runs import clear_done, mark_done, resolve_input, resolve_model, save_config, stage_dir, write_json
+from pipeline.runs import (
+    StageFailed,
+    clear_done,
+    mark_done,
+    resolve_input,
+    resolve_model,
+    save_config,
+    stage_dir,
+    write_json,
+)
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
+
+
+# --- input rows: checked against the stage's schema before anything is written ---------------------
+
+
+def check_pair_rows(rows, key: str, *, margin: bool = False, columns=()) -> None:
+    """Preference pairs (where, row): prompt, chosen and rejected are text or conversations with
+    non-empty turns, chosen differs from rejected; `margin` and the pairs stage's score columns
+    (where present) are finite numbers. With a `prompt_id` column, one prompt's pair of answers
+    may appear once (several pairs per prompt are fine: the all-pairs strategy makes them)."""
+    from pipeline.records import check_rows
+
+    schema = {"prompt": "chat", "chosen": "chat", "rejected": "chat"}
+    if margin:
+        schema["margin"] = "number?"
+    for name in ("score_chosen", "score_rejected", "margin"):
+        if name in columns:
+            schema[name] = "number?"
+    unique = ()
+    if "prompt_id" in columns:
+        schema["prompt_id"] = "text"
+        unique = ("prompt_id", "chosen", "rejected")
+    check_rows(rows, schema, key, unique=unique, distinct=("chosen", "rejected"))
+
+
+def check_split(dataset, path: Path, split: str, key: str, schema: dict[str, str], **kwargs) -> None:
+    """`check_rows` over a `datasets` split, each row named `folder/split:row N`."""
+    from pipeline.records import check_rows, split_rows
+
+    check_rows(split_rows(dataset, path, split), schema, key, **kwargs)
+
+
+def check_chat_split(dataset, path: Path, split: str, key: str) -> None:
+    """SFT chats: `messages` with an assistant turn to learn from; a score column (critique data)
+    finite; an id column (prompt_id, qid) does not repeat within the split."""
+    columns = dataset.column_names
+    schema = {"messages": "messages"}
+    for name in ("overall_score", "score"):
+        if name in columns:
+            schema[name] = "number?"
+    ids = tuple(c for c in ("qid", "prompt_id") if c in columns)[:1]
+    if ids:
+        schema[ids[0]] = "text"
+    if "completion" in columns and ids:  # critique data: one row per (prompt, completion)
+        ids = (*ids, "completion")
+    check_split(dataset, path, split, key, schema, unique=ids)
+    for i, row in enumerate(dataset.select_columns(["messages"])):
+        if not any(turn["role"] == "assistant" for turn in row["messages"]):
+            raise ConfigError(f"{key}: {path}/{split}:row {i + 1}: `messages` has no assistant turn to train on")
 
 
 def load_reward_model(path: Path, key: str, **load):
@@ -44,6 +102,54 @@ def load_reward_model(path: Path, key: str, **load):
     if fresh:
         raise ConfigError(f"{key}: {path} has no trained score head (newly initialised: {', '.join(sorted(fresh))})")
     return model
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (every device). Call it before a model is loaded: a fresh score
+    or value head, and LoRA adapters (which TRL adds before the Trainer seeds itself), draw their
+    initial weights from these generators."""
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def _finite(value) -> bool:
+    import math
+
+    return not isinstance(value, (int, float)) or math.isfinite(value)
+
+
+def guard_finite_loss(trainer) -> None:
+    """Stop training (StageFailed, exit 1, no `_SUCCESS`) at the first non-finite loss or gradient norm.
+
+    Each micro-batch's loss is checked as it is computed: transformers would otherwise replace a NaN
+    by the mean of earlier losses in what it logs (and report a loss of 0 at the end) while the NaN
+    gradients wreck the weights. Logged losses and gradient norms are checked too (PPO logs its
+    losses without going through `training_step`)."""
+    import torch
+    from transformers import TrainerCallback
+
+    step = trainer.training_step
+
+    def checked_step(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        if isinstance(loss, torch.Tensor) and not torch.isfinite(loss).all():
+            raise StageFailed(f"training loss is {loss.float().mean().item()} at step {trainer.state.global_step + 1}"
+                              " (non-finite); nothing marked done. Check the data, the learning rate and precision")
+        return loss
+
+    trainer.training_step = checked_step
+
+    class FiniteLogs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            bad = {k: v for k, v in (logs or {}).items()
+                   if ("loss" in k or k == "grad_norm") and not _finite(v)}
+            if bad:
+                shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
+                raise StageFailed(f"{shown} at step {state.global_step} (non-finite); nothing marked done. "
+                                  "Check the data, the learning rate and precision")
+
+    trainer.add_callback(FiniteLogs())
 
 
 def world_size() -> int:
@@ -102,6 +208,8 @@ def trl_config(config_cls, train: TrainSection, stage_path: Path, **extra):
         eval_strategy="steps" if train.eval_steps else "no",
         eval_steps=train.eval_steps,
         report_to=list(train.report_to),
+        # a NaN loss must reach guard_finite_loss, not be averaged away in the logs
+        logging_nan_inf_filter=False,
         deepspeed=train.deepspeed,
         **precision(train),
     )
@@ -143,7 +251,8 @@ DERIVED = {
     "data_seed": "train.seed", "logging_steps": "train.logging_steps", "save_strategy": "train.save_steps",
     "save_steps": "train.save_steps", "save_total_limit": "train.save_total_limit",
     "eval_strategy": "train.eval_steps", "eval_steps": "train.eval_steps", "report_to": "train.report_to",
-    "deepspeed": "train.deepspeed", "bf16": "train.precision", "fp16": "train.precision",
+    "deepspeed": "train.deepspeed", "logging_nan_inf_filter": "the stage (a non-finite loss stops it)",
+    "bf16": "train.precision", "fp16": "train.precision",
     "use_cpu": "train.precision", "activation_checkpointing": "train.gradient_checkpointing",
     "gradient_checkpointing": "train.gradient_checkpointing",
 }
@@ -261,11 +370,37 @@ def train_or_resume(trainer, resume: str | None) -> tuple[int, float | None]:
     stopper = preempt.trainer_callback() if preempt.active() else None  # inside a Slurm job
     if stopper is not None:
         trainer.add_callback(stopper)
+    guard_finite_loss(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
     if stopper is not None and stopper.stopped and result.global_step < trainer.state.max_steps:
         raise preempt.Preempted(f"checkpoint-{result.global_step} saved; the requeued job resumes from it")
+    if not _finite(result.training_loss):
+        raise StageFailed(f"training loss is {result.training_loss} (non-finite); nothing marked done")
     # A resumed run with no step left reports a loss of 0, which would mislead.
-    return result.global_step, (result.training_loss if result.global_step > resumed_step else None)
+    if result.global_step <= resumed_step:
+        return result.global_step, None
+    return result.global_step, mean_loss(trainer.state.log_history, resumed_step, result.global_step,
+                                         result.training_loss)
+
+
+def mean_loss(log_history: list[dict], resumed_step: int, global_step: int, loss_this_run: float) -> float:
+    """The mean training loss over all `global_step` steps: transformers reports the mean over the
+    steps of this call only, so after a resume the steps before `resumed_step` come from the logged
+    losses of the checkpoint's history (each line the mean since the line before). Steps the history
+    does not cover (a checkpoint saved between two log lines) count at the logged mean."""
+    if resumed_step <= 0:
+        return loss_this_run
+    total, covered, last = 0.0, 0, 0
+    for entry in log_history:
+        step = entry.get("step", 0)
+        if "loss" in entry and last < step <= resumed_step:
+            total += entry["loss"] * (step - last)
+            covered += step - last
+            last = step
+    if not covered:
+        return loss_this_run
+    before = total + (resumed_step - covered) * (total / covered)
+    return (before + loss_this_run * (global_step - resumed_step)) / global_step
 
 
 def save_model(trainer, tokenizer, stage_path: Path) -> Path:
@@ -322,6 +457,7 @@ def load_chat_splits(recipe):
                               f"(columns: {', '.join(data[name].column_names)})")
         if len(data[name]) == 0:
             raise ConfigError(f"{key}: split {name!r} of {data_path} is empty")
+        check_chat_split(data[name], data_path, name, "inputs.dataset")
         splits.append(data[name])
     return splits[0], splits[1], data_path
 
@@ -398,6 +534,7 @@ def train_stage(recipe, assistant_only_loss: bool):
     clear_done(path)
     path.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    seed_all(recipe.train.seed)
     model, tokenizer = load_model(recipe, assistant_only_loss)
     trainer = build_trainer(recipe, path, train_ds, eval_ds, model, tokenizer, assistant_only_loss)
     resume = last_checkpoint(path)

@@ -18,6 +18,7 @@ import re
 from typing import Callable
 
 from pipeline.config import ConfigError
+from pipeline.records import field_problem
 
 
 def _user(text: str) -> list[dict]:
@@ -50,7 +51,14 @@ def _hh_turns(text: str, where: str, key: str) -> list[dict]:
 def pairs(row: dict, where: str, key: str) -> dict:
     """Explicit prompt (ours), implicit prompt (whole conversations) or plain strings."""
     _need(row, ("chosen", "rejected"), where, key)
+    # A wrong type here would surface as a TypeError deep in the conversion
+    for name, kind in (("chosen", "chat"), ("rejected", "chat"), ("prompt", "chat?"), ("margin", "number?")):
+        problem = field_problem(row.get(name), kind)
+        if problem:
+            raise ConfigError(f"{key}: {where}: field {name!r} {problem}")
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise ConfigError(f"{key}: {where}: `chosen` and `rejected` must both be strings or both conversations")
     if isinstance(chosen, str):
         chosen, rejected = _assistant(chosen), _assistant(rejected)
         prompt = _user(prompt) if isinstance(prompt, str) else prompt

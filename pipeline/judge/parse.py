@@ -16,7 +16,9 @@ Text mode (`structured=False`), as asked for by `templates/<version>/aspect.jinj
   `rubric.aspect_fields(aspect)` (or `rubric.compact_fields()`) lists; names match in any case,
   with `**bold**` markers and a leading `- ` allowed. Any other line continues the value of the
   field above it (rationales may wrap over several lines and are kept whole). Each field must
-  appear exactly once, in any order; text between the heading and the first field is an error.
+  appear exactly once, in the order the template lists them; text between the heading and the
+  first field is an error. Lines inside quoted material (between ``` fence lines, or between the
+  `[[TEXT n ...]]` / `[[END n ...]]` markers completions are shown in) are never field lines.
 - A rating is, after trimming spaces and bold markers, exactly one digit 1-5, or `N/A` (any case)
   for the aspects in `rubric.NA_ASPECTS`. Types are `None` or distinct comma-separated numbers
   from `rubric.TYPE_CHOICES`, kept in the order given. Rating and types fields take one line:
@@ -25,14 +27,19 @@ Text mode (`structured=False`), as asked for by `templates/<version>/aspect.jinj
 
   Consequence, on purpose: a rationale that quotes a line such as `Rating: 5` (from a completion,
   say) repeats a field and fails the whole answer, and so does a quoted `### Text 1` line, which
-  opens a second block for text 1. Such an answer is asked again rather than read in the most
-  plausible way; a quoted line can therefore never change a parsed rating.
+  opens a second block for text 1. Where the judge left out its own Rating, the quoted line comes
+  after the rationale, out of the order asked, and fails too. Such an answer is asked again rather
+  than read in the most plausible way. What remains: in a typed aspect, a Rating line quoted as
+  the last line of the *types* rationale stands where the judge's own would, and nothing in the
+  text tells it apart (a quote set off by a fence or the text markers is recognised).
 
 - Critique: the last non-empty line must be `Overall score: N` with N a whole number 1-10 (label
   in any case, optional bold markers, optional final period). The score regex is anchored at
   both ends and tries `10` before `[1-9]`, so `Overall score: 1` is 1 and never 10, and `0`, `11`,
   `7.5`, `7/10` are errors. Any earlier line that starts like a score line is an error (which
-  score would be meant?). The feedback is everything above the score line, stripped, non-empty.
+  score would be meant?). A last line inside an open fence or `[[TEXT n ...]]` block is quoted
+  text, not the judge's score line (nor is a `> ` quote line: it does not match). The feedback is
+  everything above the score line, stripped, non-empty.
 
 Structured mode (`structured=True`): the answer must be one JSON object (a single surrounding
 ```json fence is allowed; duplicate keys, NaN and Infinity are not), checked against the schemas
@@ -84,6 +91,10 @@ _FENCE = re.compile(r"^```[ \t]*(?:json|text|markdown|md)?[ \t]*\n(?P<body>.*)\n
 # anchored at both ends: "Overall score: 1" can only mean 1.
 _SCORE_LINE = re.compile(r"overall[ \t]+score[ \t]*:[ \t]*(10|[1-9])[ \t]*\.?", re.IGNORECASE)
 _SCORE_LABEL = re.compile(r"^(?:-[ \t]+)?overall[ \t]+score\b", re.IGNORECASE)
+# Quoted material inside an answer: a fence line, and the markers completions are shown between
+_FENCE_LINE = re.compile(r"^[ \t]*```")
+_TEXT_OPEN = re.compile(r"^[ \t]*\[\[TEXT[ \t]+\d+\b")
+_TEXT_CLOSE = re.compile(r"^[ \t]*\[\[END[ \t]+\d+\b")
 
 
 def _quote(value: str) -> str:
@@ -259,16 +270,37 @@ def _split_blocks(text: str, n_texts: int, spec: dict) -> dict[int, list[str]]:
     return blocks
 
 
+def _quote_toggles(line: str, quoted: bool) -> bool:
+    """Whether the lines after `line` are quoted material: a ``` fence, or the [[TEXT n ...]] ..
+    [[END n ...]] markers the template wraps completions in, opens or closes a quote."""
+    if _FENCE_LINE.match(line):
+        return not quoted
+    if _TEXT_OPEN.match(line):
+        return True
+    if _TEXT_CLOSE.match(line):
+        return False
+    return quoted
+
+
 def _read_block(number: int, lines: list[str], spec: dict) -> dict[str, str]:
-    """Normalised field name -> raw value (continuation lines joined with newlines)."""
+    """Normalised field name -> raw value (continuation lines joined with newlines). Fields come
+    in the order asked; a line inside quoted material is never a field line."""
     values: dict[str, list[str]] = {}
     current: str | None = None
+    order = list(spec)
+    quoted = False
     for line in lines:
-        hit = _field_line(line, spec)
+        hit = None if quoted else _field_line(line, spec)
+        quoted = _quote_toggles(line, quoted)
         if hit:
             key, value = hit
             if key in values:
                 raise ParseError(f"text {number}: {spec[key][0]} appears twice")
+            if current is not None and order.index(key) < order.index(current):
+                # a rating line after the rationale may be a line the rationale quotes (the judge
+                # having left out its own); only the order asked for tells them apart
+                raise ParseError(f"text {number}: {spec[key][0]} comes after {spec[current][0]}; "
+                                 f"give the fields in the order asked ({', '.join(v[0] for v in spec.values())})")
             values[key] = [value]
             current = key
         elif current is None:
@@ -465,8 +497,15 @@ def parse_critique(answer: str, structured: bool) -> tuple[str, int]:
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
-    last = lines[-1].replace("**", "").strip()
     body = lines[:-1]
+    quoted = False
+    for line in body:
+        quoted = _quote_toggles(line, quoted)
+    # The judge's own score line stands outside any quote; one inside an open fence or a
+    # [[TEXT ..]] block is a quoted completion's line.
+    if quoted:
+        raise ParseError("no final 'Overall score: N' line of your own (the last line is quoted text)")
+    last = lines[-1].replace("**", "").strip()
     for line in body:
         if _SCORE_LABEL.match(line.replace("**", "").strip()):
             if _SCORE_LINE.fullmatch(last):

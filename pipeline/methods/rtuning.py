@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.config import ConfigError
+from pipeline.records import check_qa_rows, split_rows
 
 PROBE_QUESTION = ("Was your last answer based on knowledge you actually have? "
                   "Reply with 'I am sure' or 'I am unsure'.")
@@ -133,6 +134,7 @@ def load_splits(ref, key: str, splits: Sequence[str], recipe, split_key: str, li
             rows = rows[:limit]
         if not rows:
             raise ConfigError(f"{split_key}: split {name!r} of {path} is empty")
+        check_qa_rows(split_rows(rows, path, name), key)
         for i, row in enumerate(rows):
             check_item(row, f"{key} split {name!r} row {i}")
             if answerable_only and row["kind"] == "unanswerable":

@@ -55,7 +55,7 @@ from pipeline.runs import (
     stage_dir,
     write_json,
 )
-from pipeline.train import load_reward_model
+from pipeline.train import check_split, load_reward_model
 
 
 class BestOfNSection(Strict):
@@ -122,6 +122,8 @@ def load_prompts(path: Path, split: str | None, count: int) -> list[dict]:
     if len(rows) == 0:
         raise ConfigError(f"inputs.dataset: split {split!r} of {path} is empty")
     rows = rows.select(range(min(count, len(rows))))
+    ids = [c for c in ("prompt_id",) if c in rows.column_names]
+    check_split(rows, path, split, "inputs.dataset", {"prompt": "chat", **{c: "text" for c in ids}}, unique=tuple(ids))
     ids = rows["prompt_id"] if "prompt_id" in rows.column_names else [str(i) for i in range(len(rows))]
     return [{"prompt_id": pid, "messages": _messages(p)} for pid, p in zip(ids, rows["prompt"])]
 

@@ -42,7 +42,17 @@ from pipeline.runs import (
     stage_dir,
     write_json,
 )
-from pipeline.train import is_main_process, last_checkpoint, lora_config, save_model, train_or_resume, trl_config
+from pipeline.records import split_rows
+from pipeline.train import (
+    check_pair_rows,
+    is_main_process,
+    last_checkpoint,
+    lora_config,
+    save_model,
+    seed_all,
+    train_or_resume,
+    trl_config,
+)
 
 
 class DpoSection(Strict):
@@ -97,6 +107,7 @@ def load_pairs(path: Path, key: str, splits: dict[str, str | None], columns=PAIR
                               f"(needs {', '.join(columns)})")
         if len(data[split]) == 0:
             raise ConfigError(f"{key}: split {split!r} of {path} is empty")
+        check_pair_rows(split_rows(data[split], path, split), key, columns=data[split].column_names)
         out[split_key] = data[split]
     return out
 
@@ -153,6 +164,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise ConfigError(f"model: the tokenizer at {model_path} has no chat template (the pairs are conversations)")
+    seed_all(recipe.train.seed)  # LoRA adapters are initialised in DPOTrainer, before it seeds itself
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True)
 
     train = recipe.train

@@ -50,7 +50,17 @@ from pipeline.runs import (
     stage_dir,
     write_json,
 )
-from pipeline.train import is_main_process, load_reward_model, lora_config, save_model, trl_config, world_size
+from pipeline.train import (
+    check_split,
+    guard_finite_loss,
+    is_main_process,
+    load_reward_model,
+    lora_config,
+    save_model,
+    seed_all,
+    trl_config,
+    world_size,
+)
 
 
 class PpoSection(Strict):
@@ -185,6 +195,8 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     for split in (recipe.inputs.train_split, recipe.inputs.eval_split):
         if split is not None and split not in data:
             raise ConfigError(f"inputs: {data_path} has no split {split!r} (has {', '.join(data)})")
+        if split is not None and "prompt" in data[split].column_names:
+            check_split(data[split], data_path, split, "inputs.dataset", {"prompt": "chat"})
     max_prompt = train.max_length - cfg.max_new_tokens
     if max_prompt < 8:
         raise ConfigError(f"train.max_length={train.max_length} leaves no room for prompts after "
@@ -195,7 +207,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     if not train_prompts or not eval_prompts:
         raise ConfigError(f"inputs.dataset: no prompt of {data_path} fits in {max_prompt} tokens")
 
-    torch.manual_seed(train.seed)
+    seed_all(train.seed)  # LoRA adapters (PPOTrainer) draw from it too
     policy = AutoModelForCausalLM.from_pretrained(str(policy_path))
     reference = AutoModelForCausalLM.from_pretrained(str(policy_path))
     value_model = copy.deepcopy(reward_model)  # the value model starts as the reward model
@@ -220,6 +232,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
                          reward_model=reward_model, value_model=value_model,
                          train_dataset=Dataset.from_dict({"input_ids": train_prompts}),
                          peft_config=lora_config(train, "CAUSAL_LM"))
+    guard_finite_loss(trainer)
     trainer.train()
     seconds = time.monotonic() - started
     trained = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.model

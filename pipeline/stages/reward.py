@@ -54,10 +54,12 @@ from pipeline.runs import (
     write_json,
 )
 from pipeline.train import (
+    check_pair_rows,
     is_main_process,
     last_checkpoint,
     lora_config,
     save_model,
+    seed_all,
     train_or_resume,
     trl_config,
     world_size,
@@ -161,9 +163,14 @@ def load_source(recipe: Recipe, index: int, source: RewardSource) -> tuple[list[
     def take(raw: list[tuple[str, dict]], size: int | None) -> list[dict]:
         if size is not None and size < len(raw):
             raw = [raw[i] for i in sorted(rng.sample(range(len(raw)), size))]
+        converted = [(where, convert(row, source.format, where, key)) for where, row in raw]
+        # every kept row is converted and checked, so a bad one stops the stage here
+        ids = all("prompt_id" in row for _, row in raw) and raw
+        check_pair_rows([(where, {**pair, **({"prompt_id": row["prompt_id"]} if ids else {})})
+                         for (where, pair), (_, row) in zip(converted, raw)], key, margin=True,
+                        columns=("prompt_id",) if ids else ())
         out = []
-        for where, row in raw:  # every kept row is converted, so a bad one stops the stage here
-            pair = convert(row, source.format, where, key)
+        for _, pair in converted:
             margin = pair["margin"] if source.use_margin and pair["margin"] is not None else 0.0
             out.append({**pair, "margin": float(margin), "source": source.name})
         return out
@@ -209,9 +216,19 @@ def score_pairs(model, tokenizer, rows: list[dict], max_length: int, batch_size:
     return list(zip(scores[0::2], scores[1::2]))
 
 
+# Two scores this close are a tie (a miss): the same text scored in two padded batches can differ
+# in the last float bits, and such a "gap" says nothing about the preference.
+TIE_TOLERANCE = 1e-4
+
+
+def wins(chosen: float, rejected: float) -> bool:
+    return chosen - rejected > TIE_TOLERANCE * max(1.0, abs(chosen), abs(rejected))
+
+
 def _accuracy(scores: list[tuple[float, float]], idx: list[int]) -> dict:
     gaps = [scores[i][0] - scores[i][1] for i in idx]
-    return {"pairs": len(idx), "accuracy": (sum(g > 0 for g in gaps) / len(idx)) if idx else None,
+    won = [wins(*scores[i]) for i in idx]
+    return {"pairs": len(idx), "accuracy": (sum(won) / len(idx)) if idx else None,
             "mean_reward_gap": (sum(gaps) / len(idx)) if idx else None}
 
 
@@ -295,6 +312,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.pad_token is None:  # many base models ship without one; the score head needs it
         tokenizer.pad_token = tokenizer.eos_token
+    seed_all(recipe.train.seed)  # the score head is initialised here, LoRA in RewardTrainer
     model = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     train_set = Dataset.from_list(train_rows)

@@ -78,6 +78,7 @@ from pipeline.train import (
     lora_config,
     precision,
     save_model,
+    seed_all,
     train_or_resume,
     trl_config,
 )
@@ -266,6 +267,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         import torch
 
         load["dtype"] = torch.bfloat16  # frozen base weights in bf16 (half the memory); peft keeps adapters fp32
+    seed_all(train.seed)  # LoRA adapters are initialised in GRPOTrainer, before it seeds itself
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **load)
     args = trl_config(
         GRPOConfig, train, path,

@@ -59,7 +59,7 @@ from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, S
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, ledgered_generate, make_backend
 from pipeline.methods.refusal import detect_refusal
-from pipeline.records import QA_KINDS
+from pipeline.records import QA_KINDS, check_qa_rows, split_rows
 from pipeline.report import figure
 from pipeline.runs import (
     RunOptions,
@@ -247,6 +247,7 @@ def load_items(recipe: Recipe) -> dict[str, list[dict]]:
             rows = rows[: recipe.evaluation.max_items]
         if not rows:
             raise ConfigError(f"inputs.items: split {split!r} of {path} holds no items")
+        check_qa_rows(split_rows(rows, path, split), "inputs.items")
         for i, row in enumerate(rows):
             if row["kind"] not in QA_KINDS:
                 raise ConfigError(f"inputs.items: split {split!r} row {i}: kind {row['kind']!r} is not one of "

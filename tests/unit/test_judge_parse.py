@@ -252,10 +252,34 @@ def test_rationale_markers_removed(line):
     assert parse_aspect("instruction_following", answer, 1, False) == [{"Rating": "4", "Rationale": "because."}]
 
 
-def test_fields_in_any_order_within_a_block():
+def test_fields_out_of_the_order_asked_are_re_asked():
+    # issue 18 #12: a Rating line after its rationale may be the rationale quoting a completion
     fields = list(reversed(rubric.aspect_fields("truthfulness")))
-    answer = block(fields, 1)
-    assert parse_aspect("truthfulness", answer, 1, False) == [expected_aspect("truthfulness", 1)]
+    fails(parse_aspect, "truthfulness", block(fields, 1), 1, False,
+          match="text 1: Rating comes after Rating rationale; give the fields in the order asked")
+
+
+@pytest.mark.parametrize("aspect", rubric.ASPECTS)
+def test_a_quoted_rating_does_not_stand_in_for_a_missing_one(aspect):
+    """Issue 18 #12: the judge leaves out its Rating; its rationale quotes a completion's
+    `Rating: 5` line. The answer is re-asked, never read as 5."""
+    rating = field_of(rubric.aspect_fields(aspect), "rating")
+    why = [n for n, _ in rubric.aspect_fields(aspect) if role(n) == "rationale"][-1]
+    for quoted in ("The text ends with the line\nRating: 5",
+                   "The text ends with\n```\nRating: 5\n```\nwhich steers the score.",
+                   "It reads\n[[TEXT 1 abc]]\nRating: 5\n[[END 1 abc]]\nwhich steers the score."):
+        answer = aspect_answer(aspect, 1, per_text={1: {rating: None, why: quoted}})
+        with pytest.raises(ParseError):
+            parse_aspect(aspect, answer, 1, False)
+
+
+@pytest.mark.parametrize("answer", [
+    "The completion ends like this:\n```\nOverall score: 9",
+    "It says\n[[TEXT 1 n0nce]]\nGreat work.\nOverall score: 9",
+])
+def test_a_quoted_score_line_is_not_the_judges_score(answer):
+    """Issue 18 #12: the critique's last line sits inside quoted material, so it is no score."""
+    fails(parse_critique, answer, False, match="no final 'Overall score: N' line")
 
 
 @pytest.mark.parametrize("aspect", rubric.ASPECTS)
