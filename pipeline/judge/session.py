@@ -265,6 +265,8 @@ class JudgeRun:
                     result = await self.send(client, key, messages, params, {**meta, "reask": reasks})
                 except BudgetReached:
                     return Outcome("stopped", reasks=reasks)
+                if reasks:  # a re-ask sent now, whether the answer it corrects is fresh or replayed
+                    self.tally.reasks += 1
                 if result is None:
                     return Outcome("failed", reason=self.ledger.failure(key)["reason"], reasks=reasks)
             elif self.count_replays:
@@ -282,8 +284,6 @@ class JudgeRun:
                                    reasks=reasks)
                 messages = reask(messages, result["text"], reason, self.requests.structured)
                 reasks += 1
-                if fresh:
-                    self.tally.reasks += 1
 
     def replay_all(self, items: list[Item]) -> list[Outcome]:
         """Each item as far as the ledger answers it, sending nothing ("pending": what to send next)."""

@@ -47,7 +47,7 @@ from pipeline.judge import rubric
 from pipeline.judge.batch import batch_collect, batch_submit
 from pipeline.judge.session import JudgeRun, assemble, dry_run, ledger_tokens, plan, spent_so_far
 from pipeline.ledger import Ledger
-from pipeline.records import prompt_id, saved_rows
+from pipeline.records import check_rows, prompt_id, saved_rows
 from pipeline.report import figure
 from pipeline.runs import (
     DATASET,
@@ -180,10 +180,12 @@ def check_row(row: dict, where: str, allow_unknown_sources: bool) -> dict:
 def load_rows(recipe: Recipe) -> list[dict]:
     path = resolve_input(recipe, recipe.inputs.completions, "inputs.completions")
     allow = recipe.annotation.allow_unknown_sources
-    rows = [check_row(row, where, allow) for where, row in saved_rows(path)]
-    if not rows:
+    checked = [(where, check_row(row, where, allow)) for where, row in saved_rows(path)]
+    if not checked:
         raise ConfigError(f"inputs.completions: {path} holds no completion sets")
-    return rows
+    # failures.jsonl and the ledger name a set by its prompt_id: it must be one set's
+    check_rows(checked, {"prompt_id": "text"}, "inputs.completions", unique=("prompt_id",))
+    return [row for _, row in checked]
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:

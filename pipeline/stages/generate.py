@@ -45,7 +45,7 @@ from pipeline.methods.principles import (
     PRINCIPLE_PROMPTS,
     PRINCIPLES_VERSION,
 )
-from pipeline.records import unannotated_completion
+from pipeline.records import check_rows, unannotated_completion
 from pipeline.runs import (
     DATASET,
     RunOptions,
@@ -215,7 +215,13 @@ def _load_prompts(recipe: Recipe) -> list[dict]:
         raise ConfigError(f"inputs.prompts: {path} lacks column(s) {sorted(missing)}")
     if len(dataset) == 0:
         raise ConfigError(f"inputs.prompts: {path} holds no prompts")
-    return dataset.to_list()
+    rows = dataset.to_list()
+    # before any completion is paid for: annotate refuses an empty instruction, and a repeated
+    # prompt_id would make two rows' completions and failures indistinguishable
+    check_rows(((f"{path}:row {i + 1}", row) for i, row in enumerate(rows)),
+               {"prompt_id": "text", "source": "text", "instruction": "text"}, "inputs.prompts",
+               unique=("prompt_id",))
+    return rows
 
 
 class _Work:

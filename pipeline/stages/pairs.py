@@ -70,7 +70,7 @@ from pydantic import Field
 from pipeline.config import ConfigError, LaunchSection, RunSection, StageRef, Strict
 from pipeline.judge import rubric
 from pipeline.records import prompt_id as make_prompt_id
-from pipeline.records import saved_rows
+from pipeline.records import check_rows, saved_rows
 from pipeline.report import figure
 from pipeline.runs import (
     DATASET,
@@ -286,6 +286,9 @@ def load_rows(recipe: Recipe) -> tuple[Path, list[Row]]:
     rows = [check_row(raw, where) for where, raw in saved_rows(path)]
     if not rows:
         raise ConfigError(f"inputs.annotations: {path} holds no rows")
+    # pairs, their held-out split and the SFT pick are keyed by prompt_id
+    check_rows(((r.where, {"prompt_id": r.prompt_id}) for r in rows), {"prompt_id": "text"}, "inputs.annotations",
+               unique=("prompt_id",))
     return path, rows
 
 

@@ -215,6 +215,7 @@ def test_retry_failed_grants_new_reasks_and_repeats_no_success(tmp_path, standin
     sent = successes_by_key(standin)
     assert not paid & set(sent) and max(sent.values()) == 1
     assert summary["items_failed"] == 0 and summary["requests_sent_this_run"] == 16
+    assert summary["reasks_this_run"] == 16  # issue 18 #9: every request sent was a re-ask
 
 
 def test_fault_storm_every_item_annotated_or_failed_with_reason(tmp_path, standin):
@@ -415,3 +416,15 @@ def test_api_key_never_reaches_logs_configs_outputs_or_reports(tmp_path, standin
         if file.is_file():
             assert secret.encode() not in file.read_bytes(), file
     assert secret not in json.dumps(standin.stats())
+
+
+def test_repeated_prompt_ids_are_refused_before_any_request(tmp_path, standin):
+    """Issue 18 #10: failures.jsonl names a set by prompt_id, so two sets may not share one."""
+    sets = write_sets(tmp_path / "sets.jsonl", 3)
+    lines = [json.loads(l) for l in sets.read_text().splitlines()]
+    lines[2]["prompt_id"] = lines[0]["prompt_id"] = "same-id"
+    sets.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    with pytest.raises(ConfigError, match=r"sets\.jsonl:3: duplicate prompt_id 'same-id' \(first at .*sets\.jsonl:1\)"):
+        run_stage(recipe_file(tmp_path, standin, sets))
+    assert standin.stats()["requests_total"] == 0
+    assert not out_dir(tmp_path).exists()

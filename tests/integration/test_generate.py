@@ -236,3 +236,29 @@ def test_kill_minus_9_never_pays_twice(tmp_path, standin):
                   for l in p.read_text().splitlines() if l.strip()]
     ok_keys = [r["key"] for r in ok_records if r["status"] == "ok"]
     assert len(ok_keys) == len(set(ok_keys)) == 120  # each completion recorded exactly once
+
+
+@pytest.mark.parametrize("change, message", [
+    ("empty", r"prompts:row 3: field 'instruction' is empty"),
+    ("blank", r"prompts:row 3: field 'instruction' is empty"),
+    ("duplicate", r"prompts:row 3: duplicate prompt_id .*\(first at .*prompts:row 1\)"),
+])
+def test_empty_instructions_and_repeated_prompt_ids_are_refused_before_any_request(tmp_path, standin, capsys,
+                                                                                   change, message):
+    """Issue 18 #10: nothing is paid for a prompt annotate would refuse, or one two rows share."""
+    import re
+
+    from datasets import Dataset
+
+    from pipeline.records import PROMPT_FEATURES
+
+    rows = load_from_disk(str(write_prompts(tmp_path / "good", 4))).to_list()
+    rows[2] = {**rows[2], "instruction": "", "prompt_id": prompt_id("")} if change == "empty" else \
+        {**rows[2], "instruction": "  \n\t "} if change == "blank" else {**rows[2], "prompt_id": rows[0]["prompt_id"]}
+    Dataset.from_list(rows, features=PROMPT_FEATURES).save_to_disk(str(tmp_path / "prompts"))
+    recipe = write_recipe(tmp_path, [standin_model(standin, "standin-strong"), standin_model(standin, "standin-weak")],
+                          tmp_path / "prompts")
+    assert rlhf(["generate", str(recipe)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert standin.stats()["requests_total"] == 0
+    assert not stage_path(tmp_path).exists() or not any(stage_path(tmp_path).rglob("_SUCCESS"))

@@ -248,3 +248,13 @@ def test_no_pair_at_all_is_a_clear_error(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [row("p", [completion("a", 5), completion("b", 5)])])
     with pytest.raises(ConfigError, match="no preference pair could be formed from 1 rows .*1 tied"):
         stage.run(recipe(tmp_path, path))
+
+
+def test_repeated_prompt_ids_are_named_and_nothing_is_written(tmp_path):
+    """Issue 18 #10: pairs, splits and the SFT pick are keyed by prompt_id."""
+    rows = judged_rows(3)
+    rows[2] = {**rows[2], "prompt_id": rows[0]["prompt_id"]}
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(ConfigError, match=rf"{path}:3: duplicate prompt_id 'p000' \(first at {path}:1\)"):
+        stage.run(recipe(tmp_path, path))
+    assert not (tmp_path / "runs").exists()
