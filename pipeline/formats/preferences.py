@@ -36,6 +36,14 @@ def _need(row: dict, fields: tuple[str, ...], where: str, key: str) -> None:
                           f"(have {', '.join(sorted(row)) or 'no fields'})")
 
 
+def _kinds(row: dict, schema: dict[str, str], where: str, key: str) -> None:
+    """Field types (`pipeline.records.field_problem` kinds) before a converter relies on them."""
+    for name, kind in schema.items():
+        problem = field_problem(row.get(name), kind)
+        if problem:
+            raise ConfigError(f"{key}: {where}: field {name!r} {problem}")
+
+
 def _hh_turns(text: str, where: str, key: str) -> list[dict]:
     """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages; the last turn must be the assistant's."""
     parts = re.split(r"\n\n(Human|Assistant): ?", "\n\n" + text.lstrip("\n"))
@@ -52,10 +60,7 @@ def pairs(row: dict, where: str, key: str) -> dict:
     """Explicit prompt (ours), implicit prompt (whole conversations) or plain strings."""
     _need(row, ("chosen", "rejected"), where, key)
     # A wrong type here would surface as a TypeError deep in the conversion
-    for name, kind in (("chosen", "chat"), ("rejected", "chat"), ("prompt", "chat?"), ("margin", "number?")):
-        problem = field_problem(row.get(name), kind)
-        if problem:
-            raise ConfigError(f"{key}: {where}: field {name!r} {problem}")
+    _kinds(row, {"chosen": "chat", "rejected": "chat", "prompt": "chat?", "margin": "number?"}, where, key)
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise ConfigError(f"{key}: {where}: `chosen` and `rejected` must both be strings or both conversations")
@@ -71,6 +76,7 @@ def pairs(row: dict, where: str, key: str) -> dict:
 
 def anthropic_hh(row: dict, where: str, key: str) -> dict:
     _need(row, ("chosen", "rejected"), where, key)
+    _kinds(row, {"chosen": "text", "rejected": "text"}, where, key)
     chosen, rejected = _hh_turns(row["chosen"], where, key), _hh_turns(row["rejected"], where, key)
     # Both transcripts share the dialogue; only the last answer differs.
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:], "margin": None}
@@ -78,7 +84,10 @@ def anthropic_hh(row: dict, where: str, key: str) -> dict:
 
 def shp(row: dict, where: str, key: str) -> dict:
     _need(row, ("history", "human_ref_A", "human_ref_B", "labels"), where, key)
-    a_wins = int(row["labels"]) == 1
+    _kinds(row, {"history": "text", "human_ref_A": "text", "human_ref_B": "text", "labels": "int"}, where, key)
+    if row["labels"] not in (0, 1):
+        raise ConfigError(f"{key}: {where}: field 'labels' must be 0 or 1, got {row['labels']!r}")
+    a_wins = row["labels"] == 1
     chosen, rejected = ((row["human_ref_A"], row["human_ref_B"]) if a_wins
                         else (row["human_ref_B"], row["human_ref_A"]))
     return {"prompt": _user(row["history"]), "chosen": _assistant(chosen), "rejected": _assistant(rejected),
@@ -87,9 +96,13 @@ def shp(row: dict, where: str, key: str) -> dict:
 
 def summarize(row: dict, where: str, key: str) -> dict:
     _need(row, ("info", "summaries", "choice"), where, key)
-    info, summaries, choice = row["info"], row["summaries"], int(row["choice"])
+    _kinds(row, {"choice": "int"}, where, key)
+    info, summaries, choice = row["info"], row["summaries"], row["choice"]
     if not isinstance(summaries, list) or len(summaries) != 2 or choice not in (0, 1):
         raise ConfigError(f"{key}: {where}: `summaries` must hold two entries and `choice` be 0 or 1")
+    if not isinstance(info, dict) or not all(isinstance(s, dict) and isinstance(s.get("text"), str)
+                                             for s in summaries):
+        raise ConfigError(f"{key}: {where}: `info` must be a mapping and each summary have a string `text`")
     body = info.get("post") or info.get("article")
     if not body:
         raise ConfigError(f"{key}: {where}: `info` has neither 'post' nor 'article'")

@@ -160,17 +160,20 @@ def load_source(recipe: Recipe, index: int, source: RewardSource) -> tuple[list[
         train_raw = [rows[i] for i in sorted(order[n_eval:])]
         held_out = True
 
+    # Every row of the source is converted and checked (sampled or not, train or held out, in
+    # file order so a repeat names its first occurrence), so a bad one stops the stage here.
+    everything = rows if held_out else train_raw + eval_raw
+    pairs = {where: convert(row, source.format, where, key) for where, row in everything}
+    ids = bool(everything) and all("prompt_id" in row for _, row in everything)
+    check_pair_rows([(where, {**pairs[where], **({"prompt_id": row["prompt_id"]} if ids else {})})
+                     for where, row in everything], key, margin=True, columns=("prompt_id",) if ids else ())
+
     def take(raw: list[tuple[str, dict]], size: int | None) -> list[dict]:
         if size is not None and size < len(raw):
             raw = [raw[i] for i in sorted(rng.sample(range(len(raw)), size))]
-        converted = [(where, convert(row, source.format, where, key)) for where, row in raw]
-        # every kept row is converted and checked, so a bad one stops the stage here
-        ids = all("prompt_id" in row for _, row in raw) and raw
-        check_pair_rows([(where, {**pair, **({"prompt_id": row["prompt_id"]} if ids else {})})
-                         for (where, pair), (_, row) in zip(converted, raw)], key, margin=True,
-                        columns=("prompt_id",) if ids else ())
         out = []
-        for _, pair in converted:
+        for where, _ in raw:
+            pair = pairs[where]
             margin = pair["margin"] if source.use_margin and pair["margin"] is not None else 0.0
             out.append({**pair, "margin": float(margin), "source": source.name})
         return out
