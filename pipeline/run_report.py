@@ -94,7 +94,7 @@ def collect(root: Path, runs: list[str]) -> list[dict]:
         for name in sorted(states, key=lambda name: _stage_order(run_dir / name)):
             path = run_dir / name
             stages.append({"stage": name, "path": path, "state": states[name]["state"],
-                           "detail": states[name]["detail"], "finished_at": states[name].get("finished_at"),
+                           "detail": redact(states[name]["detail"]), "finished_at": states[name].get("finished_at"),
                            "summaries": _summaries(path), "plots": sorted((path / "report").glob("*.png"))})
         out.append({"run": run, "path": run_dir, "stages": stages})
     return out

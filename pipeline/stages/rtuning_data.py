@@ -46,6 +46,7 @@ from pipeline.methods.rtuning import (
     gold_answer,
     question_text,
 )
+from pipeline.records import QA_SCHEMA, check_rows, split_rows
 from pipeline.runs import (
     DATASET,
     RunOptions,
@@ -119,6 +120,7 @@ def load_probe(recipe) -> tuple[list[dict], object]:
         rows = rows[: recipe.rtuning.limit]
     if not rows:
         raise ConfigError(f"inputs.probe: split {SPLIT!r} of {path} is empty")
+    check_rows(split_rows(rows, path, SPLIT), {**QA_SCHEMA, "correct": "flag"}, "inputs.probe", unique=("qid",))
     for i, row in enumerate(rows):
         check_item(row, f"inputs.probe split {SPLIT!r} row {i}")
         if row["kind"] == "unanswerable":

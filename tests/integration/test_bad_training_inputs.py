@@ -149,6 +149,13 @@ def qa_stage(section: dict, **splits):
     return build
 
 
+def probe(rows):
+    def build(tmp: Path, m: dict) -> dict:
+        data = save_dd(tmp / "probe", {"train": rows})
+        return {"inputs": {"probe": str(data)}}
+    return build
+
+
 def unknown(**splits):
     def build(tmp: Path, m: dict) -> dict:
         items = qa_dd(tmp / "items", **splits)
@@ -241,6 +248,8 @@ DATA_CASES = {
                                      r"inputs\.items: .*items/train:row 2: field 'question' is empty"),
     "rtuning-probe-duplicate-qid": ("rtuning-probe", qa_stage({"split": "train"}, train=[qa(0), qa(1), qa(0)]),
                                     r"items/train:row 3: duplicate qid '[0-9a-f]{40}' \(first at .*items/train:row 1\)"),
+    "rtuning-data-correct-not-a-flag": ("rtuning-data", probe([{**qa(i), "answer": "x", "correct": "yes"} for i in range(2)]),
+                                        r"inputs\.probe: .*probe/train:row 1: field 'correct' must be true or false"),
     "rtuning-eval-bad-choice": ("rtuning-eval", qa_stage({"splits": ["test_id"]},
                                                          test_id=[qa(4), qa(5, kind="choice", choices=["a", "b"],
                                                                              answer_index=7)]),
@@ -345,6 +354,7 @@ def test_the_corpus_is_large_enough():
     # the issue asks for at least 30 cases across the training stages and the recipe layer
     assert len(DATA_CASES) + len(RECIPE_CASES) + 1 + 3 >= 30
     assert {stage for stage, _, _ in DATA_CASES.values()} >= {
-        "sft", "reward", "dpo", "ppo", "bestofn", "critique", "rtuning-probe", "rtuning-eval", "sayself-rl",
+        "sft", "reward", "dpo", "ppo", "bestofn", "critique", "rtuning-probe", "rtuning-data", "rtuning-eval",
+        "sayself-rl",
         "sayself-eval", "unknown-eval"}
     assert math.isnan(NAN)

@@ -65,3 +65,18 @@ def test_a_step_folder_follows_the_stage_its_inputs_name(tmp_path):
     order = [page.index(f"### {name} (") for name in
              ("sft", "reward", "qa-data", "rtuning-data", "rtuning-sft", "rtuning-eval")]
     assert order == sorted(order)
+
+
+def test_report_never_shows_url_credentials_or_secret_keys(tmp_path):
+    """Issue 18 #11: a credential inside a URL, or under a key that says token/password, stays out."""
+    root = tmp_path / "runs"
+    _stage(root, "r", "generate", {"base_url": "http://user:SECRET1@host/v1", "hf_token": "SECRET2",
+                                   "db_password": "SECRET3", "max_new_tokens": 12})
+    annotate = _stage(root, "r", "annotate", done=False)
+    (annotate / "ledger.jsonl").write_text(json.dumps({"key": "k1", "status": "failed",
+                                                       "reason": "POST http://u:SECRET4@host/v1 refused"}) + "\n")
+    assert main(["report", "r", "--root", str(root)]) == 0
+    for page in ("REPORT.md", "REPORT.html"):
+        text = (root / "r" / page).read_text()
+        assert "SECRET" not in text, page
+    assert "| max_new_tokens | 12 |" in (root / "r" / "REPORT.md").read_text()

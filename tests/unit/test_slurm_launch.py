@@ -257,3 +257,12 @@ def test_all_runs_a_pipeline_locally_and_skips_what_is_done(tmp_path, monkeypatc
     capsys.readouterr()
     assert rlhf(["all", str(pipeline), root, "run.name=p"]) == 0
     assert "prompts already done" in capsys.readouterr().out
+
+
+def test_a_url_credential_never_reaches_a_slurm_script(tmp_path, capsys, fake_slurm):
+    """Issue 18 #11: the job's saved recipe would hide it, so the submission is refused instead."""
+    path = generate_recipe(tmp_path)
+    line = one_error(capsys, rlhf(["generate", str(path), "generation.pool[0].base_url=http://u:SECRET9@host:9/v1"]))
+    assert "generation: holds a secret-looking value" in line and "SECRET9" not in line
+    assert not fake_slurm.exists()
+    assert not any("SECRET9" in p.read_text() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".log")
