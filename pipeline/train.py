@@ -75,8 +75,8 @@ def check_chat_split(dataset, path: Path, split: str, key: str) -> None:
     ids = tuple(c for c in ("qid", "prompt_id") if c in columns)[:1]
     if ids:
         schema[ids[0]] = "text"
-    if "completion" in columns and ids:  # critique data: one row per (prompt, completion)
-        ids = (*ids, "completion")
+    if ids:  # critique data: one row per completion of a prompt
+        ids = (*ids, *(c for c in ("model", "completion") if c in columns))
     check_split(dataset, path, split, key, schema, unique=ids)
     for i, row in enumerate(dataset.select_columns(["messages"])):
         if not any(turn["role"] == "assistant" for turn in row["messages"]):

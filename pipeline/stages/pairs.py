@@ -307,7 +307,7 @@ class Pair:
 @dataclass
 class RowOutcome:
     pairs: list[Pair] = field(default_factory=list)
-    skipped_completions: int = 0  # no score of the kind in use
+    skipped_completions: int = 0  # no score of the kind in use, or a blank answer
     ties: int = 0  # candidate pairs dropped because both scores were equal
     dropped: str | None = None  # why the row gave no pair
 
@@ -324,8 +324,11 @@ def pair_row(row: Row, strategy: str, source: str, seed: int) -> RowOutcome:
     """The pairs of one row under a strategy; pure (its randomness comes from seed + prompt id)."""
     low, high = SCALES[source]
     span = high - low
-    scored = [(i, c.score(source)) for i, c in enumerate(row.completions) if c.score(source) is not None]
+    # A blank answer teaches nothing and the training stages refuse it
+    scored = [(i, c.score(source)) for i, c in enumerate(row.completions)
+              if c.score(source) is not None and c.response.strip()]
     out = RowOutcome(skipped_completions=len(row.completions) - len(scored))
+    text = [c.response for c in row.completions]
     if len(scored) < 2:
         out.dropped = "fewer_than_two_scored"
         return out
@@ -336,18 +339,18 @@ def pair_row(row: Row, strategy: str, source: str, seed: int) -> RowOutcome:
     if strategy == "all":
         for i, s_i in scored:
             for j, s_j in scored:
-                if s_i > s_j:
+                if s_i > s_j and text[i] != text[j]:
                     out.pairs.append(make(i, s_i, j, s_j))
-                elif s_i == s_j and i < j:
+                elif i < j and (s_i == s_j or text[i] == text[j]):  # the same answer twice is a tie too
                     out.ties += 1
     else:
         rng = row_rng(seed, row.prompt_id)
         top = max(s for _, s in scored)
         chosen, s_chosen = rng.choice([(i, s) for i, s in scored if s == top])
         if strategy == "h4":
-            candidates = [(j, s) for j, s in scored if j != chosen]
+            candidates = [(j, s) for j, s in scored if j != chosen and text[j] != text[chosen]]
         else:  # argilla: only strictly lower means
-            candidates = [(j, s) for j, s in scored if s < s_chosen]
+            candidates = [(j, s) for j, s in scored if s < s_chosen and text[j] != text[chosen]]
         if candidates:
             rejected, s_rejected = rng.choice(candidates)
             if s_rejected < s_chosen:

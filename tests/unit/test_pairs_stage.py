@@ -258,3 +258,14 @@ def test_repeated_prompt_ids_are_named_and_nothing_is_written(tmp_path):
     with pytest.raises(ConfigError, match=rf"{path}:3: duplicate prompt_id 'p000' \(first at {path}:1\)"):
         stage.run(recipe(tmp_path, path))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("strategy", ["h4", "argilla", "all"])
+def test_the_same_answer_twice_or_a_blank_one_never_makes_a_pair(strategy):
+    """Issue 18: the training stages refuse chosen == rejected and empty answers, so pairs never
+    writes them (two models can give the very same text; a tiny one can give nothing)."""
+    same = [completion("a", 9, (5, 5, 5, 5)), completion("b", 2, (1, 1, 1, 1)), completion("c", 5, (3, 3, 3, 3))]
+    same[1]["response"] = same[0]["response"]
+    same[2]["response"] = "  "
+    outcome = stage.pair_row(stage.check_row(row("p", same), "x"), strategy, "overall_score", 0)
+    assert not outcome.pairs and outcome.dropped == "tied" and outcome.skipped_completions == 1
