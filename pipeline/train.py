@@ -72,11 +72,11 @@ def check_chat_split(dataset, path: Path, split: str, key: str) -> None:
     for name in ("overall_score", "score"):
         if name in columns:
             schema[name] = "number?"
-    ids = tuple(c for c in ("qid", "prompt_id") if c in columns)[:1]
+    ids: tuple[str, ...] = tuple(c for c in ("qid", "prompt_id") if c in columns)[:1]
     if ids:
         schema[ids[0]] = "text"
-    if ids:  # critique data: one row per completion of a prompt
-        ids = (*ids, *(c for c in ("model", "completion") if c in columns))
+        # critique data has one row per completion of a prompt: the row is (prompt, model, completion)
+        ids += tuple(c for c in ("model", "completion") if c in columns)
     check_split(dataset, path, split, key, schema, unique=ids)
     for i, row in enumerate(dataset.select_columns(["messages"])):
         if not any(turn["role"] == "assistant" for turn in row["messages"]):

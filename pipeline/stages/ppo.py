@@ -161,7 +161,6 @@ def plot_curves(log_history: list[dict], path: Path) -> list[str]:
 
 
 def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
-    import torch
     from datasets import Dataset, load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
