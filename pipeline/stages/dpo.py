@@ -152,18 +152,18 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    path = stage_dir(recipe)
-    main = is_main_process()
-    if main:
-        path.mkdir(parents=True, exist_ok=True)
-        clear_done(path)
-        save_config(path, recipe)
-
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     if tokenizer.pad_token is None:  # only fills masked positions
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise ConfigError(f"model: the tokenizer at {model_path} has no chat template (the pairs are conversations)")
+
+    path = stage_dir(recipe)  # every input checked: from here on the stage writes
+    main = is_main_process()
+    if main:
+        path.mkdir(parents=True, exist_ok=True)
+        clear_done(path)
+        save_config(path, recipe)
     seed_all(recipe.train.seed)  # LoRA adapters are initialised in DPOTrainer, before it seeds itself
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True)
 
