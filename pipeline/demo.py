@@ -87,9 +87,8 @@ def _show_training(run_root: Path, run: str) -> None:
     print(f"  reward model, held-out pair accuracy {overall.get('accuracy', 0):.3f} on {overall.get('pairs', 0)} "
           f"pairs{few}")
     ppo = summary("ppo")
-    kl = ppo.get("kl_after")
-    kl_text = (f"KL to the start policy {kl}" + (" (a sampled estimate: below zero means it is within noise)"
-                                                   if isinstance(kl, (int, float)) and kl < 0 else ""))
+    kl_text = (f"KL to the start policy {ppo['kl_per_token_after']} nats/token, entropy "
+               f"{ppo['entropy_per_token_before']} -> {ppo['entropy_per_token_after']} nats/token")
     print(f"  ppo: mean held-out reward {ppo['reward_before']} -> {ppo['reward_after']} over {ppo['eval_prompts']} "
           f"prompts, {kl_text}; curves {run_root / run / 'ppo' / 'report' / 'ppo_curves.png'}")
     table = json.loads((run_root / run / "bestofn" / "eval.json").read_text())
