@@ -235,7 +235,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward_model, value_model=value_model,
                          train_dataset=Dataset.from_dict({"input_ids": train_prompts}),
-                         peft_config=lora_config(train, "CAUSAL_LM"))
+                         peft_config=lora_config(train, "CAUSAL_LM", policy))
     trainer.train()
     seconds = time.monotonic() - started
     trained = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.model

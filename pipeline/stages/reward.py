@@ -300,7 +300,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     train_set = Dataset.from_list(train_rows)
     eval_set = Dataset.from_list(eval_rows) if eval_rows and recipe.train.eval_steps else None
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                            processing_class=tokenizer, peft_config=lora_config(recipe.train, "SEQ_CLS"))
+                            processing_class=tokenizer, peft_config=lora_config(recipe.train, "SEQ_CLS", model))
     dropped = len(train_rows) - len(trainer.train_dataset)  # TRL drops pairs longer than max_length
     started = time.perf_counter()
     global_step, training_loss = train_or_resume(trainer, resume)
