@@ -28,6 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 QA = REPO / "data" / "samples" / "qa"
 SEED = int(os.environ.get("RLHF_METHOD_SEED", "0"))
 STEPS = 40
+# SmolLM2 answers by restating the question ("The capital of Belgium is Brussels"); trained on
+# bare entities it learnt to say the first entity of its usual sentence, the question's own
+# ("Belgium": 8 % of held-out questions right), so the answer turn keeps a lead-in.
+ANSWER_FORMAT = "The answer is {answer}."
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
@@ -55,12 +59,13 @@ def rtuning(smollm2, tmp_path_factory):
     for variant in ("r-tuning", "r-tuning-u", "vanilla"):
         extra = ({"model": model, "rtuning": {**settings, "variant": variant, "samples": 5, "seed": SEED}}
                  if variant == "r-tuning-u" else {"rtuning": {"variant": variant}})
+        extra["rtuning"]["answer_format"] = ANSWER_FORMAT
         stage(root, "rtuning-data", {"run": {"name": variant},
                                      "inputs": {"probe": {"stage": "rtuning-probe", "run": "facts"}}, **extra})
         stage(root, "sft", {"run": {"name": variant}, "model": model,
                             "inputs": {"dataset": {"stage": "rtuning-data"}, "train_split": "train", "eval_split": None},
                             "train": {"max_steps": STEPS, "global_batch_size": 8, "per_device_batch_size": 8,
-                                      "learning_rate": 2e-4, "lr_scheduler": "constant", "max_length": 128,
+                                      "learning_rate": 1e-4, "lr_scheduler": "constant", "max_length": 128,
                                       "report_to": [], "logging_steps": 20, "save_steps": 100_000, "seed": SEED,
                                       "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 8}},
                             "sft": {"assistant_only_loss": True}})
