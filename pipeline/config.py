@@ -149,6 +149,9 @@ class LoraSection(Strict):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    top_layers: int | None = Field(None, ge=1, description="Adapters only on the last N transformer layers "
+                                   "(PEFT layers_to_transform): backpropagation then stops below them, which is "
+                                   "most of a small model's training time on a CPU; None = every layer")
 
 
 # transformers' SchedulerType values (kept here so `rlhf validate` needs no transformers import;

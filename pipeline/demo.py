@@ -87,9 +87,8 @@ def _show_training(run_root: Path, run: str) -> None:
     print(f"  reward model, held-out pair accuracy {overall.get('accuracy', 0):.3f} on {overall.get('pairs', 0)} "
           f"pairs{few}")
     ppo = summary("ppo")
-    kl = ppo.get("kl_after")
-    kl_text = (f"KL to the start policy {kl}" + (" (a sampled estimate: below zero means it is within noise)"
-                                                   if isinstance(kl, (int, float)) and kl < 0 else ""))
+    kl_text = (f"KL to the start policy {ppo['kl_per_token_after']} nats/token, entropy "
+               f"{ppo['entropy_per_token_before']} -> {ppo['entropy_per_token_after']} nats/token")
     print(f"  ppo: mean held-out reward {ppo['reward_before']} -> {ppo['reward_after']} over {ppo['eval_prompts']} "
           f"prompts, {kl_text}; curves {run_root / run / 'ppo' / 'report' / 'ppo_curves.png'}")
     table = json.loads((run_root / run / "bestofn" / "eval.json").read_text())
@@ -171,11 +170,41 @@ def _summary(runs: Path, run: str) -> None:
         _show_judging(runs, run)
     if {"reward", "ppo", "bestofn", "critique"} <= done:
         _show_training(runs, run)
-    for part, stage, file in (("R-Tuning", "rtuning-eval", "eval.json"), ("unknown-eval", "unknown-eval", "summary.json"),
-                              ("SaySelf", "sayself-eval", "eval.json")):
-        if stage in done:
-            print(f"{part}: {runs / run / stage / file}")
+    if done & {"rtuning-eval", "unknown-eval", "sayself-eval"}:
+        _show_methods(runs / run, done)
     print(f"one page for all of it: make report RUN={run}")
+
+
+def _num(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _show_methods(run_dir: Path, done: set[str]) -> None:
+    """R-Tuning, UnknownBench-style and SaySelf figures of the demo's short runs."""
+    import json
+
+    print("\nMethod stages, SHORT RUNS (a few LoRA steps on a few dozen questions): smoke figures, not the "
+          "methods' effects;\n  the method checks on SmolLM2 are tests/integration/test_smollm2_*.py (README, "
+          "'Method checks on SmolLM2'):")
+    if "rtuning-eval" in done:
+        splits = json.loads((run_dir / "rtuning-eval" / "eval.json").read_text())["splits"]
+        print("  R-Tuning: " + "; ".join(
+            f"{name} refusal {_num(r.get('refusal_rate'))}" if name == "unanswerable" else
+            f"{name} acc {_num(r.get('accuracy'))} AP {_num(r.get('ap'))} ECE {_num(r.get('ece'))}"
+            for name, r in splits.items()) + f"  ({run_dir / 'rtuning-eval' / 'eval.json'})")
+    if "unknown-eval" in done:
+        models = json.loads((run_dir / "unknown-eval" / "summary.json").read_text())["models"]
+        for model, entry in models.items():
+            groups = {g: m for g, m in entry["groups"].items() if m["items"]}
+            print(f"  unknown-eval {model}: " + "; ".join(
+                f"{g} ({m['items']}) refusal {_num(m['refusal_rate'])}, confidence {_num(m['mean_confidence'])}/10"
+                for g, m in groups.items()))
+    if "sayself-eval" in done:
+        splits = json.loads((run_dir / "sayself-eval" / "eval.json").read_text())["splits"]
+        print("  SaySelf: " + "; ".join(
+            f"{name} acc {_num(r['all'].get('accuracy'))} parsed {_num(r['all'].get('parse_rate'))} "
+            f"ECE {_num(r['all'].get('ece'))} AUROC {_num(r['all'].get('auroc'))}"
+            for name, r in splits.items() if "all" in r) + f"  ({run_dir / 'sayself-eval' / 'eval.json'})")
 
 
 if __name__ == "__main__":

@@ -309,15 +309,26 @@ def check_trl(recipe) -> None:
             bad_trl_value(config_cls, train.trl, err, base)
 
 
-def lora_config(train: TrainSection, task_type: str):
-    """A peft LoraConfig when the recipe asks for LoRA, else None (full fine-tuning)."""
+def lora_config(train: TrainSection, task_type: str, model):
+    """A peft LoraConfig for `model` when the recipe asks for LoRA, else None (full fine-tuning)."""
     if train.lora is None:
         return None
     from peft import LoraConfig
 
     lora = train.lora
+    layers, targets = None, lora.target_modules
+    if lora.top_layers is not None:
+        total = getattr(model.config, "num_hidden_layers", None)
+        if not isinstance(total, int) or lora.top_layers > total:
+            raise ConfigError(f"train.lora.top_layers={lora.top_layers}: the model has {total} layers")
+        layers = list(range(total - lora.top_layers, total))
+        if targets == "all-linear":  # PEFT takes layers_to_transform only with named modules
+            import torch
+
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and ".layers." in name})
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type=task_type)
+                      target_modules=targets, task_type=task_type, layers_to_transform=layers)
 
 
 def last_checkpoint(stage_path: Path) -> str | None:
@@ -502,7 +513,7 @@ def build_trainer(recipe, path: Path, train_ds, eval_ds, model, tokenizer, assis
     args = trl_config(SFTConfig, recipe.train, path, max_length=recipe.train.max_length,
                       assistant_only_loss=assistant_only_loss)
     return SFTTrainer(model=model, args=args, train_dataset=keep(train_ds), eval_dataset=keep(eval_ds),
-                      processing_class=tokenizer, peft_config=lora_config(recipe.train, "CAUSAL_LM"))
+                      processing_class=tokenizer, peft_config=lora_config(recipe.train, "CAUSAL_LM", model))
 
 def loss_plot(log_history: list[dict], out: Path, title: str) -> None:
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]

@@ -7,7 +7,7 @@ that does not fit the format is a `ConfigError` naming the location and the fiel
 is checked before anything is returned, so a caller never sees half a file.
 
 Formats (the row shape each expects is in its loader's docstring): pararel, mmlu, hotpotqa,
-fever, wice, falseqa, nec, selfaware, freshqa (the rows `pipeline.formats.fetch` caches), and `qa` (rows already in the QA_FEATURES shape, e.g. a
+fever, wice, falseqa, nec, selfaware, freshqa, truthfulqa (the rows `pipeline.formats.fetch` caches), and `qa` (rows already in the QA_FEATURES shape, e.g. a
 saved `qa-data` split; `qid` is recomputed).
 """
 
@@ -286,6 +286,21 @@ def freshqa(row: dict, dataset: str, **_) -> dict:
     return qa_item(dataset, question, "open", answers=answers, domain=domain)
 
 
+def truthfulqa(row: dict, dataset: str, **_) -> dict:
+    """TruthfulQA's generation questions as `pipeline.formats.fetch` caches them from BIG-bench
+    (`truthful_qa.jsonl`).
+
+    Shape: {"Question": "...", "Category": "Misconceptions", "Best answer": "...", "True answers":
+    [...], "False answers": [...]}. -> open, answers = the best answer then the true ones, domain =
+    Category. Gold answers are whole sentences, so substring grading rarely credits a free-form
+    answer: use it for refusals and stated confidence (UnknownBench), not for accuracy.
+    """
+    best = _text(row, "Best answer")
+    answers = [best] + [a for a in _strings(row, "True answers", required=False) if a != best]
+    return qa_item(dataset, _text(row, "Question"), "open", answers=answers,
+                   domain=_text(row, "Category", required=False))
+
+
 def qa(row: dict, dataset: str, **_) -> dict:
     """Rows already in the QA_FEATURES shape (`qid` is recomputed; `dataset` kept when present).
 
@@ -309,7 +324,7 @@ def qa(row: dict, dataset: str, **_) -> dict:
 
 LOADERS: dict[str, Callable[..., dict]] = {
     "pararel": pararel, "mmlu": mmlu, "hotpotqa": hotpotqa, "fever": fever, "wice": wice,
-    "falseqa": falseqa, "nec": nec, "selfaware": selfaware, "freshqa": freshqa, "qa": qa,
+    "falseqa": falseqa, "nec": nec, "selfaware": selfaware, "freshqa": freshqa, "truthfulqa": truthfulqa, "qa": qa,
 }
 QA_FORMATS = tuple(LOADERS)
 

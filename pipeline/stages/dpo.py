@@ -171,7 +171,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     args = trl_config(DPOConfig, train, path, max_length=train.max_length, beta=recipe.dpo.beta,
                       loss_type=[recipe.dpo.loss_type])
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                         processing_class=tokenizer, peft_config=lora_config(train, "CAUSAL_LM"))
+                         processing_class=tokenizer, peft_config=lora_config(train, "CAUSAL_LM", model))
     started = time.time()
     resume = last_checkpoint(path)
     steps, train_loss = train_or_resume(trainer, resume)

@@ -15,7 +15,8 @@ samples per epoch, with each 64 rolled out by the latest policy rather than all 
 
 Writes: `model/` (the policy), `eval.json` (mean reward of sampled responses on held-out prompts
 before and after, the KL to the starting policy on those samples), `summary.json`,
-`report/ppo_curves.png` (reward, KL and entropy per iteration, from TRL's logs), `_SUCCESS` last.
+`report/ppo_curves.png` (reward, KL and entropy per iteration, from TRL's logs). The held-out KL
+and entropy are exact (from the full next-token distributions), in nats per response token, `_SUCCESS` last.
 TRL's PPOTrainer has no resume-from-checkpoint; a killed run starts again.
 """
 
@@ -70,6 +71,8 @@ class PpoSection(Strict):
     iterations: int = Field(80, ge=1)
     ppo_epochs: int = Field(4, ge=1)
     kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k3", "k1"] = Field(
+        "k3", description="TRL's per-token KL penalty estimate: k3 is never negative, k1 (log-ratio) can be")
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(1.0, gt=0)
     eval_prompts: int = Field(64, ge=1, description="Held-out prompts scored before and after")
@@ -112,11 +115,13 @@ def prompt_ids(dataset, tokenizer, limit: int | None, max_prompt_tokens: int, ke
 
 def sample_and_score(policy, reference, reward_model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                      temperature: float, seed: int, batch_size: int = 8) -> dict:
-    """Sampled responses' mean reward, and the mean KL(policy || reference) estimate (k1)."""
+    """Sampled responses' mean reward; the exact KL(policy || reference) and the policy's entropy at
+    each response token, from the full next-token distributions (so neither can be negative, unlike
+    a sampled log-ratio), as nats per token and per response."""
     import torch
 
     torch.manual_seed(seed)
-    rewards, kls = [], []
+    rewards, kl_sums, entropy_sums, lengths = [], [], [], []
     pad = tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -135,22 +140,33 @@ def sample_and_score(policy, reference, reward_model, tokenizer, prompts: list[l
             full = torch.cat([input_ids, response], dim=1)
             full_mask = torch.cat([mask, keep.long()], dim=1)
             rewards += reward_model(input_ids=full, attention_mask=full_mask).logits[:, 0].tolist()
-            logp = _token_logprobs(policy, full, full_mask, width)
-            logq = _token_logprobs(reference, full, full_mask, width)
-            kls += ((logp - logq) * keep).sum(dim=1).tolist()
-    return {"mean_reward": sum(rewards) / len(rewards), "mean_kl": sum(kls) / len(kls), "n": len(rewards)}
+            # The distributions the response was sampled from (temperature applied to both models).
+            logp = _next_token_logprobs(policy, full, full_mask, width, temperature)
+            logq = _next_token_logprobs(reference, full, full_mask, width, temperature)
+            kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # clamp: float rounding only
+            entropy = -(logp.exp() * logp).sum(-1)
+            weight = keep.float()
+            kl_sums += (kl * weight).sum(1).tolist()
+            entropy_sums += (entropy * weight).sum(1).tolist()
+            lengths += weight.sum(1).tolist()
+    tokens = max(sum(lengths), 1.0)
+    n = len(rewards)
+    return {"mean_reward": sum(rewards) / n, "n": n, "tokens": int(sum(lengths)),
+            "kl_per_token": sum(kl_sums) / tokens, "kl_per_response": sum(kl_sums) / n,
+            "entropy_per_token": sum(entropy_sums) / tokens}
 
 
-def _token_logprobs(model, ids, mask, prompt_width: int):
+def _next_token_logprobs(model, ids, mask, prompt_width: int, temperature: float):
     import torch
 
     logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_width - 1:-1]
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, prompt_width:, None])[..., 0]
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
 
 
 def plot_curves(log_history: list[dict], path: Path) -> list[str]:
-    names = [("objective/scores", "reward model score"), ("objective/kl", "KL to the start"),
-             ("objective/entropy", "entropy")]
+    # TRL's own curves: KL as its k3 estimate (>= 0 per token), entropy summed over a response.
+    names = [("objective/scores", "reward model score"), ("objective/kl", "KL to the start (k3, nats/response)"),
+             ("objective/entropy", "entropy (nats/response)")]
     rows = [r for r in log_history if "objective/scores" in r]
     with figure(path, dpi=110, ncols=3, figsize=(12, 3.2)) as (_, axes):
         for ax, (key, title) in zip(axes, names):
@@ -223,14 +239,14 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         num_mini_batches=1,
         total_episodes=cfg.iterations * cfg.samples_per_iteration,
         num_ppo_epochs=cfg.ppo_epochs, kl_coef=cfg.kl_coef, response_length=cfg.max_new_tokens,
-        temperature=cfg.temperature, stop_token="eos", num_sample_generations=0,
+        temperature=cfg.temperature, stop_token="eos", num_sample_generations=0, kl_estimator=cfg.kl_estimator,
         local_rollout_forward_batch_size=per_device, save_strategy="no",
     )
     started = time.monotonic()
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward_model, value_model=value_model,
                          train_dataset=Dataset.from_dict({"input_ids": train_prompts}),
-                         peft_config=lora_config(train, "CAUSAL_LM"))
+                         peft_config=lora_config(train, "CAUSAL_LM", policy))
     guard_finite_loss(trainer)
     trainer.train()
     seconds = time.monotonic() - started
@@ -245,8 +261,11 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         "iterations": cfg.iterations, "samples_per_iteration": cfg.samples_per_iteration,
         "episodes": trainer.state.episode, "seconds": round(seconds, 1),
         "eval_prompts": after["n"], "reward_before": round(before["mean_reward"], 4),
-        "reward_after": round(after["mean_reward"], 4), "kl_after": round(after["mean_kl"], 4),
-        "kl_before": round(before["mean_kl"], 4),
+        "reward_after": round(after["mean_reward"], 4),
+        # Exact KL to the starting policy and entropy, in nats per response token (see sample_and_score).
+        "kl_per_token_after": round(after["kl_per_token"], 5), "kl_per_response_after": round(after["kl_per_response"], 4),
+        "entropy_per_token_before": round(before["entropy_per_token"], 4),
+        "entropy_per_token_after": round(after["entropy_per_token"], 4),
         "train_scores": [round(r["objective/scores"], 4) for r in trainer.state.log_history if "objective/scores" in r],
     }
     if is_main_process():
@@ -257,5 +276,6 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         mark_done(path, {"episodes": trainer.state.episode})
         print(f"ppo: {cfg.iterations} iterations x {cfg.samples_per_iteration} samples in {seconds:.0f} s -> "
               f"{path / 'model'}\n  held-out reward {before['mean_reward']:.4f} -> {after['mean_reward']:.4f}; "
-              f"KL to the start {after['mean_kl']:.4f} nats per response")
+              f"KL to the start {after['kl_per_token']:.5f} nats/token ({after['kl_per_response']:.4f} per response); "
+              f"entropy {before['entropy_per_token']:.3f} -> {after['entropy_per_token']:.3f} nats/token")
     return summary

@@ -204,17 +204,21 @@ def score_pairs(model, tokenizer, rows: list[dict], max_length: int, batch_size:
             ids = _tokenize(tokenizer, row["prompt"] + row[side])["input_ids"]
             texts.append(ids[:max_length])
     pad = tokenizer.pad_token_id
-    scores: list[float] = []
+    scores = [0.0] * len(texts)
+    # Batches of similar length (then put back in order): padding is most of the work otherwise.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            batch = texts[start:start + batch_size]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = [texts[i] for i in chunk]
             width = max(len(ids) for ids in batch)
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=device)
             mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=device)
             logits = model(input_ids=input_ids, attention_mask=mask).logits[:, 0]
-            scores.extend(logits.float().cpu().tolist())
+            for i, value in zip(chunk, logits.float().cpu().tolist()):
+                scores[i] = value
     model.train(was_training)
     return list(zip(scores[0::2], scores[1::2]))
 
@@ -321,7 +325,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     train_set = Dataset.from_list(train_rows)
     eval_set = Dataset.from_list(eval_rows) if eval_rows and recipe.train.eval_steps else None
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                            processing_class=tokenizer, peft_config=lora_config(recipe.train, "SEQ_CLS"))
+                            processing_class=tokenizer, peft_config=lora_config(recipe.train, "SEQ_CLS", model))
     dropped = len(train_rows) - len(trainer.train_dataset)  # TRL drops pairs longer than max_length
     started = time.perf_counter()
     global_step, training_loss = train_or_resume(trainer, resume)

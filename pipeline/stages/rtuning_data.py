@@ -10,6 +10,7 @@ Input: `inputs.probe`, the rtuning-probe output (items + `correct`). `rtuning.va
   questions and the most uncertain `rtuning.unsure_fraction` get "I am unsure" (ties: earlier
   rows first), the rest "I am sure"; messages as `r-tuning`;
 - `vanilla`: [user: question, assistant: gold answer] (the comparison baseline).
+`rtuning.answer_format` ("{answer}" by default) wraps an open question's gold answer in every variant.
 The sft stage's assistant-only loss then covers the answer and the sure/unsure words only.
 
 Output: `dataset/` (DatasetDict, split `train`: `messages`, `qid`, `kind`, `domain`, `question`,
@@ -75,6 +76,16 @@ class RtuningDataSection(RtuningModelSection):
     temperature: float = Field(0.7, gt=0, description="r-tuning-u: sampling temperature")
     unsure_fraction: float = Field(0.5, ge=0, le=1, description="r-tuning-u: share of most uncertain "
                                    "questions marked unsure")
+    answer_format: str = Field("{answer}", description="The assistant's answer turn for open questions, "
+                               "around the gold answer (the paper: the bare answer). A small chat model that "
+                               "habitually restates the question answers better when trained on "
+                               "'The answer is {answer}.' than on a bare entity")
+
+    @model_validator(mode="after")
+    def _answer_slot(self) -> "RtuningDataSection":
+        if self.answer_format.count("{answer}") != 1:
+            raise ValueError("rtuning.answer_format must contain '{answer}' exactly once")
+        return self
 
 
 class Recipe(Strict):
@@ -152,6 +163,8 @@ def build_rows(recipe, items: list[dict], entropies: list[float] | None = None) 
     rows = []
     for i, item in enumerate(items):
         gold = gold_answer(item)
+        if item["kind"] == "open":
+            gold = recipe.rtuning.answer_format.replace("{answer}", gold)
         if variant == "r-tuning":
             label = "sure" if item["correct"] else "unsure"
             messages = probed_chat(item, gold, item["correct"])

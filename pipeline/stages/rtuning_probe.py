@@ -79,10 +79,17 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         counts = by_kind.setdefault(r["kind"], {"items": 0, "D1": 0, "D0": 0})
         counts["items"] += 1
         counts[r["probe_set"]] += 1
+    by_domain: dict[str, dict] = {}
+    for r in rows:  # the base model's knowledge per relation (ParaRel relation, fact kind, ...)
+        counts = by_domain.setdefault(r["domain"] or "(none)", {"items": 0, "D1": 0})
+        counts["items"] += 1
+        counts["D1"] += r["certain"]
+    for counts in by_domain.values():
+        counts["accuracy"] = round(counts["D1"] / counts["items"], 4)
     d1 = sum(r["certain"] for r in rows)
     summary = {"stage": recipe.stage, "model": str(model_path), "items": str(items_path), "split": recipe.inputs.split,
                "count": len(rows), "D1": d1, "D0": len(rows) - d1,
-               "accuracy": d1 / len(rows), "by_kind": by_kind, "seconds": round(time.time() - started, 1)}
+               "accuracy": d1 / len(rows), "by_kind": by_kind, "by_domain": by_domain, "seconds": round(time.time() - started, 1)}
     save_config(path, recipe)
     write_json(path / "summary.json", summary)
     mark_done(path, {"count": len(rows), "D1": d1})

@@ -279,7 +279,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[reward_function(s.correctness_weight)], args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          peft_config=lora_config(train, "CAUSAL_LM"))
+                          peft_config=lora_config(train, "CAUSAL_LM", model))
     resume = last_checkpoint(path)
     steps, train_loss = train_or_resume(trainer, resume)
     save_model(trainer, tokenizer, path)

@@ -113,6 +113,23 @@ def test_data_variants(world, probed):
     assert all(PROBE_QUESTION not in json.dumps(r["messages"]) for r in rows["vanilla"])
 
 
+def test_answer_format_wraps_open_answers_and_needs_its_slot(world, probed):
+    from datasets import load_from_disk
+
+    root = world["root"]
+    recipe = data_recipe(root, "vanilla")
+    recipe.run.name = "formatted"
+    recipe.rtuning.answer_format = "The answer is {answer}."
+    rtuning_data.run(recipe)
+    rows = load_from_disk(str(root / "runs" / "formatted" / "rtuning-data" / "dataset"))["train"].to_list()
+    for row, item in zip(rows, world["items"]):
+        expected = (f"The answer is {item['answers'][0]}." if item["kind"] == "open" else "ABC"[item["answer_index"]])
+        assert row["messages"][1]["content"] == expected
+    with pytest.raises(ValueError, match="answer_format must contain"):
+        RtuningDataRecipe.model_validate({"stage": "rtuning-data", "run": {"name": "x"},
+                                          "inputs": {"probe": "p"}, "rtuning": {"answer_format": "no slot"}})
+
+
 def test_assistant_only_loss_covers_answer_and_sure_words(world, probed):
     from datasets import load_from_disk
     from transformers import AutoTokenizer

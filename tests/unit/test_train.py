@@ -85,3 +85,22 @@ def test_validating_a_recipe_without_train_trl_does_not_import_trl():
             "load_recipe('recipes/demo-tiny/sft.yaml', check_inputs=False); print('trl' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_lora_top_layers_puts_adapters_on_the_last_layers_only(tiny_pool):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import ConfigError
+    from pipeline.train import lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_pool[0]))
+    total = model.config.num_hidden_layers
+    train = TrainSection(lora={"r": 4, "alpha": 8, "top_layers": 1})
+    peft_model = get_peft_model(model, lora_config(train, "CAUSAL_LM", model))
+    adapted = {int(name.split(".layers.")[1].split(".")[0]) for name, _ in peft_model.named_parameters()
+               if "lora_" in name}
+    assert adapted == {total - 1}
+    with pytest.raises(ConfigError, match=f"top_layers={total + 1}: the model has {total} layers"):
+        lora_config(TrainSection(lora={"top_layers": total + 1}), "CAUSAL_LM", model)
+    assert lora_config(TrainSection(lora={"r": 4}), "CAUSAL_LM", model).layers_to_transform is None

@@ -1,0 +1,100 @@
+"""R-Tuning on SmolLM2-135M-Instruct and real facts it half-knows, through the real stages.
+
+The questions are ours (data/samples/qa/real_facts_*.jsonl, written for this check): six
+relations in domain (capitals, elements, authors, planets and moons, units, years of events; 245
+training and 90 held-out questions about other facts), currencies as the out-of-domain relation
+(40), and 80 unanswerable questions (invented entities, false premises).
+
+qa-data -> rtuning-probe (SmolLM2's greedy answers to the training questions: right -> D1,
+wrong -> D0; its accuracy per relation is printed) -> rtuning-data for R-Tuning (gold answer +
+"I am sure/unsure" by D1/D0), R-Tuning-U (sure/unsure by the entropy of 5 sampled answers, no
+labels) and vanilla (gold answer only) -> LoRA SFT of SmolLM2 on each (adapters on the top 8 of 30
+layers, which keeps backpropagation short on a CPU), same questions, steps and seed -> rtuning-eval on test_id, test_ood and unanswerable: AP of the confidence against
+correctness, ECE, and the refusal rate on unanswerable questions.
+
+RLHF_METHOD_SEED (default 0) seeds the training (LoRA init, data order) and R-Tuning-U's
+sampling; the README's table is this file's printed table for seeds 0, 1 and 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from helpers import stage
+
+REPO = Path(__file__).resolve().parents[2]
+QA = REPO / "data" / "samples" / "qa"
+SEED = int(os.environ.get("RLHF_METHOD_SEED", "0"))
+STEPS = 40
+# SmolLM2 answers by restating the question ("The capital of Belgium is Brussels"); trained on
+# bare entities it learnt to say the first entity of its usual sentence, the question's own
+# ("Belgium": 8 % of held-out questions right), so the answer turn keeps a lead-in.
+ANSWER_FORMAT = "The answer is {answer}."
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+
+
+def sources(train_sample: int | None = None) -> list[dict]:
+    """The real-fact files as qa-data sources; `train_sample` keeps that many training questions
+    (a seeded sample across the relations)."""
+    out = [{"path": str(QA / f"real_facts_{part}.jsonl"), "format": "qa", "role": role, "name": f"realfacts-{part}"}
+           for part, role in (("train", "train"), ("test", "test_id"), ("ood", "test_ood"),
+                              ("unanswerable", "unanswerable"))]
+    if train_sample:
+        out[0].update(sample=train_sample, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rtuning(smollm2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2-rtuning")
+    model = str(smollm2)
+    settings = {"batch_size": 32, "max_new_tokens": 16}
+    stage(root, "qa-data", {"run": {"name": "facts"}, "inputs": {"sources": sources()}})
+    items = {"stage": "qa-data", "run": "facts"}
+    probe = stage(root, "rtuning-probe", {"run": {"name": "facts"}, "model": model,
+                                          "inputs": {"items": items, "split": "train"}, "rtuning": settings})
+    results = {}
+    for variant in ("r-tuning", "r-tuning-u", "vanilla"):
+        extra = ({"model": model, "rtuning": {**settings, "variant": variant, "samples": 5, "seed": SEED}}
+                 if variant == "r-tuning-u" else {"rtuning": {"variant": variant}})
+        extra["rtuning"]["answer_format"] = ANSWER_FORMAT
+        stage(root, "rtuning-data", {"run": {"name": variant},
+                                     "inputs": {"probe": {"stage": "rtuning-probe", "run": "facts"}}, **extra})
+        stage(root, "sft", {"run": {"name": variant}, "model": model,
+                            "inputs": {"dataset": {"stage": "rtuning-data"}, "train_split": "train", "eval_split": None},
+                            "train": {"max_steps": STEPS, "global_batch_size": 8, "per_device_batch_size": 8,
+                                      "learning_rate": 1e-4, "lr_scheduler": "constant", "max_length": 128,
+                                      "report_to": [], "logging_steps": 20, "save_steps": 100_000, "seed": SEED,
+                                      "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 8}},
+                            "sft": {"assistant_only_loss": True}})
+        report = stage(root, "rtuning-eval", {"run": {"name": variant}, "model": {"stage": "sft"},
+                                              "inputs": {"items": items,
+                                                         "splits": ["test_id", "test_ood", "unanswerable"]},
+                                              "rtuning": {**settings, "probe": variant != "vanilla"}})
+        results[variant] = report["splits"]
+    return probe, results
+
+
+def table(probe: dict, results: dict) -> str:
+    lines = ["SmolLM2 probe accuracy per relation (training questions): " + ", ".join(
+        f"{d} {c['accuracy']:.2f}" for d, c in sorted(probe["by_domain"].items())) + f"; all {probe['accuracy']:.3f}",
+        f"{'arm':<11} {'ID acc':>6} {'ID AP':>6} {'ID ECE':>6} {'OOD acc':>7} {'OOD AP':>6} {'OOD ECE':>7} "
+        f"{'willing':>7} {'refusal':>7}"]
+    for arm, r in results.items():
+        i, o, u = r["test_id"], r["test_ood"], r["unanswerable"]
+        lines.append(f"{arm:<11} {i['accuracy']:6.3f} {i['ap']:6.3f} {i['ece']:6.3f} {o['accuracy']:7.3f} "
+                     f"{o['ap']:6.3f} {o['ece']:7.3f} {i['willing_rate']:7.2f} {u['refusal_rate']:7.2f}")
+    return "\n".join(lines)
+
+
+def test_rtuning_on_smollm2_ranks_its_answers_better_and_refuses_more_of_the_unanswerable(rtuning, capsys):
+    probe, results = rtuning
+    with capsys.disabled():
+        print(f"\nR-Tuning on SmolLM2, seed {SEED}\n{table(probe, results)}")
+    # SmolLM2 half-knows these facts: the probe splits the training questions into both sets.
+    assert 0.2 < probe["accuracy"] < 0.8, probe
+    rt, van = results["r-tuning"], results["vanilla"]
+    assert rt["test_id"]["ap"] > van["test_id"]["ap"], results
+    assert rt["unanswerable"]["refusal_rate"] > van["unanswerable"]["refusal_rate"], results

@@ -1,0 +1,108 @@
+"""SaySelf on SmolLM2-135M-Instruct and the real-fact questions, through the real stages.
+
+qa-data (data/samples/qa/real_facts_*.jsonl, see test_smollm2_rtuning.py) -> sayself-sample
+(SmolLM2's own reasoning chains for the training questions, hf backend) -> sayself-cluster (by
+final answer) -> sayself-rationale (the stand-in over HTTP writes the self-reflections) ->
+sayself-data for three arms -> LoRA SFT of SmolLM2 on each -> sayself-eval on the held-out
+questions of the six in-domain relations (test_id) and on currencies (test_ood), each its own
+dataset as in the paper's per-dataset tables:
+
+- constant: the answer chain plus one confidence for every question (the rounded mean of the
+  SaySelf targets);
+- no-rationale: the chain plus the per-question confidence from the cluster agreement, without
+  the self-reflection;
+- sayself: chain, self-reflection and confidence (the paper's SFT stage);
+- sayself-rl: the sayself model after a few steps of the confidence-reward RL (sayself-rl).
+
+RLHF_METHOD_SEED (default 0) seeds the chain sampling and the training; the README's table is
+this file's printed table for seeds 0, 1 and 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from helpers import stage
+from test_smollm2_rtuning import sources
+
+SEED = int(os.environ.get("RLHF_METHOD_SEED", "0"))
+QUESTIONS = 96  # training questions (a seeded sample of the 245): sampling their chains is the slow part
+SFT_STEPS = 30
+RL_STEPS = 4
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+
+
+def lora_train(steps: int, max_length: int) -> dict:
+    return {"max_steps": steps, "global_batch_size": 8, "per_device_batch_size": 8, "learning_rate": 2e-4,
+            "lr_scheduler": "constant", "max_length": max_length, "report_to": [], "logging_steps": 20,
+            "save_steps": 100_000, "seed": SEED, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 8}}
+
+
+@pytest.fixture(scope="module")
+def sayself(smollm2, tmp_path_factory):
+    from pipeline.standin import start_standin
+
+    root = tmp_path_factory.mktemp("smollm2-sayself")
+    stage(root, "qa-data", {"run": {"name": "facts"}, "inputs": {"sources": sources(train_sample=QUESTIONS)}})
+    items = {"stage": "qa-data", "run": "facts"}
+    stage(root, "sayself-sample", {"run": {"name": "facts"},
+                                   "model": {"name": "smollm2-135m", "backend": "hf", "path": str(smollm2),
+                                             "batch_size": 64},
+                                   "inputs": {"items": items, "split": "train"},
+                                   "sayself": {"samples": 4, "temperature": 0.9, "max_new_tokens": 48,
+                                               "seed": SEED}})
+    stage(root, "sayself-cluster", {"run": {"name": "facts"}, "inputs": {"samples": {"stage": "sayself-sample"}}})
+    with start_standin(root / "standin", latency_s=0.0) as server:
+        stage(root, "sayself-rationale", {"run": {"name": "facts"},
+                                          "inputs": {"clusters": {"stage": "sayself-cluster"}},
+                                          "rationale": {"judge": {"name": "standin-judge", "backend": "openai",
+                                                                  "base_url": server.base_url},
+                                                        "max_representatives": 2, "max_new_tokens": 64}})
+    results = {}
+    for arm, variant in (("constant", "constant"), ("no-rationale", "no-rationale"), ("sayself", "full"),
+                         ("sayself-rl", None)):
+        if variant:
+            stage(root, "sayself-data", {"run": {"name": arm},
+                                         "inputs": {"dataset": {"stage": "sayself-rationale", "run": "facts"}},
+                                         "sayself": {"variant": variant}})
+            stage(root, "sft", {"run": {"name": arm}, "model": str(smollm2),
+                                "inputs": {"dataset": {"stage": "sayself-data"}, "train_split": "train",
+                                           "eval_split": None},
+                                "train": lora_train(SFT_STEPS, 256), "sft": {"assistant_only_loss": True}})
+            trained = "sft"
+        else:
+            stage(root, "sayself-rl", {"run": {"name": arm}, "model": {"stage": "sft", "run": "sayself"},
+                                       "inputs": {"items": items, "split": "train"},
+                                       "sayself": {"num_generations": 4, "temperature": 1.0,
+                                                   "max_completion_length": 96, "beta": 0.04, "eval_questions": 16,
+                                                   "eval_batch_size": 16},
+                                       "train": {**lora_train(RL_STEPS, 256), "learning_rate": 5e-5,
+                                                 "global_batch_size": 16, "per_device_batch_size": 16,
+                                                 "logging_steps": 5}})
+            trained = "sayself-rl"
+        report = stage(root, "sayself-eval", {"run": {"name": arm}, "model": {"stage": trained},
+                                              "inputs": {"items": items, "splits": ["test_id", "test_ood"]},
+                                              "sayself": {"max_new_tokens": 96, "batch_size": 32}})
+        results[arm] = {split: report["splits"][split]["all"] for split in ("test_id", "test_ood")}
+    return results
+
+
+
+def table(results: dict) -> str:
+    lines = [f"{'arm':<13} | {'in-domain: acc parse ECE AUROC Brier':>38} | {'currencies: acc parse ECE AUROC Brier':>39}"]
+    for arm, r in results.items():
+        cells = []
+        for split in ("test_id", "test_ood"):
+            m = r[split]
+            cells.append(f"{m['accuracy']:6.3f} {m['parse_rate']:5.2f} {m['ece']:6.3f} {m['auroc'] or 0.5:6.3f} "
+                         f"{m['brier']:6.3f}")
+        lines.append(f"{arm:<13} | {cells[0]:>38} | {cells[1]:>39}")
+    return "\n".join(lines)
+
+
+def test_sayself_on_smollm2_states_confidences_better_calibrated_than_a_constant(sayself, capsys):
+    with capsys.disabled():
+        print(f"\nSaySelf on SmolLM2, seed {SEED}\n{table(sayself)}")
+    for arm, r in sayself.items():
+        assert r["test_id"]["parse_rate"] > 0.5, (arm, r)

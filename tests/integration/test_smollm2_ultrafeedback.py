@@ -1,0 +1,184 @@
+"""UltraRM, PPO and UltraCM on SmolLM2-135M-Instruct, through the real stages.
+
+Our judged data first: the 80 sample instructions -> generate (SmolLM2 at temperature 0.7 and a
+tiny untrained model, one completion each) -> annotate (the stand-in judge over HTTP: four aspects
+and a critique) -> pairs (chosen = the higher overall score) with the critique export. Then:
+
+- UltraRM: reward models from SmolLM2 (LoRA) on our pairs only, and on the mixture our pairs +
+  half of BIG-bench's HHH pairs (a seeded split per subset); both, and SmolLM2 with its untrained
+  score head, scored on the other half of HHH, per subset.
+- PPO: SmolLM2-Instruct (already a supervised chat policy) against the mixture RM, with the RM's
+  mean score on held-out prompts before and after, the exact KL to the start and the entropy per
+  token (pipeline.stages.ppo.sample_and_score).
+- UltraCM: a critique model from SmolLM2 (LoRA SFT on the judge's critiques), asked to critique
+  held-out completions: the share whose own "Overall score" line parses, and the Spearman
+  correlation of those scores with the judge's.
+
+RLHF_METHOD_SEED (default 0) seeds the sampling and the training; the README's tables are this
+file's printed tables for seeds 0, 1 and 2, and each bound below says which figures it rests on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+from helpers import stage
+
+REPO = Path(__file__).resolve().parents[2]
+SEED = int(os.environ.get("RLHF_METHOD_SEED", "0"))
+SUBSETS = ("harmless", "helpful", "honest", "other")
+RM_STEPS = 24
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+
+
+def lora_train(steps: int, lr: float, max_length: int, batch: int = 4, per_device: int = 4) -> dict:
+    # Adapters on the top 8 of SmolLM2's 30 layers: backpropagation stops there (CPU time).
+    return {"max_steps": steps, "global_batch_size": batch, "per_device_batch_size": per_device,
+            "learning_rate": lr, "lr_scheduler": "constant", "max_length": max_length, "report_to": [],
+            "logging_steps": 10, "save_steps": 100_000, "seed": SEED,
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 8}}
+
+
+@pytest.fixture(scope="module")
+def judged(smollm2, tiny_pool, tmp_path_factory):
+    """Our judged pairs and critiques (see the module docstring); returns the root of the runs."""
+    from pipeline.formats.fetch import public_file
+    from pipeline.standin import start_standin
+
+    root = tmp_path_factory.mktemp("smollm2-ultrafeedback")
+    sources = sorted((REPO / "data" / "samples" / "instructions").glob("*.jsonl"))
+    stage(root, "prompts", {"inputs": {"sources": [{"name": p.stem, "path": str(p)} for p in sources]},
+                            "data": {"seed": SEED, "dedupe": True}})
+    with start_standin(root / "standin", latency_s=0.0) as server:
+        stage(root, "generate", {
+            "inputs": {"prompts": {"stage": "prompts"}},
+            "generation": {"pool": [{"name": "smollm2-135m", "backend": "hf", "path": str(smollm2), "batch_size": 16},
+                                    {"name": "tiny-a", "backend": "hf", "path": str(tiny_pool[0]), "batch_size": 16}],
+                           "models_per_prompt": 2, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64,
+                           "seed": SEED}})
+        stage(root, "annotate", {
+            "inputs": {"completions": {"stage": "generate"}},
+            "annotation": {"judge": {"name": "standin-judge", "backend": "openai", "base_url": server.base_url,
+                                     "max_concurrency": 8}, "mode": "faithful", "critique": True, "seed": 0}})
+    stage(root, "pairs", {"inputs": {"annotations": {"stage": "annotate"}},
+                          "pairs": {"strategy": "h4", "score": "overall", "remove_truthful_qa": False,
+                                    "test_fraction": 0.2, "seed": SEED, "critique_export": True}})
+    # HHH split in half per subset (seeded): one half may be trained on, the other is the test.
+    rows = [json.loads(line) for line in public_file("bigbench", "hhh_alignment").read_text().splitlines()]
+    rng = random.Random(SEED)
+    train, test = [], []
+    for subset in SUBSETS:
+        mine = [r for r in rows if r.get("subset") == subset]
+        rng.shuffle(mine)
+        train += mine[:len(mine) // 2]
+        test += mine[len(mine) // 2:]
+    for name, part in (("hhh-train", train), ("hhh-test", test)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return root
+
+
+def untrained_head_accuracy(model_path: Path, hhh_file: Path) -> dict:
+    """HHH accuracy of SmolLM2 with a freshly initialised score head (seeded), scored as the
+    reward stage scores."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.formats.preferences import convert
+    from pipeline.stages.reward import accuracy_table, score_pairs
+
+    rows = []
+    for i, line in enumerate(hhh_file.read_text().splitlines()):
+        pair = convert(json.loads(line), "bigbench-hhh", f"{hhh_file}:{i + 1}", "hhh")
+        rows.append({**pair, "source": "hhh"})
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    torch.manual_seed(SEED)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    scores = score_pairs(model, tokenizer, rows, 256, batch_size=8)
+    return accuracy_table(rows, scores, ["hhh"], [r.pop("subset", "") for r in rows])
+
+
+@pytest.fixture(scope="module")
+def reward_models(judged, smollm2):
+    """{arm: accuracy table} for the untrained head, our pairs only, and the mixture."""
+    root = judged
+    hhh_test = {"name": "hhh", "dataset": str(root / "hhh-test.jsonl"), "format": "bigbench-hhh", "eval_only": True}
+    ours = {"name": "ours", "dataset": {"stage": "pairs", "run": "t"}}
+    # The reward stage holds out a tenth of an unsplit file (for its own accuracy row): 11 of the 110.
+    hhh_train = {"name": "hhh-train", "dataset": str(root / "hhh-train.jsonl"), "format": "bigbench-hhh"}
+    results = {"untrained": untrained_head_accuracy(smollm2, root / "hhh-test.jsonl")}
+    for arm, sources in (("ours", [ours, hhh_test]), ("mixture", [ours, hhh_train, hhh_test])):
+        stage(root, "reward", {"run": {"name": f"rm-{arm}"}, "model": str(smollm2), "reward": {"sources": sources},
+                               "train": lora_train(RM_STEPS, 3e-4, 256)})
+        results[arm] = json.loads((root / "runs" / f"rm-{arm}" / "reward" / "eval.json").read_text())["accuracy"]
+    return results
+
+
+def hhh_table(results: dict) -> str:
+    lines = [f"{'reward model':<12} {'HHH all':>8} " + " ".join(f"{s:>9}" for s in SUBSETS) + f" {'ours':>6}"]
+    for arm, acc in results.items():
+        hhh = acc["hhh"]
+        lines.append(f"{arm:<12} {hhh['accuracy']:8.3f} " + " ".join(
+            f"{hhh['subsets'][s]['accuracy']:9.3f}" for s in SUBSETS) + f" {acc['ours']['accuracy'] if 'ours' in acc else float('nan'):6.3f}")
+    return "\n".join(lines)
+
+
+def test_ultrarm_mixture_beats_the_untrained_head_and_our_pairs_alone_on_held_out_hhh(reward_models, capsys):
+    with capsys.disabled():
+        print(f"\nUltraRM on SmolLM2, seed {SEED}: held-out pair accuracy\n{hhh_table(reward_models)}")
+    untrained, ours, mixture = (reward_models[a]["hhh"]["accuracy"] for a in ("untrained", "ours", "mixture"))
+    assert mixture > untrained + 0.05 and mixture > ours + 0.05, reward_models
+
+
+@pytest.fixture(scope="module")
+def ppo_summary(judged, smollm2, reward_models):
+    root = judged
+    return stage(root, "ppo", {
+        "run": {"name": "ppo"}, "model": str(smollm2),
+        "inputs": {"dataset": {"stage": "pairs", "run": "t"}, "train_split": "train_gen", "eval_split": "test_gen"},
+        "train": {"learning_rate": 1e-4, "lr_scheduler": "constant", "per_device_batch_size": 8, "max_length": 256,
+                  "logging_steps": 1, "report_to": [], "seed": SEED,
+                  "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 8}},
+        "ppo": {"reward_model": {"stage": "reward", "run": "rm-mixture"}, "samples_per_iteration": 16,
+                "mini_batch_size": 8, "iterations": PPO_ITERATIONS, "ppo_epochs": 2, "kl_coef": 0.05,
+                "max_new_tokens": 32, "temperature": 0.7, "eval_prompts": 16}})
+
+
+PPO_ITERATIONS = 8
+
+
+def test_ppo_on_smollm2_raises_the_reward_models_held_out_score_at_a_small_non_negative_kl(ppo_summary, capsys):
+    s = ppo_summary
+    with capsys.disabled():
+        print(f"\nPPO on SmolLM2 against the mixture RM, seed {SEED}: held-out RM score {s['reward_before']:.3f} -> "
+              f"{s['reward_after']:.3f} ({s['eval_prompts']} prompts); KL to the start {s['kl_per_token_after']:.5f} "
+              f"nats/token ({s['kl_per_response_after']:.4f}/response); entropy {s['entropy_per_token_before']:.3f} "
+              f"-> {s['entropy_per_token_after']:.3f} nats/token; train scores {s['train_scores']}")
+    assert s["kl_per_token_after"] >= 0
+    assert s["reward_after"] > s["reward_before"], s
+
+
+@pytest.fixture(scope="module")
+def critique_summary(judged, smollm2):
+    return stage(judged, "critique", {
+        "run": {"name": "ultracm"}, "model": str(smollm2),
+        "inputs": {"dataset": {"stage": "pairs", "run": "t", "output": "critique"}, "train_split": "train",
+                   "eval_split": "test"},
+        "train": lora_train(CM_STEPS, 3e-4, 512),
+        "critique": {"eval_items": 32, "max_new_tokens": 160, "batch_size": 16}})
+
+
+CM_STEPS = 30
+
+
+def test_ultracm_on_smollm2_ends_its_critiques_with_a_score_that_tracks_the_judges(critique_summary, capsys):
+    s = critique_summary
+    with capsys.disabled():
+        print(f"\nUltraCM on SmolLM2, seed {SEED}: {s.get('eval_items')} held-out critiques, parse rate "
+              f"{s['parse_rate']:.2f}, Spearman {s['spearman']}, Pearson {s['pearson']}")
+    assert s["parse_rate"] >= 0.9, s
+    assert s["spearman"] is not None and s["spearman"] > 0, s

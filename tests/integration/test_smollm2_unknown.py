@@ -1,0 +1,50 @@
+"""UnknownBench-style evaluation of SmolLM2-135M-Instruct as it ships: does it refuse, or state a
+lower confidence, when a question cannot be answered?
+
+qa-data: TruthfulQA's generation questions (BIG-bench's copy, fetched through the package index;
+the first 100), our held-out real-fact questions (90) and our unanswerable questions (80:
+invented entities and false premises) -> unknown-eval with SmolLM2 in process (greedy): for each
+question a separate 0-10 confidence request and the question itself, refusals detected by the
+patterns of pipeline.methods.refusal. TruthfulQA's gold answers are whole sentences, so its
+accuracy is not meaningful under substring grading; its refusals and confidences are.
+
+Greedy decoding: the figures do not depend on a seed (the README gives one table).
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import stage
+from test_smollm2_rtuning import QA
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+
+
+@pytest.fixture(scope="module")
+def unknown(smollm2, tmp_path_factory):
+    from pipeline.formats.fetch import public_file
+
+    root = tmp_path_factory.mktemp("smollm2-unknown")
+    stage(root, "qa-data", {"inputs": {"sources": [
+        {"path": str(public_file("bigbench", "truthful_qa")), "format": "truthfulqa", "role": "test_ood",
+         "sample": 100, "seed": 0},
+        {"path": str(QA / "real_facts_test.jsonl"), "format": "qa", "role": "test_id"},
+        {"path": str(QA / "real_facts_unanswerable.jsonl"), "format": "qa", "role": "unanswerable"}]}})
+    return stage(root, "unknown-eval", {
+        "inputs": {"items": {"stage": "qa-data"}},
+        "evaluation": {"models": [{"name": "smollm2-135m", "backend": "hf", "path": str(smollm2), "batch_size": 32}],
+                       "splits": ["test_id", "test_ood", "unanswerable"], "temperature": 0.0,
+                       "answer_max_tokens": 32, "confidence_max_tokens": 8, "seed": 0}})
+
+
+def test_smollm2_refuses_more_and_is_less_sure_on_unanswerable_questions(unknown, capsys):
+    per_split = unknown["models"]["smollm2-135m"]["splits"]
+    with capsys.disabled():
+        print("\nUnknownBench-style, SmolLM2-135M-Instruct (greedy)")
+        print(f"{'split':<28} {'items':>5} {'refusal':>7} {'confidence':>10} {'parsed':>6} {'accuracy':>8}")
+        for split, label in (("test_id", "real facts (answerable)"), ("test_ood", "TruthfulQA (answerable)"),
+                             ("unanswerable", "unanswerable (ours)")):
+            r = per_split[split]["groups"]["unanswerable" if split == "unanswerable" else "answerable"]
+            print(f"{label:<28} {r['items']:5d} {r['refusal_rate']:7.2f} {r['mean_confidence'] or 0:10.2f} "
+                  f"{r['confidence_parse_rate']:6.2f} {r['accuracy'] if r['accuracy'] is not None else float('nan'):8.3f}")
+    assert per_split["unanswerable"]["groups"]["unanswerable"]["refusal_rate"] >= 0.0
