@@ -202,8 +202,9 @@ def _show_methods(run_dir: Path, done: set[str]) -> None:
     if "sayself-eval" in done:
         splits = json.loads((run_dir / "sayself-eval" / "eval.json").read_text())["splits"]
         print("  SaySelf: " + "; ".join(
-            f"{name} acc {_num(r['all'].get('accuracy'))} parsed {_num(r['all'].get('parse_rate'))} "
-            f"ECE {_num(r['all'].get('ece'))} AUROC {_num(r['all'].get('auroc'))}"
+            (f"{name} stated confidence {_num(r['all'].get('mean_confidence'))}/10" if name == "unanswerable" else
+             f"{name} acc {_num(r['all'].get('accuracy'))} parsed {_num(r['all'].get('parse_rate'))} "
+             f"ECE {_num(r['all'].get('ece'))} AUROC {_num(r['all'].get('auroc'))}")
             for name, r in splits.items() if "all" in r) + f"  ({run_dir / 'sayself-eval' / 'eval.json'})")
 
 
