@@ -16,7 +16,8 @@ when they pass `sayself.max_failure_fraction`.
 The final answer of a chain is `pipeline.methods.sayself.parse_answer`; for a choice item an option
 letter or the option's text both count (`item_answer`: stored as the letter). A chain without a
 parsable answer is counted (per question and in total) and left out, never kept as an empty
-answer. `correct` is `pipeline.methods.sayself.item_correct` (gold substring; the right letter).
+answer (`sayself.unlabelled: answer` reads a reply without an `Answer:` line as an answer: its first
+line). `correct` is `pipeline.methods.sayself.item_correct` (gold substring; the right letter).
 
 Output (`data/runs/<run>/sayself-sample/`): `dataset/` (DatasetDict, split `train`: the item's QA
 columns + `chains` [{text, answer, correct}] + `asked`, `unparsable`, `failed` (counts of this
@@ -69,6 +70,9 @@ class SayselfSampleSection(Strict):
     seed: int = Field(0, description="Seeds every chain's own sampling seed (part of its ledger key)")
     limit: int | None = Field(None, ge=1, description="Only the first N questions of the split (smoke runs)")
     max_failure_fraction: float = Field(0.05, ge=0, le=1, description="Fail the stage when more requests fail")
+    unlabelled: Literal["drop", "answer"] = Field(
+        "drop", description="A chain without an `Answer:` line: drop it, or read its first line as the answer "
+        "(for small chat models that answer in plain prose whatever format they are asked for)")
 
 
 class Recipe(Strict):
@@ -119,9 +123,13 @@ def plan_requests(items: list[dict], recipe: Recipe, identity: dict) -> list[lis
     return plan
 
 
-def read_chain(item: dict, text: str) -> dict | None:
-    """{text, answer, correct} of one sampled chain, or None when it has no parsable answer."""
-    answer = item_answer(parse_answer(text), item)
+def read_chain(item: dict, text: str, unlabelled: str = "drop") -> dict | None:
+    """{text, answer, correct} of one sampled chain, or None when it has no parsable answer
+    (with `unlabelled="answer"`, a reply without an `Answer:` line answers with its first line)."""
+    parsed = parse_answer(text)
+    if parsed is None and unlabelled == "answer":
+        parsed = next((line.strip() for line in text.splitlines() if line.strip()), None)
+    answer = item_answer(parsed, item)
     if answer is None:
         return None
     return {"text": text, "answer": answer, "correct": item_correct(answer, item)}
@@ -178,7 +186,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
                     failure = ledger.failure(req.key) or {"reason": "no outcome recorded"}
                     failures.append({"key": req.key, "qid": item["qid"], "reason": failure.get("reason")})
                     continue
-                chain = read_chain(item, result["text"])
+                chain = read_chain(item, result["text"], recipe.sayself.unlabelled)
                 if chain is None:
                     unparsable += 1
                 else:

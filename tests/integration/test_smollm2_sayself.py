@@ -1,7 +1,9 @@
 """SaySelf on SmolLM2-135M-Instruct and the real-fact questions, through the real stages.
 
 qa-data (data/samples/qa/real_facts_*.jsonl, see test_smollm2_rtuning.py) -> sayself-sample
-(SmolLM2's own reasoning chains for the training questions, hf backend) -> sayself-cluster (by
+(SmolLM2's own replies to the training questions, hf backend: asked for "Reasoning: ... /
+Answer: ...", it answers in plain prose 383 times in 384, so `unlabelled: answer` reads a reply's
+first line as its answer) -> sayself-cluster (by
 final answer) -> sayself-rationale (the stand-in over HTTP writes the self-reflections) ->
 sayself-data for three arms -> LoRA SFT of SmolLM2 on each -> sayself-eval on the held-out
 questions of the six in-domain relations (test_id) and on currencies (test_ood), each its own
@@ -50,7 +52,7 @@ def sayself(smollm2, tmp_path_factory):
                                    "model": {"name": "smollm2-135m", "backend": "hf", "path": str(smollm2),
                                              "batch_size": 64},
                                    "inputs": {"items": items, "split": "train"},
-                                   "sayself": {"samples": 4, "temperature": 0.9, "max_new_tokens": 48,
+                                   "sayself": {"samples": 4, "temperature": 0.9, "max_new_tokens": 48, "unlabelled": "answer",
                                                "seed": SEED}})
     stage(root, "sayself-cluster", {"run": {"name": "facts"}, "inputs": {"samples": {"stage": "sayself-sample"}}})
     with start_standin(root / "standin", latency_s=0.0) as server:

@@ -125,6 +125,10 @@ def test_read_chain_keeps_parsable_chains_only():
         "text": "Reasoning: it has strings.\nAnswer: cello", "answer": "B", "correct": True}
     assert read_chain(OPEN, "Reasoning: r\nAnswer: Bravonne")["correct"] is False
     assert read_chain(OPEN, "Quellmarsh, surely") is None  # right, but no Answer: line -> not kept
+    # ... unless plain-prose replies are read as answers (their first line)
+    assert read_chain(OPEN, "Quellmarsh, surely\nor so I think", "answer") == {
+        "text": "Quellmarsh, surely\nor so I think", "answer": "Quellmarsh, surely", "correct": True}
+    assert read_chain(OPEN, "  \n", "answer") is None
 
 
 # --- clustering ----------------------------------------------------------------------------------
