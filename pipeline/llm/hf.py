@@ -208,6 +208,8 @@ class HFBackend:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.get("ignore_eos"):
             kwargs["min_new_tokens"] = max_new
+        if params.get("no_repeat_ngram_size"):  # greedy decoding of a small model can loop
+            kwargs["no_repeat_ngram_size"] = int(params["no_repeat_ngram_size"])
         seed = params.get("seed")
         if seed is not None:
             torch.manual_seed(int(seed))

@@ -37,6 +37,9 @@ class CritiqueSection(Strict):
     eval_items: int = Field(64, ge=1, description="Held-out critiques generated and scored in evaluation")
     max_new_tokens: int = Field(512, ge=1)
     batch_size: int = Field(8, ge=1, description="Prompts per generate() call in the evaluation")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Evaluation critiques never repeat an n-gram of "
+                                      "this many tokens (0: off); a briefly tuned small model's greedy "
+                                      "critiques otherwise loop on their first line")
     assistant_only_loss: bool = Field(True, description="Loss on the critique only (needs generation tags)")
 
 
@@ -54,7 +57,7 @@ class Recipe(Strict):
 
 
 def generate_critiques(model_dir, messages: list[list[dict]], max_new_tokens: int, batch_size: int,
-                       dtype: str = "float32") -> list[str]:
+                       dtype: str = "float32", no_repeat_ngram_size: int = 0) -> list[str]:
     """Greedy answers to the user turn(s) of each chat (the assistant turn is left out), from the
     hf backend (batched, left-padded, the model's chat template)."""
     from pipeline.llm.base import GenRequest, generate_all
@@ -63,6 +66,8 @@ def generate_critiques(model_dir, messages: list[list[dict]], max_new_tokens: in
     backend = HFBackend(ModelSpec(name="critique", backend="hf", path=str(model_dir), batch_size=batch_size,
                                   dtype=dtype))
     params = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
+    if no_repeat_ngram_size:
+        params["no_repeat_ngram_size"] = no_repeat_ngram_size
     requests = [GenRequest(key=str(i), messages=tuple(m for m in chat if m["role"] != "assistant"), params=params)
                 for i, chat in enumerate(messages)]
     return generate_all(backend, requests, "critique: evaluation critiques")
@@ -123,7 +128,7 @@ def evaluate_model(model_dir, eval_ds, section) -> dict:
     rows = eval_ds.select(range(min(section.eval_items, len(eval_ds))))
     judge = rows["overall_score"] if "overall_score" in rows.column_names else [None] * len(rows)
     texts = generate_critiques(model_dir, rows["messages"], section.max_new_tokens, section.batch_size,
-                               "bfloat16" if bf16 else "float32")
+                               "bfloat16" if bf16 else "float32", section.no_repeat_ngram_size)
     return score_critiques(texts, judge)
 
 

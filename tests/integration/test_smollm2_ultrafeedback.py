@@ -179,7 +179,7 @@ def critique_summary(judged, smollm2):
         "inputs": {"dataset": {"stage": "pairs", "run": "t", "output": "critique"}, "train_split": "train",
                    "eval_split": "test"},
         "train": lora_train(CM_STEPS, 3e-4, 512),
-        "critique": {"eval_items": 32, "max_new_tokens": 160, "batch_size": 16}})
+        "critique": {"eval_items": 32, "max_new_tokens": 160, "batch_size": 16, "no_repeat_ngram_size": 6}})
 
 
 CM_STEPS = 30
