@@ -1,7 +1,8 @@
 """Tiny local chat models for offline demos and tests, built from nothing in a few seconds.
 
 `build_tiny_pool(out_dir, count, seed)` trains a small byte-level BPE tokenizer on a built-in
-English corpus (plus the texts under `data/samples/**/*.jsonl` when the source tree has them),
+English corpus (plus the texts of the `TOKENIZER_SAMPLES` files under `data/samples/` when the source
+tree has them),
 wraps it as a transformers fast tokenizer with a ChatML chat template, and saves `count`
 randomly initialised causal LMs (hidden <= 64, 2 layers) as `out_dir/tiny-a`, `tiny-b`, ...
 Each folder is a complete `from_pretrained` model: config, weights, tokenizer, generation config.
@@ -114,8 +115,22 @@ _TAILS = ["before dinner.", "with great care.", "for the second time.", "in the 
           "near the river.", "during the lesson.", "while it rains.", "as quickly as possible."]
 
 
+# The sample files the tokenizer learns from, frozen: a new file under data/samples would change
+# every tiny model's vocabulary, hence every figure the tiny-model method checks were tuned on
+# (adding the real-fact questions moved the R-Tuning check's refusal rate from 0.10 to 0).
+TOKENIZER_SAMPLES = (
+    "bad/empty.jsonl", "bad/malformed.jsonl", "bad/missing_field.jsonl", "bad/non_string.jsonl",
+    "eval/eval_questions.jsonl", "instructions/evol_instruct.jsonl", "instructions/false_qa.jsonl",
+    "instructions/flan.jsonl", "instructions/sharegpt.jsonl", "instructions/truthful_qa.jsonl",
+    "instructions/ultrachat.jsonl", "preferences/anthropic_hh.jsonl", "preferences/shp.jsonl",
+    "preferences/summarize.jsonl", "qa/falseqa.jsonl", "qa/fever.jsonl", "qa/hotpotqa.jsonl", "qa/mmlu.jsonl",
+    "qa/nec.jsonl", "qa/pararel.jsonl", "qa/selfaware.jsonl", "qa/wice.jsonl",
+)
+
+
 def _sample_texts(root: Path) -> list[str]:
-    """Every string value in data/samples/**/*.jsonl, in a fixed order (sorted paths, file order)."""
+    """Every string value in the TOKENIZER_SAMPLES files under `root` (data/samples), in a fixed
+    order (sorted paths, file order); a missing file is skipped."""
     texts: list[str] = []
 
     def walk(value) -> None:
@@ -129,7 +144,9 @@ def _sample_texts(root: Path) -> list[str]:
             for item in value:
                 walk(item)
 
-    for path in sorted(root.glob("**/*.jsonl")):
+    for path in sorted(root / name for name in TOKENIZER_SAMPLES):
+        if not path.is_file():
+            continue
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 walk(json.loads(line))
