@@ -143,8 +143,9 @@ def sample_and_score(policy, reference, reward_model, tokenizer, prompts: list[l
             # The distributions the response was sampled from (temperature applied to both models).
             logp = _next_token_logprobs(policy, full, full_mask, width, temperature)
             logq = _next_token_logprobs(reference, full, full_mask, width, temperature)
-            kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # clamp: float rounding only
-            entropy = -(logp.exp() * logp).sum(-1)
+            probs = logp.exp()
+            kl = (probs * (logp - logq)).sum(-1).clamp_min(0.0)  # clamp: float rounding only
+            entropy = -(probs * logp).sum(-1)
             weight = keep.float()
             kl_sums += (kl * weight).sum(1).tolist()
             entropy_sums += (entropy * weight).sum(1).tolist()
