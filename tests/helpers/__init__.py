@@ -131,3 +131,11 @@ def write_items(path: Path) -> Path:
         "unanswerable": Dataset.from_list(unanswerable, features=QA_FEATURES),
     }).save_to_disk(str(path))
     return path
+
+def lora_train(steps: int, lr: float, max_length: int, seed: int, *, batch: int = 8,
+               logging_steps: int = 20) -> dict:
+    """The SmolLM2 method checks' `train:` section: constant lr, batch `batch` in one device batch,
+    LoRA r=16 on the top 8 of SmolLM2's 30 layers (backpropagation stops there: CPU time)."""
+    return {"max_steps": steps, "global_batch_size": batch, "per_device_batch_size": batch, "learning_rate": lr,
+            "lr_scheduler": "constant", "max_length": max_length, "report_to": [], "logging_steps": logging_steps,
+            "save_steps": 100_000, "seed": seed, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 8}}

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import stage
+from helpers import lora_train, stage
 
 REPO = Path(__file__).resolve().parents[2]
 QA = REPO / "data" / "samples" / "qa"
@@ -64,10 +64,7 @@ def rtuning(smollm2, tmp_path_factory):
                                      "inputs": {"probe": {"stage": "rtuning-probe", "run": "facts"}}, **extra})
         stage(root, "sft", {"run": {"name": variant}, "model": model,
                             "inputs": {"dataset": {"stage": "rtuning-data"}, "train_split": "train", "eval_split": None},
-                            "train": {"max_steps": STEPS, "global_batch_size": 8, "per_device_batch_size": 8,
-                                      "learning_rate": 1e-4, "lr_scheduler": "constant", "max_length": 128,
-                                      "report_to": [], "logging_steps": 20, "save_steps": 100_000, "seed": SEED,
-                                      "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 8}},
+                            "train": lora_train(STEPS, 1e-4, 128, SEED),
                             "sft": {"assistant_only_loss": True}})
         report = stage(root, "rtuning-eval", {"run": {"name": variant}, "model": {"stage": "sft"},
                                               "inputs": {"items": items,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import stage
+from helpers import lora_train, stage
 from test_smollm2_rtuning import sources
 
 SEED = int(os.environ.get("RLHF_METHOD_SEED", "0"))
@@ -33,12 +33,6 @@ QUESTIONS = 96  # training questions (a seeded sample of the 245): sampling thei
 SFT_STEPS = 30
 RL_STEPS = 4
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
-
-
-def lora_train(steps: int, max_length: int) -> dict:
-    return {"max_steps": steps, "global_batch_size": 8, "per_device_batch_size": 8, "learning_rate": 2e-4,
-            "lr_scheduler": "constant", "max_length": max_length, "report_to": [], "logging_steps": 20,
-            "save_steps": 100_000, "seed": SEED, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +65,7 @@ def sayself(smollm2, tmp_path_factory):
             stage(root, "sft", {"run": {"name": arm}, "model": str(smollm2),
                                 "inputs": {"dataset": {"stage": "sayself-data"}, "train_split": "train",
                                            "eval_split": None},
-                                "train": lora_train(SFT_STEPS, 256), "sft": {"assistant_only_loss": True}})
+                                "train": lora_train(SFT_STEPS, 2e-4, 256, SEED), "sft": {"assistant_only_loss": True}})
             trained = "sft"
         else:
             stage(root, "sayself-rl", {"run": {"name": arm}, "model": {"stage": "sft", "run": "sayself"},
@@ -79,7 +73,7 @@ def sayself(smollm2, tmp_path_factory):
                                        "sayself": {"num_generations": 4, "temperature": 1.0,
                                                    "max_completion_length": 96, "beta": 0.04, "eval_questions": 16,
                                                    "eval_batch_size": 16},
-                                       "train": {**lora_train(RL_STEPS, 256), "learning_rate": 5e-5,
+                                       "train": {**lora_train(RL_STEPS, 2e-4, 256, SEED), "learning_rate": 5e-5,
                                                  "global_batch_size": 16, "per_device_batch_size": 16,
                                                  "logging_steps": 5}})
             trained = "sayself-rl"

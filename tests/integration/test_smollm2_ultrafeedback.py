@@ -27,21 +27,13 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import stage
+from helpers import lora_train, stage
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("RLHF_METHOD_SEED", "0"))
 SUBSETS = ("harmless", "helpful", "honest", "other")
 RM_STEPS = 24
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
-
-
-def lora_train(steps: int, lr: float, max_length: int, batch: int = 4, per_device: int = 4) -> dict:
-    # Adapters on the top 8 of SmolLM2's 30 layers: backpropagation stops there (CPU time).
-    return {"max_steps": steps, "global_batch_size": batch, "per_device_batch_size": per_device,
-            "learning_rate": lr, "lr_scheduler": "constant", "max_length": max_length, "report_to": [],
-            "logging_steps": 10, "save_steps": 100_000, "seed": SEED,
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +106,7 @@ def reward_models(judged, smollm2):
     results = {"untrained": untrained_head_accuracy(smollm2, root / "hhh-test.jsonl")}
     for arm, sources in (("ours", [ours, hhh_test]), ("mixture", [ours, hhh_train, hhh_test])):
         stage(root, "reward", {"run": {"name": f"rm-{arm}"}, "model": str(smollm2), "reward": {"sources": sources},
-                               "train": lora_train(RM_STEPS, 3e-4, 256)})
+                               "train": lora_train(RM_STEPS, 3e-4, 256, SEED, batch=4, logging_steps=10)})
         results[arm] = json.loads((root / "runs" / f"rm-{arm}" / "reward" / "eval.json").read_text())["accuracy"]
     return results
 
@@ -178,7 +170,7 @@ def critique_summary(judged, smollm2):
         "run": {"name": "ultracm"}, "model": str(smollm2),
         "inputs": {"dataset": {"stage": "pairs", "run": "t", "output": "critique"}, "train_split": "train",
                    "eval_split": "test"},
-        "train": lora_train(CM_STEPS, 3e-4, 512),
+        "train": lora_train(CM_STEPS, 3e-4, 512, SEED, batch=4, logging_steps=10),
         "critique": {"eval_items": 32, "max_new_tokens": 160, "batch_size": 16, "no_repeat_ngram_size": 6}})
 
 
