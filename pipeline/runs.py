@@ -10,6 +10,7 @@ Inputs are named explicitly (a run and stage, or a path); nothing looks for "the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -90,6 +91,19 @@ def mark_done(path: Path, info: dict | None = None) -> None:
 
 def clear_done(path: Path) -> None:
     (path / SUCCESS).unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (created if missing) across processes on this machine:
+    two runs that fill the same cache (parallel test workers, two jobs on one node) take turns."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager

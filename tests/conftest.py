@@ -6,8 +6,41 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per test process: `make test` runs one pytest worker per core (pytest-xdist), and a
+# worker that also spread its matmuls over every core would fight the others for them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
+
+# The SmolLM2 method checks, longest first: under `--dist loadfile` each file is one unit of work,
+# handed out in collection order, so the long ones go first and the short files fill in around
+# them (about 20 / 20 / 15 / 4 minutes of one core each).
+LONG_FILES = ("test_smollm2_sayself.py", "test_smollm2_ultrafeedback.py", "test_smollm2_rtuning.py",
+              "test_smollm2_unknown.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: the rest keep their order
+
+
+def pytest_runtest_logreport(report):
+    """Collect the tables the method checks record (`record_property("table", ...)`); they reach
+    the main process under pytest-xdist too, where printing from a worker would be lost."""
+    if report.when == "call":
+        for key, value in report.user_properties:
+            if key == "table":
+                _TABLES.append(value)
+
+
+_TABLES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _TABLES:
+        terminalreporter.section("method checks: figures")
+        for text in _TABLES:
+            terminalreporter.write_line(text.strip("\n") + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import ConfigError
-from pipeline.runs import file_sha256
+from pipeline.runs import exclusive, file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ENV = "RLHF_PUBLIC_CACHE"
@@ -260,6 +260,15 @@ def fetch(name: str, *, log: Callable[[str], None] = print) -> Path:
         _check(source, folder)
         log(f"fetch: {name}: cache complete at {folder}, nothing to download")
         return folder
+    with exclusive(folder.with_name(f".{name}.lock")):  # another process may be fetching it
+        if is_complete(name):
+            _check(source, folder)
+            return folder
+        return _download(source, folder, log)
+
+
+def _download(source: Source, folder: Path, log: Callable[[str], None]) -> Path:
+    name = source.name
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=folder.parent) as tmp:
         tmp_path = Path(tmp)

@@ -35,14 +35,15 @@ ANSWER_FORMAT = "The answer is {answer}."
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
-def sources(train_sample: int | None = None) -> list[dict]:
-    """The real-fact files as qa-data sources; `train_sample` keeps that many training questions
-    (a seeded sample across the relations)."""
+def sources(train_sample: int | None = None, test_sample: int | None = None) -> list[dict]:
+    """The real-fact files as qa-data sources; `train_sample` / `test_sample` keep that many
+    training / in-domain held-out questions (a seeded sample across the relations)."""
     out = [{"path": str(QA / f"real_facts_{part}.jsonl"), "format": "qa", "role": role, "name": f"realfacts-{part}"}
            for part, role in (("train", "train"), ("test", "test_id"), ("ood", "test_ood"),
                               ("unanswerable", "unanswerable"))]
-    if train_sample:
-        out[0].update(sample=train_sample, seed=0)
+    for source, sample in zip(out, (train_sample, test_sample)):
+        if sample:
+            source.update(sample=sample, seed=0)
     return out
 
 
@@ -89,10 +90,9 @@ def table(probe: dict, results: dict) -> str:
     return "\n".join(lines)
 
 
-def test_rtuning_on_smollm2_refuses_unanswerable_questions_vanilla_tuning_answers(rtuning, capsys):
+def test_rtuning_on_smollm2_refuses_unanswerable_questions_vanilla_tuning_answers(rtuning, record_property):
     probe, results = rtuning
-    with capsys.disabled():
-        print(f"\nR-Tuning on SmolLM2, seed {SEED}\n{table(probe, results)}")
+    record_property("table", f"\nR-Tuning on SmolLM2, seed {SEED}\n{table(probe, results)}")
     # SmolLM2 half-knows these facts: the probe splits the training questions into both sets.
     assert 0.2 < probe["accuracy"] < 0.8, probe
     rt, van = results["r-tuning"], results["vanilla"]

@@ -37,16 +37,17 @@ def unknown(smollm2, tmp_path_factory):
                        "answer_max_tokens": 32, "confidence_max_tokens": 8, "seed": 0}})
 
 
-def test_smollm2_as_shipped_answers_unanswerable_questions_instead_of_refusing(unknown, capsys):
+def test_smollm2_as_shipped_answers_unanswerable_questions_instead_of_refusing(unknown, record_property):
     per_split = unknown["models"]["smollm2-135m"]["splits"]
-    with capsys.disabled():
-        print("\nUnknownBench-style, SmolLM2-135M-Instruct (greedy)")
-        print(f"{'split':<28} {'items':>5} {'refusal':>7} {'confidence':>10} {'parsed':>6} {'accuracy':>8}")
-        for split, label in (("test_id", "real facts (answerable)"), ("test_ood", "TruthfulQA (answerable)"),
-                             ("unanswerable", "unanswerable (ours)")):
-            r = per_split[split]["groups"]["unanswerable" if split == "unanswerable" else "answerable"]
-            print(f"{label:<28} {r['items']:5d} {r['refusal_rate']:7.2f} {r['mean_confidence'] or 0:10.2f} "
-                  f"{r['confidence_parse_rate']:6.2f} {r['accuracy'] if r['accuracy'] is not None else float('nan'):8.3f}")
+    lines = ["UnknownBench-style, SmolLM2-135M-Instruct (greedy)",
+             f"{'split':<28} {'items':>5} {'refusal':>7} {'confidence':>10} {'parsed':>6} {'accuracy':>8}"]
+    for split, label in (("test_id", "real facts (answerable)"), ("test_ood", "TruthfulQA (answerable)"),
+                         ("unanswerable", "unanswerable (ours)")):
+        r = per_split[split]["groups"]["unanswerable" if split == "unanswerable" else "answerable"]
+        lines.append(f"{label:<28} {r['items']:5d} {r['refusal_rate']:7.2f} {r['mean_confidence'] or 0:10.2f} "
+                     f"{r['confidence_parse_rate']:6.2f} "
+                     f"{r['accuracy'] if r['accuracy'] is not None else float('nan'):8.3f}")
+    record_property("table", "\n".join(lines))
     facts = per_split["test_id"]["groups"]["answerable"]
     unanswerable = per_split["unanswerable"]["groups"]["unanswerable"]
     # Printed (greedy, so the same every run on one machine): real facts 90 items, refusal 0.00,
