@@ -35,13 +35,14 @@ ANSWER_FORMAT = "The answer is {answer}."
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
-def sources(train_sample: int | None = None, test_sample: int | None = None) -> list[dict]:
-    """The real-fact files as qa-data sources; `train_sample` / `test_sample` keep that many
-    training / in-domain held-out questions (a seeded sample across the relations)."""
+def sources(train_sample: int | None = None, test_sample: int | None = None,
+            ood_sample: int | None = None) -> list[dict]:
+    """The real-fact files as qa-data sources; `train_sample` / `test_sample` / `ood_sample` keep
+    that many training / in-domain held-out / currency questions (seeded samples)."""
     out = [{"path": str(QA / f"real_facts_{part}.jsonl"), "format": "qa", "role": role, "name": f"realfacts-{part}"}
            for part, role in (("train", "train"), ("test", "test_id"), ("ood", "test_ood"),
                               ("unanswerable", "unanswerable"))]
-    for source, sample in zip(out, (train_sample, test_sample)):
+    for source, sample in zip(out, (train_sample, test_sample, ood_sample)):
         if sample:
             source.update(sample=sample, seed=0)
     return out

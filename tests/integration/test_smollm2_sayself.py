@@ -29,11 +29,12 @@ from helpers import lora_train, stage
 from test_smollm2_rtuning import sources
 
 SEED = int(os.environ.get("RLHF_METHOD_SEED", "0"))
-# Sizes chosen for CI time (about 20 minutes of one core): a seeded sample of the 245 training
-# questions (4 chains each) and of the 90 in-domain held-out ones; the 40 currencies all.
+# Sizes chosen for CI time (about 20 minutes of one core): seeded samples of the 245 training
+# questions (4 chains each), of the 90 in-domain held-out ones and of the 40 currencies.
 QUESTIONS = 64
-TEST_ID = 45
-SFT_STEPS = 20
+TEST_ID = 30
+TEST_OOD = 30
+SFT_STEPS = 20  # of 4 chats each, lr 3e-4
 RL_STEPS = 2
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -43,7 +44,7 @@ def sayself(smollm2, tmp_path_factory):
     from pipeline.standin import start_standin
 
     root = tmp_path_factory.mktemp("smollm2-sayself")
-    stage(root, "qa-data", {"run": {"name": "facts"}, "inputs": {"sources": sources(train_sample=QUESTIONS, test_sample=TEST_ID)}})
+    stage(root, "qa-data", {"run": {"name": "facts"}, "inputs": {"sources": sources(train_sample=QUESTIONS, test_sample=TEST_ID, ood_sample=TEST_OOD)}})
     items = {"stage": "qa-data", "run": "facts"}
     sample = stage(root, "sayself-sample", {"run": {"name": "facts"},
                                    "model": {"name": "smollm2-135m", "backend": "hf", "path": str(smollm2),
@@ -68,7 +69,7 @@ def sayself(smollm2, tmp_path_factory):
             stage(root, "sft", {"run": {"name": arm}, "model": str(smollm2),
                                 "inputs": {"dataset": {"stage": "sayself-data"}, "train_split": "train",
                                            "eval_split": None},
-                                "train": lora_train(SFT_STEPS, 2e-4, 256, SEED), "sft": {"assistant_only_loss": True}})
+                                "train": lora_train(SFT_STEPS, 3e-4, 256, SEED, batch=4), "sft": {"assistant_only_loss": True}})
             trained = "sft"
         else:
             stage(root, "sayself-rl", {"run": {"name": arm}, "model": {"stage": "sft", "run": "sayself"},
@@ -116,4 +117,4 @@ def test_sayself_on_smollm2_runs_every_arm_on_its_own_chains(sayself, record_pro
     # (an empty reply is still dropped, hence 95 %)
     assert sampled["kept"] >= 0.95 * QUESTIONS * 4 and 0 < sampled["correct"] < sampled["kept"], sampled
     for arm, r in results.items():
-        assert (r["test_id"]["items"], r["test_ood"]["items"]) == (TEST_ID, 40), (arm, r)
+        assert (r["test_id"]["items"], r["test_ood"]["items"]) == (TEST_ID, TEST_OOD), (arm, r)
