@@ -408,8 +408,8 @@ def dry_run(run: JudgeRun, items: list[Item]) -> dict:
         tokens_out += min(guess, params["max_new_tokens"])
     price = run.price
     dollars = None if price is None else (tokens_in * price.input_per_mtok + tokens_out * price.output_per_mtok) / 1e6
-    extra_note = (f"; {len(extras)} extra order(s) for disagreeing ratings included, up to {possible} more "
-                  "if ratings disagree" if run.ann.position_debias == "permute" else "")
+    extra_note = (f"; {len(extras)} extra order(s) known to be needed, up to {possible} more if ratings "
+                  "disagree" if run.ann.position_debias == "permute" else "")
     print(f"annotate --dry-run: {calls} call(s) to send (of {len(outcomes)} items; re-asks not counted"
           f"{extra_note}), about {tokens_in:,} prompt + {tokens_out:,} completion tokens, "
           + (f"about ${dollars:,.2f}" if dollars is not None else

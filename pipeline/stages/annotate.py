@@ -395,7 +395,11 @@ def position_summary(recipe: Recipe, extras: list, failures: list[dict]) -> dict
 def print_summary(summary: dict, stage_path: Path) -> None:
     cost_text = (f", ${summary['cost_usd_all_runs']:.4f} spent in all runs"
                  if summary["cost_usd_all_runs"] is not None else "")
-    print(f"annotate ({summary['mode']}): {summary['rows_out']} rows, {summary['completions_annotated']} "
+    debias = summary["position_debias"]
+    if debias == "permute":
+        debias += (f" x{summary['position_orders']}, {summary['extra_orders']} extra order(s), "
+                   f"{summary['inconsistent_ratings']} inconsistent rating(s)")
+    print(f"annotate ({summary['mode']}, {debias}): {summary['rows_out']} rows, {summary['completions_annotated']} "
           f"completions annotated ({summary['items_failed']} items failed) -> {stage_path / DATASET}")
     print(f"  requests: {summary['requests_sent_this_run']} sent now, {summary['requests_replayed']} from the "
           f"ledger, {summary['reasks_this_run']} re-asks; tokens {summary['tokens']['total']:,} "
