@@ -136,8 +136,10 @@ class AnnotationSection(Strict):
         if self.judge.backend != "openai":
             raise ValueError("judge: the judge must use backend 'openai' (any OpenAI-compatible server)")
         if self.position_debias != "permute":
+            # A value other than the default would be silently ignored: say so. (Defaults pass,
+            # since the saved resolved copy of every recipe spells them out.)
             for key in ("position_orders", "max_position_gap"):
-                if key in self.model_fields_set:
+                if getattr(self, key) != type(self).model_fields[key].default:
                     raise ValueError(f"{key} applies only to position_debias: permute "
                                      f"(position_debias is {self.position_debias!r})")
         if self.budget_usd is not None and self.price is None:

@@ -221,3 +221,13 @@ def test_position_settings_have_defaults_and_take_overrides(tmp_path):
     ann = load_recipe(write_recipe(tmp_path), ["annotation.position_debias=permute",
                                                "annotation.position_orders=4"]).annotation
     assert (ann.position_debias, ann.position_orders) == ("permute", 4)
+
+
+def test_resolved_copies_reload_whatever_the_mode(tmp_path):
+    from pipeline.config import dump_recipe
+
+    for overrides in ([], ["annotation.position_debias=permute", "annotation.max_position_gap=0.5"]):
+        loaded = load_recipe(write_recipe(tmp_path), overrides)
+        saved = tmp_path / "config.yaml"
+        saved.write_text(dump_recipe(loaded))
+        assert load_recipe(saved, check_inputs=False).model_dump() == loaded.model_dump()
