@@ -558,6 +558,10 @@ def test_disagreeing_orders_get_one_extra_order_then_inconsistent_is_reported(tm
             true = expected(row, completion)
             if c == second:
                 assert all(record["mean"][a] == true[a] for a in rubric.ASPECTS)
+    from pipeline.stages import pairs
+
+    for i, row in enumerate(rows):  # the extra field keeps the rows readable by the next stage
+        assert len(pairs.check_row(row, f"row {i}").completions) == 4
     flagged = {(f["prompt_id"], f["completion"]) for f in failures}
     assert flagged == {(r["prompt_id"], shuffled_order(0, r["prompt_id"], 4)[1]) for r in rows}
     standin.reset()
