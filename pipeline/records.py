@@ -27,7 +27,7 @@ NA_ASPECTS = ("honesty",)
 # The `datasets` Features are built on first use (module __getattr__), so importing a stage to
 # validate its recipe does not import `datasets`.
 _FEATURE_NAMES = ("PROMPT_FEATURES", "ANNOTATION_FEATURES", "COMPLETION_FEATURES", "COMPLETION_SET_FEATURES",
-                  "QA_FEATURES")
+                  "PERMUTED_COMPLETION_SET_FEATURES", "QA_FEATURES")
 
 
 @functools.cache
@@ -77,6 +77,21 @@ def _features() -> dict:
             "reference": Value("string"),
         }
     )
+
+    # annotate with position_debias=permute: each completion also carries, per aspect, its rating
+    # in each order it was shown in (order index 0, 1, ...; an extra order last), their mean and
+    # spread (max - min; null when all were N/A), and the aspects still inconsistent after the
+    # extra order. Everything else keeps the public shape.
+    POSITION_FEATURES = {
+        "ratings": {aspect: List(Value("string")) for aspect in ASPECTS},
+        "mean": {aspect: Value("float64") for aspect in ASPECTS},
+        "spread": {aspect: Value("float64") for aspect in ASPECTS},
+        "inconsistent": List(Value("string")),
+    }
+    PERMUTED_COMPLETION_SET_FEATURES = Features({
+        **COMPLETION_SET_FEATURES,
+        "completions": List({**COMPLETION_FEATURES, "position_debias": POSITION_FEATURES}),
+    })
 
     # One QA item. `kind`: open (free answer; correct when a gold answer is a substring of the
     # model's), choice (`choices` listed as A, B, ...; `answer_index` is the right one), unanswerable

@@ -16,7 +16,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.judge import rubric
+from pipeline.judge import positions, rubric
 from pipeline.judge.parse import ParseError, parse_aspect, parse_compact, parse_critique
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.openai_backend import api_key, async_client, error_reason
@@ -35,12 +35,15 @@ class BudgetReached(Exception):
 
 @dataclass(frozen=True)
 class Item:
-    """One judge question: an aspect (or all, compact) over a row's texts, or one critique."""
+    """One judge question: an aspect (or all, compact) over a row's texts, or one critique.
+    `order` indexes the row's orders (pipeline.judge.positions): 0 unless position_debias is
+    permute."""
 
     row: int
     kind: str  # "aspect", "compact" or "critique"
     aspect: str | None = None
     completion: int | None = None
+    order: int = 0
 
 
 @functools.lru_cache(maxsize=4096)  # asked once per aspect of a prompt; seeding a Random is not free
@@ -50,14 +53,23 @@ def shuffled_order(seed: int, pid: str, n: int) -> tuple[int, ...]:
     return tuple(order)
 
 
+def orders_asked(ann, n: int) -> int:
+    """How many orders each rated question of a row with `n` completions is asked in at first
+    (`ann`: the recipe's annotation section)."""
+    if ann.position_debias != "permute":
+        return 1
+    return min(ann.position_orders, len(positions.order_family(tuple(range(n)), ann.position_orders)))
+
+
 def plan(rows: list[dict], recipe) -> list[Item]:
     ann = recipe.annotation
     items = []
     for r, row in enumerate(rows):
+        orders = range(orders_asked(ann, len(row["completions"])))
         if ann.mode == "compact":
-            items.append(Item(r, "compact"))
+            items += [Item(r, "compact", order=o) for o in orders]
         else:
-            items += [Item(r, "aspect", aspect=a) for a in rubric.ASPECTS]
+            items += [Item(r, "aspect", aspect=a, order=o) for a in rubric.ASPECTS for o in orders]
         if ann.critique:
             items += [Item(r, "critique", completion=c) for c in range(len(row["completions"]))]
     return items
@@ -72,14 +84,32 @@ class Requests:
         self.structured = self.ann.mode == "structured"
         self.identity = {"backend": "openai", "model": self.ann.judge_model}
         self.version = rubric.TEMPLATE_VERSION + (f"+json-{rubric.schema_digest()}" if self.structured else "")
+        self._orders: dict[int, list[tuple[int, ...]]] = {}
 
-    def order(self, item: Item) -> list[int]:
-        row = self.rows[item.row]
-        return shuffled_order(self.ann.seed, row["prompt_id"], len(row["completions"]))
+    def orders(self, r: int) -> list[tuple[int, ...]]:
+        """Row `r`'s orders: the ones asked first, then (permute) the one extra order, if any."""
+        if r not in self._orders:
+            row = self.rows[r]
+            n = len(row["completions"])
+            if self.ann.position_debias == "none":
+                self._orders[r] = [tuple(range(n))]
+            else:
+                base = shuffled_order(self.ann.seed, row["prompt_id"], n)
+                self._orders[r] = ([base] if self.ann.position_debias == "shuffle"
+                                   else positions.order_family(base, self.ann.position_orders + 1))
+        return self._orders[r]
+
+    def order(self, item: Item) -> tuple[int, ...]:
+        """Which completion is shown at each position."""
+        return self.orders(item.row)[item.order]
 
     def _nonce(self, item: Item, texts: list[str]) -> str:
         # Derived from the texts themselves, so no text can contain the marker lines around it.
-        blob = json.dumps([self.ann.seed, item.kind, item.aspect, item.completion, texts])
+        # An order after the first is part of it: each order is its own request and ledger key
+        # even where two orders show the same texts (duplicate completions). Order 0 keeps the
+        # nonce `shuffle` uses, so a shuffle run's answers serve a permute run.
+        fields = [self.ann.seed, item.kind, item.aspect, item.completion, texts]
+        blob = json.dumps(fields + [item.order] if item.order else fields)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def first(self, item: Item) -> tuple[list[dict], dict]:
@@ -245,7 +275,8 @@ class JudgeRun:
         row = self.rows[item.row]
         meta = {"prompt_id": row["prompt_id"], "kind": item.kind, "aspect": item.aspect,
                 "completion": item.completion, "seed": self.ann.seed,
-                "order": self.requests.order(item) if item.kind != "critique" else None}
+                "order": self.requests.order(item) if item.kind != "critique" else None,
+                "order_index": item.order}
         counted = 0  # re-asks that count against max_reasks in this run
         reasks = 0
         while True:
@@ -360,7 +391,13 @@ def _token_sums(ledger: Ledger) -> tuple[int, int]:
 
 def dry_run(run: JudgeRun, items: list[Item]) -> dict:
     calls = tokens_in = tokens_out = 0
-    for item, outcome in zip(items, run.replay_all(items)):
+    outcomes = dict(zip(items, run.replay_all(items)))
+    # permute: the extra orders the ledger already shows to be needed are counted; the others
+    # depend on answers not bought yet, and at most one per rated question can follow.
+    extras = extra_items(run.requests, items, outcomes)
+    outcomes.update(zip(extras, run.replay_all(extras)))
+    possible = sum(1 for group in rated_groups(items).values() if _may_need_extra(run.requests, group, outcomes))
+    for item, outcome in outcomes.items():
         if outcome.status != "pending":
             continue
         messages, params = outcome.value
@@ -371,11 +408,80 @@ def dry_run(run: JudgeRun, items: list[Item]) -> dict:
         tokens_out += min(guess, params["max_new_tokens"])
     price = run.price
     dollars = None if price is None else (tokens_in * price.input_per_mtok + tokens_out * price.output_per_mtok) / 1e6
-    print(f"annotate --dry-run: {calls} call(s) to send (of {len(items)} items; re-asks not counted), "
-          f"about {tokens_in:,} prompt + {tokens_out:,} completion tokens, "
+    extra_note = (f"; {len(extras)} extra order(s) known to be needed, up to {possible} more if ratings "
+                  "disagree" if run.ann.position_debias == "permute" else "")
+    print(f"annotate --dry-run: {calls} call(s) to send (of {len(outcomes)} items; re-asks not counted"
+          f"{extra_note}), about {tokens_in:,} prompt + {tokens_out:,} completion tokens, "
           + (f"about ${dollars:,.2f}" if dollars is not None else
              f"cost unknown (no price for {run.ann.judge_model!r} in annotation.prices)"))
-    return {"calls": calls, "prompt_tokens": tokens_in, "completion_tokens": tokens_out, "cost_usd": dollars}
+    return {"calls": calls, "prompt_tokens": tokens_in, "completion_tokens": tokens_out, "cost_usd": dollars,
+            "extra_orders_known": len(extras), "extra_orders_possible": possible}
+
+
+# ---------------------------------------------------------------- several orders (permute)
+
+
+def rated_groups(items: list[Item]) -> dict[tuple[int, str, str | None], dict[int, Item]]:
+    """The rated (non-critique) items by question (row, kind, aspect), then by order index."""
+    groups: dict[tuple[int, str, str | None], dict[int, Item]] = {}
+    for item in items:
+        if item.kind != "critique":
+            groups.setdefault((item.row, item.kind, item.aspect), {})[item.order] = item
+    return groups
+
+
+def _per_position(item: Item, value) -> list[dict[str, dict]]:
+    """aspect -> parsed annotation, for each shown position of a rated item's answer."""
+    return value if item.kind == "compact" else [{item.aspect: parsed} for parsed in value]
+
+
+def shown_by_completion(requests: Requests, group: dict[int, Item], outcomes: dict,
+                        indices) -> list[dict[str, list[dict]]] | None:
+    """For each completion of the group's row: aspect -> its annotation in each order of
+    `indices`, mapped back through that order; None when one of them has no usable answer."""
+    out: list[dict[str, list[dict]]] | None = None
+    for index in indices:
+        item = group.get(index)
+        if item is None or outcomes.get(item) is None or outcomes[item].status != "ok":
+            return None
+        order = requests.order(item)
+        if out is None:
+            out = [{} for _ in order]
+        for position, shown in enumerate(_per_position(item, outcomes[item].value)):
+            for aspect, annotation in shown.items():
+                out[order[position]].setdefault(aspect, []).append(annotation)
+    return out
+
+
+def _disagrees(shown: list[dict[str, list[dict]]], gap: float) -> bool:
+    return any(not positions.all_agree([a["Rating"] for a in annotations], gap)
+               for per_aspect in shown for annotations in per_aspect.values())
+
+
+def _may_need_extra(requests: Requests, group: dict[int, Item], outcomes: dict) -> bool:
+    """An extra order exists for this question and its first orders are not all answered yet."""
+    item = next(iter(group.values()))
+    asked = orders_asked(requests.ann, len(requests.rows[item.row]["completions"]))
+    return (requests.ann.position_debias == "permute" and asked < len(requests.orders(item.row))
+            and shown_by_completion(requests, group, outcomes, range(asked)) is None)
+
+
+def extra_items(requests: Requests, items: list[Item], outcomes: dict) -> list[Item]:
+    """permute: one more order for every question whose answers in the first orders disagree
+    (by more than max_position_gap) on some completion, where the row has another order. Derived
+    from the answers alone, so a resumed run finds the same extra questions in the ledger."""
+    ann = requests.ann
+    if ann.position_debias != "permute":
+        return []
+    extras = []
+    for (r, kind, aspect), group in rated_groups(items).items():
+        asked = orders_asked(ann, len(requests.rows[r]["completions"]))
+        if asked >= len(requests.orders(r)) or asked in group:
+            continue
+        shown = shown_by_completion(requests, group, outcomes, range(asked))
+        if shown is not None and _disagrees(shown, ann.max_position_gap):
+            extras.append(Item(r, kind, aspect, order=asked))
+    return extras
 
 
 
@@ -383,51 +489,79 @@ def dry_run(run: JudgeRun, items: list[Item]) -> dict:
 
 
 def assemble(rows: list[dict], items: list[Item], outcomes: dict, requests: Requests, with_critique: bool):
-    """Annotated rows (complete completions only) and the failures, one record per lost item."""
-    by_row: dict[int, list[Item]] = {}
-    for item in items:
-        by_row.setdefault(item.row, []).append(item)
+    """Annotated rows (complete completions only) and the failures: one record per lost item,
+    and (permute) one per completion and aspect still inconsistent across orders."""
+    ann = requests.ann
+    permute = ann.position_debias == "permute"
+    groups_by_row: dict[int, list[dict[int, Item]]] = {}
+    for (r, _, _), group in rated_groups(items).items():
+        groups_by_row.setdefault(r, []).append(group)
     out_rows, failures = [], []
     incomplete = 0
+    critiques: dict[tuple[int, int], tuple[str, int]] = {}
+    for item in items:
+        outcome = outcomes[item]
+        if outcome.status != "ok":
+            failures.append({"prompt_id": rows[item.row]["prompt_id"], "kind": item.kind, "aspect": item.aspect,
+                             "completion": item.completion, "order_index": item.order,
+                             "status": outcome.status, "reason": outcome.reason})
+        elif item.kind == "critique":
+            critiques[(item.row, item.completion)] = outcome.value
     for r, row in enumerate(rows):
         n = len(row["completions"])
         annotations = [empty_annotations() for _ in range(n)]
-        have = [set() for _ in range(n)]
-        critiques: list[tuple[str, int] | None] = [None] * n
-        for item in by_row.get(r, []):
-            outcome = outcomes[item]
-            if outcome.status != "ok":
-                failures.append({"prompt_id": row["prompt_id"], "kind": item.kind, "aspect": item.aspect,
-                                 "completion": item.completion, "status": outcome.status,
-                                 "reason": outcome.reason})
+        debiased = [_empty_position_record() for _ in range(n)]
+        asked = orders_asked(ann, n)
+        for group in groups_by_row.get(r, []):
+            shown = shown_by_completion(requests, group, outcomes, range(asked))
+            if shown is None:  # an order without a usable answer: its failure is recorded above
                 continue
-            if item.kind == "critique":
-                critiques[item.completion] = outcome.value
-                continue
-            order = requests.order(item)
-            for position, parsed in enumerate(outcome.value):
-                c = order[position]
-                if item.kind == "compact":
-                    for aspect in rubric.ASPECTS:
-                        annotations[c][aspect] = parsed[aspect]
-                        have[c].add(aspect)
-                else:
-                    annotations[c][item.aspect] = parsed
-                    have[c].add(item.aspect)
+            extra = shown_by_completion(requests, group, outcomes, [asked]) if asked in group else None
+            for c in range(n):
+                for aspect, per_order in shown[c].items():
+                    if not permute:
+                        annotations[c][aspect] = per_order[0]
+                        continue
+                    ratings = [a["Rating"] for a in per_order]
+                    consistent = positions.all_agree(ratings, ann.max_position_gap)
+                    if not consistent:
+                        if extra is not None:
+                            ratings.append(extra[c][aspect][0]["Rating"])
+                        consistent = positions.majority_agrees(ratings, ann.max_position_gap)
+                    combined = positions.combine(ratings)
+                    # Rationales and types are the first order's (the order `shuffle` shows).
+                    annotations[c][aspect] = {**per_order[0], "Rating": combined["rating"]}
+                    record = debiased[c]
+                    record["ratings"][aspect] = ratings
+                    record["mean"][aspect] = combined["mean"]
+                    record["spread"][aspect] = combined["spread"]
+                    if not consistent:
+                        record["inconsistent"].append(aspect)
+                        failures.append({
+                            "prompt_id": row["prompt_id"], "kind": group[0].kind, "aspect": aspect,
+                            "completion": c, "status": "inconsistent", "ratings": ratings,
+                            "reason": f"ratings {ratings} in {len(ratings)} orders: no majority of them lies "
+                                      f"within max_position_gap={ann.max_position_gap:g}; kept as their mean"})
         completions = []
         for c, completion in enumerate(row["completions"]):
-            if len(have[c]) < len(rubric.ASPECTS) or (with_critique and critiques[c] is None):
+            have = [a for a in rubric.ASPECTS if annotations[c][a]["Rating"] is not None]
+            critique = critiques.get((r, c))
+            if len(have) < len(rubric.ASPECTS) or (with_critique and critique is None):
                 incomplete += 1
                 continue
-            ratings = [int(annotations[c][a]["Rating"]) for a in rubric.ASPECTS
-                       if annotations[c][a]["Rating"] != "N/A"]
-            feedback, score = critiques[c] if critiques[c] is not None else ("", None)
+            if permute:  # the unrounded means, not the rounded ratings of the public fields
+                ratings = [m for m in debiased[c]["mean"].values() if m is not None]
+            else:
+                ratings = [int(annotations[c][a]["Rating"]) for a in rubric.ASPECTS
+                           if annotations[c][a]["Rating"] != "N/A"]
+            feedback, score = critique if critique is not None else ("", None)
             completions.append({
                 **{k: completion.get(k) for k in ("custom_system_prompt", "model", "principle", "response")},
                 "annotations": annotations[c],
                 "critique": feedback,
                 "overall_score": float(score) if score is not None else None,
                 "fine-grained_score": sum(ratings) / len(ratings) if ratings else None,
+                **({"position_debias": debiased[c]} if permute else {}),
             })
         if completions:
             out_rows.append({
@@ -437,3 +571,8 @@ def assemble(rows: list[dict], items: list[Item], outcomes: dict, requests: Requ
                 "reference": row["reference"],
             })
     return out_rows, failures, incomplete
+
+
+def _empty_position_record() -> dict:
+    return {"ratings": {a: [] for a in rubric.ASPECTS}, "mean": {a: None for a in rubric.ASPECTS},
+            "spread": {a: None for a in rubric.ASPECTS}, "inconsistent": []}

@@ -6,6 +6,14 @@ each ledger record) and mapped back; one critique call per completion, ending in
 score 1-10. `structured` asks the same calls for JSON with a schema; `compact` rates the four
 aspects in one call. `fine-grained_score` is the mean of the non-N/A aspect ratings.
 
+Position bias (`annotation.position_debias`, pipeline.judge.positions): `none` shows the
+completions in their input order, `shuffle` (the default, as above) in one seeded order per
+prompt, `permute` asks every rated call in `position_orders` orders (the shuffled one, its
+reverse, ...) and keeps each completion's mean rating and its spread across orders. A rated
+call where some completion's ratings spread more than `max_position_gap` is asked in one extra
+order; a completion with still no majority of agreeing ratings keeps the mean and gets a
+failures.jsonl line with status `inconsistent`. Critiques show one completion: never permuted.
+
 Exactly once. Every request is keyed (pipeline.ledger) by the judge model, the template version,
 the messages and the sampling parameters, and its answer is recorded as soon as it arrives. An
 answer that does not parse is asked again with a corrective message (a new request with its own
@@ -45,7 +53,15 @@ from pipeline import records
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict
 from pipeline.judge import rubric
 from pipeline.judge.batch import batch_collect, batch_submit
-from pipeline.judge.session import JudgeRun, assemble, dry_run, ledger_tokens, plan, spent_so_far
+from pipeline.judge.session import (
+    JudgeRun,
+    assemble,
+    dry_run,
+    extra_items,
+    ledger_tokens,
+    plan,
+    spent_so_far,
+)
 from pipeline.ledger import Ledger
 from pipeline.records import check_rows, prompt_id, saved_rows
 from pipeline.report import figure
@@ -93,6 +109,15 @@ class AnnotationSection(Strict):
         "feedback gets twice this). For a small judge under guided decoding (vLLM), which otherwise may not "
         "close a string before max_tokens; OpenAI's strict mode may refuse the keyword, so None leaves it out")
     seed: int = Field(0, description="Seeds the order in which completions are shown to the judge")
+    position_debias: Literal["none", "shuffle", "permute"] = Field(
+        "shuffle", description="none: completions shown in their input order; shuffle: one order per prompt, "
+        "shuffled with `seed` (UltraFeedback); permute: every rated call asked in `position_orders` orders, "
+        "each completion's ratings averaged (calls x position_orders)")
+    position_orders: int = Field(2, ge=2, le=16, description="permute: orders per rated call (0: the shuffled "
+                                 "one, 1: its reverse, then rotations and their reverses)")
+    max_position_gap: float = Field(1.0, ge=0, le=4, description="permute: ratings of one completion that spread "
+                                    "more than this across orders get one extra order; still no majority within "
+                                    "it -> a line in failures.jsonl (status inconsistent), rating kept as the mean")
     max_reasks: int = Field(2, ge=0, description="Re-asks (with a corrective message) after an unusable answer")
     max_failure_fraction: float = Field(0.05, ge=0, le=1)
     requests_per_minute: float | None = Field(None, gt=0, description="Client-side request throttle")
@@ -110,6 +135,13 @@ class AnnotationSection(Strict):
     def _judge_is_remote(self) -> "AnnotationSection":
         if self.judge.backend != "openai":
             raise ValueError("judge: the judge must use backend 'openai' (any OpenAI-compatible server)")
+        if self.position_debias != "permute":
+            # A value other than the default would be silently ignored: say so. (Defaults pass,
+            # since the saved resolved copy of every recipe spells them out.)
+            for key in ("position_orders", "max_position_gap"):
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise ValueError(f"{key} applies only to position_debias: permute "
+                                     f"(position_debias is {self.position_debias!r})")
         if self.budget_usd is not None and self.price is None:
             raise ValueError(f"budget_usd is set but `prices` has no entry for judge model "
                              f"{self.judge_model!r}: the spend cannot be counted")
@@ -257,7 +289,6 @@ def write_report(rows: list[dict], report_dir: Path) -> dict:
 
 def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     from datasets import Dataset
-    from tqdm import tqdm
 
     rows = load_rows(recipe)
     items = plan(rows, recipe)
@@ -276,20 +307,13 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
             batch_collect(judge, stage_path, recipe.annotation.batch_poll_s)
         judge.spent_before = spent_so_far(ledger, judge.price) - judge.tally.cost_usd
         started = time.monotonic()
-        # First everything the ledger already answers (no client, no event-loop traffic), then
-        # only what is still to send: a rerun of a finished run never opens a connection.
-        judge.keep_pending = False
-        outcomes = dict(zip(items, judge.replay_all(items)))
-        pending = [item for item in items if outcomes[item].status == "pending"]
-        if pending:
-            failed_before = sum(outcome.status == "failed" for outcome in outcomes.values())
-            bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="annotate", unit="item",
-                       dynamic_ncols=True, mininterval=0.5)
-            judge.count_replays = False  # the replay pass above counted them
-            try:
-                outcomes.update(asyncio.run(judge.run_all(pending, bar, failed_before)))
-            finally:
-                bar.close()
+        outcomes = settle(judge, items)
+        # permute: questions whose orders disagree get one extra order, decided from the answers
+        # (so a resumed run derives the same ones and replays what it already bought).
+        extras = extra_items(judge.requests, items, outcomes)
+        if extras:
+            outcomes.update(settle(judge, extras))
+            items = items + extras
         elapsed = time.monotonic() - started
         tokens = ledger_tokens(ledger)
 
@@ -312,13 +336,16 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
             f"max_failure_fraction={limit}); see {stage_path / FAILURES}; commonest: "
             + "; ".join(f"{n}x {r}" for r, n in reasons) + ". Fix the cause and rerun with --retry-failed.")
     with atomic_dir(stage_path / DATASET) as tmp:
-        Dataset.from_list(out_rows, features=records.COMPLETION_SET_FEATURES).save_to_disk(str(tmp))
+        features = (records.PERMUTED_COMPLETION_SET_FEATURES if recipe.annotation.position_debias == "permute"
+                    else records.COMPLETION_SET_FEATURES)
+        Dataset.from_list(out_rows, features=features).save_to_disk(str(tmp))
     report = write_report(out_rows, stage_path / "report")
     annotated = sum(len(r["completions"]) for r in out_rows)
     requests_this_run = tally.sent
     summary = {
         "mode": recipe.annotation.mode, "judge_model": recipe.annotation.judge_model,
         "template_version": judge.requests.version, "seed": recipe.annotation.seed,
+        "position_debias": recipe.annotation.position_debias, **position_summary(recipe, extras, failures),
         "rows_in": len(rows), "rows_out": len(out_rows), "completions_annotated": annotated,
         "completions_incomplete": incomplete, "items": len(items), "items_failed": len(failed),
         "requests_sent_this_run": requests_this_run, "requests_replayed": tally.replayed,
@@ -336,10 +363,45 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     return summary
 
 
+def settle(judge: JudgeRun, items: list) -> dict:
+    """Every item's outcome: first everything the ledger already answers (no client, no
+    event-loop traffic), then only what is still to send, so a rerun of a finished run never
+    opens a connection."""
+    from tqdm import tqdm
+
+    judge.keep_pending = False
+    judge.count_replays = True
+    outcomes = dict(zip(items, judge.replay_all(items)))
+    pending = [item for item in items if outcomes[item].status == "pending"]
+    if pending:
+        failed_before = sum(outcome.status == "failed" for outcome in outcomes.values())
+        bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="annotate", unit="item",
+                   dynamic_ncols=True, mininterval=0.5)
+        judge.count_replays = False  # the replay pass above counted them
+        try:
+            outcomes.update(asyncio.run(judge.run_all(pending, bar, failed_before)))
+        finally:
+            bar.close()
+    return outcomes
+
+
+def position_summary(recipe: Recipe, extras: list, failures: list[dict]) -> dict:
+    ann = recipe.annotation
+    if ann.position_debias != "permute":
+        return {}
+    return {"position_orders": ann.position_orders, "max_position_gap": ann.max_position_gap,
+            "extra_orders": len(extras),
+            "inconsistent_ratings": sum(f["status"] == "inconsistent" for f in failures)}
+
+
 def print_summary(summary: dict, stage_path: Path) -> None:
     cost_text = (f", ${summary['cost_usd_all_runs']:.4f} spent in all runs"
                  if summary["cost_usd_all_runs"] is not None else "")
-    print(f"annotate ({summary['mode']}): {summary['rows_out']} rows, {summary['completions_annotated']} "
+    debias = summary["position_debias"]
+    if debias == "permute":
+        debias += (f" x{summary['position_orders']}, {summary['extra_orders']} extra order(s), "
+                   f"{summary['inconsistent_ratings']} inconsistent rating(s)")
+    print(f"annotate ({summary['mode']}, {debias}): {summary['rows_out']} rows, {summary['completions_annotated']} "
           f"completions annotated ({summary['items_failed']} items failed) -> {stage_path / DATASET}")
     print(f"  requests: {summary['requests_sent_this_run']} sent now, {summary['requests_replayed']} from the "
           f"ledger, {summary['reasks_this_run']} re-asks; tokens {summary['tokens']['total']:,} "

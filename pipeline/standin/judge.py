@@ -52,6 +52,13 @@ How the answer is made
                 A re-ask (an assistant turn and a corrective user turn after the prompt) gets
                 the same proper answer, since only the first user message is read.
 
+Position bias (settings position_bonus_first, position_penalty; both 0 by default)
+    On aspect and compact prompts, every aspect rating of the text shown at 0-based position i
+    is moved by (position_bonus_first if i == 0 else 0) - position_penalty * i, rounded half up
+    and clipped to 1-5, before the answer (types included) is written. Critiques show one text
+    and are never moved. A deliberate flaw, like the position preference of real judges, so a
+    test can measure what annotation.position_debias removes.
+
 Malformed answers (setting fail_malformed) are made by `malformed_answer`: one of a fixed list
 of faults a parser must reject, picked by a number in [0, 1) that the server draws from
 (seed, body hash, attempt); see MALFORMED_VARIANTS.
@@ -59,7 +66,9 @@ of faults a parser must reject, picked by a number in [0, 1) that the server dra
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -362,9 +371,36 @@ def _judge_one(instruction: str, text: str, reference: str | None) -> Judged:
     return Judged(scores=rate_features(f), feats=f, honesty_na=is_creative(instruction))
 
 
-def judge_texts(prompt: JudgePrompt) -> list[Judged]:
-    """rate(instruction, text, reference) for each text, with the features behind it."""
-    return [_judge_one(prompt.instruction, t, prompt.reference) for t in prompt.texts]
+@dataclass(frozen=True)
+class PositionBias:
+    """The stand-in's deliberate position bias (see the module docstring); zero: none."""
+
+    bonus_first: float = 0.0
+    penalty: float = 0.0
+
+    def shift(self, position: int) -> float:
+        return (self.bonus_first if position == 0 else 0.0) - self.penalty * position
+
+
+NO_BIAS = PositionBias()
+
+
+def _moved(judged: Judged, shift: float) -> Judged:
+    if not shift:
+        return judged
+    scores = dict(judged.scores)
+    for aspect in rubric.ASPECTS:  # `overall` is a critique's, and critiques are never moved
+        scores[aspect] = min(5, max(1, math.floor(scores[aspect] + shift + 0.5)))
+    return dataclasses.replace(judged, scores=scores)
+
+
+def judge_texts(prompt: JudgePrompt, bias: PositionBias = NO_BIAS) -> list[Judged]:
+    """rate(instruction, text, reference) for each text, with the features behind it, moved by
+    the position bias on aspect and compact prompts."""
+    judged = [_judge_one(prompt.instruction, t, prompt.reference) for t in prompt.texts]
+    if prompt.kind == "critique":
+        return judged
+    return [_moved(j, bias.shift(i)) for i, j in enumerate(judged)]
 
 
 # ---------------------------------------------------------------- the answer
@@ -462,9 +498,9 @@ def critique_feedback(prompt: JudgePrompt, judged: Judged) -> str:
     return " ".join(parts)
 
 
-def answer(prompt: JudgePrompt, structured: bool) -> str:
+def answer(prompt: JudgePrompt, structured: bool, bias: PositionBias = NO_BIAS) -> str:
     """The judge's answer in the format the prompt (and response_format) asks for."""
-    judged = judge_texts(prompt)
+    judged = judge_texts(prompt, bias)
     if structured:
         return json.dumps(_json_value(prompt, judged), ensure_ascii=False)
     if prompt.kind == "critique":
@@ -484,17 +520,18 @@ MALFORMED_VARIANTS = {
 }
 
 
-def malformed_answer(prompt: JudgePrompt, structured: bool, u: float) -> tuple[str, str]:
+def malformed_answer(prompt: JudgePrompt, structured: bool, u: float,
+                     bias: PositionBias = NO_BIAS) -> tuple[str, str]:
     """(variant name, unusable answer); `u` in [0, 1) picks the variant."""
     group = "critique" if prompt.kind == "critique" else "rated"
     if group == "rated" and not prompt.texts:
         return "no_answer", "The stand-in judge (not a model) declined to answer."
     variants = MALFORMED_VARIANTS[(group, "json" if structured else "text")]
     variant = variants[min(int(u * len(variants)), len(variants) - 1)]
-    judged = judge_texts(prompt)
+    judged = judge_texts(prompt, bias)
 
     if structured:
-        good = answer(prompt, True)
+        good = answer(prompt, True, bias)
         if variant == "invalid_json":
             return variant, good[: max(1, len(good) // 2)]
         value = _json_value(prompt, judged)

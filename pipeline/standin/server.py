@@ -356,12 +356,14 @@ def _answer_body(state: dict, s: StandinSettings, body: dict, sha: str, attempt:
         fmt = body.get("response_format") or {}
         structured = fmt.get("type") in ("json_object", "json_schema")
         entry["judge"] = prompt.label
+        bias = judge.PositionBias(s.position_bonus_first, s.position_penalty)
         if entry["fault"] is None and s.fail_malformed > 0 and _unit(s.seed, sha, attempt, "malformed") < s.fail_malformed:
-            variant, reply = judge.malformed_answer(prompt, structured, _unit(s.seed, sha, attempt, "malformed-kind"))
+            variant, reply = judge.malformed_answer(prompt, structured, _unit(s.seed, sha, attempt, "malformed-kind"),
+                                                   bias)
             entry["fault"] = "malformed"
             entry["malformed"] = variant
         else:
-            reply = judge.answer(prompt, structured)
+            reply = judge.answer(prompt, structured, bias)
     else:
         temperature = 1.0 if body.get("temperature") is None else float(body["temperature"])
         found = sayself.reply(body["messages"], body["model"], temperature, body.get("seed"))

@@ -29,6 +29,13 @@ class StandinSettings:
     # out of range, a missing or duplicated block, invalid JSON, ...). Drawn separately from
     # the bands above, from (seed, body hash, attempt), and only when no other fault hit.
     fail_malformed: float = 0.0
+    # Position bias of the judge (aspect and compact prompts only; a critique shows one text).
+    # Every aspect rating of the text shown at 0-based position i is moved by
+    # (position_bonus_first if i == 0 else 0) - position_penalty * i, then rounded half up and
+    # clipped to 1-5. Off (0) by default; it lets a test show what annotation.position_debias
+    # removes, as real judges favour some positions (arXiv 2305.17926, 2406.07791).
+    position_bonus_first: float = 0.0
+    position_penalty: float = 0.0
     seed: int = 0  # seeds the fault draws and the jitter (not the generated texts)
     # Batches (/v1/batches): how long a batch stays in progress (its lines are spread over this
     # time), and, when > 0, how many lines are answered before the batch "expires" with
@@ -49,6 +56,8 @@ FLAG_FOR_FIELD = {
     "timeout_sleep_s": "--timeout-sleep",
     "fail_first_n": "--fail-first-n",
     "fail_malformed": "--fail-malformed",
+    "position_bonus_first": "--position-bonus-first",
+    "position_penalty": "--position-penalty",
     "seed": "--seed",
     "batch_delay_s": "--batch-delay",
     "batch_expire_after": "--batch-expire-after",

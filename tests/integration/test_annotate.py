@@ -428,3 +428,178 @@ def test_repeated_prompt_ids_are_refused_before_any_request(tmp_path, standin):
         run_stage(recipe_file(tmp_path, standin, sets))
     assert standin.stats()["requests_total"] == 0
     assert not out_dir(tmp_path).exists()
+
+
+# --- position bias (annotation.position_debias) -----------------------------------------------
+
+# Four answers the stand-in rates 2-4 on every aspect, so a bias of one point is never clipped.
+POSITION_TEXTS = (
+    "Plants use light to make sugar. The leaves catch sunlight and the plant builds sugar from water "
+    "and air. Oxygen comes out as well, which animals breathe.",
+    "Photosynthesis happens in leaves. Light gives energy, and the plant turns carbon dioxide and water "
+    "into sugar. It is sort of like cooking with sunlight, basically.",
+    "Light hits the chlorophyll in a leaf and its energy is stored. Later the plant makes sugar with it. "
+    "That is the main idea of how green plants feed themselves each day in the sun.",
+    "Sunlight powers plants. Plants grow. Sugar is made somehow in the green parts, I guess, and then the "
+    "plant uses it to live and grow taller over time.",
+)
+
+
+def write_position_sets(path: Path, count: int) -> Path:
+    """`count` prompts that differ only in their number (a stop word and a digit, so the rule rates
+    each text the same in every prompt) and a source without world knowledge: the same completion
+    is the same rating everywhere, whichever position the shuffle gives it."""
+    write_sets(path, count, texts=POSITION_TEXTS)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row.update(source="evol_instruct", correct_answers=[], incorrect_answers=[], reference="")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def first_last_gap(rows: list[dict], seed: int, permuted: bool) -> float:
+    """Mean over texts of (mean kept rating when shown first) - (when shown last), positions being
+    those of the seeded shuffle (order 0); all four aspects pooled."""
+    from pipeline.judge.session import shuffled_order
+
+    seen: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        order = shuffled_order(seed, row["prompt_id"], len(row["completions"]))
+        for place, c in (("first", order[0]), ("last", order[-1])):
+            completion = row["completions"][c]
+            for aspect in rubric.ASPECTS:
+                kept = (completion["position_debias"]["mean"][aspect] if permuted
+                        else float(completion["annotations"][aspect]["Rating"]))
+                seen.setdefault(completion["response"], {"first": [], "last": []})[place].append(kept)
+    assert len(seen) == len(POSITION_TEXTS) and all(v["first"] and v["last"] for v in seen.values())
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return mean([mean(v["first"]) - mean(v["last"]) for v in seen.values()])
+
+
+@pytest.mark.parametrize("bias", [{"position_bonus_first": 1.0}, {"position_penalty": 0.5}],
+                         ids=["bonus-first", "penalty-per-place"])
+def test_permute_removes_the_position_bias_that_shuffle_keeps(tmp_path, standin, bias):
+    sets = write_position_sets(tmp_path / "sets.jsonl", 32)
+    standin.configure(**bias)
+    gaps, sent = {}, {}
+    for mode in ("shuffle", "permute"):
+        standin.reset()
+        summary = run_stage(recipe_file(tmp_path / mode, standin, sets, position_debias=mode))
+        assert summary["items_failed"] == 0 and summary["completions_annotated"] == 32 * 4
+        gaps[mode] = first_last_gap(dataset(tmp_path / mode), 0, permuted=mode == "permute")
+        sent[mode] = standin.stats()["requests_total"]
+    print(f"\nstand-in bias {bias}: first-minus-last rating gap, shuffle {gaps['shuffle']:.3f}, "
+          f"permute {gaps['permute']:.3f}; judge calls shuffle {sent['shuffle']}, permute {sent['permute']}")
+    assert gaps["shuffle"] > 0.5
+    assert abs(gaps["permute"]) < 0.1
+    # 4 aspects x 2 orders + 4 critiques per prompt; these biases spread a rating by at most one
+    # point, within max_position_gap=1, so no extra order was needed
+    assert sent["shuffle"] == 32 * (4 + 4) and sent["permute"] == 32 * (4 * 2 + 4)
+
+
+def test_permute_records_means_and_spreads_and_reuses_a_shuffle_ledger(tmp_path, standin, capsys):
+    sets = write_position_sets(tmp_path / "sets.jsonl", 4)
+    standin.configure(position_bonus_first=1.0)
+    run_stage(recipe_file(tmp_path, standin, sets))  # shuffle, the default
+    path = recipe_file(tmp_path, standin, sets, position_debias="permute")
+    # order 0 of permute is the shuffle's order: only the reversed orders are still to pay
+    assert run_stage(path, dry_run=True)["calls"] == 4 * 4
+    standin.reset()
+    summary = run_stage(path)
+    assert standin.stats()["requests_total"] == 4 * 4 and summary["requests_replayed"] == 4 * 8
+    assert summary["extra_orders"] == 0 and summary["position_orders"] == 2
+    records = [json.loads(l) for l in (out_dir(tmp_path) / "ledger.jsonl").read_text().splitlines()]
+    assert {r["order_index"] for r in records if r["kind"] == "aspect"} == {0, 1}
+    for r in (r for r in records if r["kind"] == "aspect" and r["order_index"] == 1):
+        first = next(o for o in records if o["kind"] == "aspect" and o["order_index"] == 0
+                     and (o["prompt_id"], o["aspect"]) == (r["prompt_id"], r["aspect"]))
+        assert r["order"] == first["order"][::-1] and r["key"] != first["key"]
+    for row in dataset(tmp_path):
+        for c in row["completions"]:
+            true = expected(row, c)
+            record = c["position_debias"]
+            for aspect in rubric.ASPECTS:
+                ratings = [int(x) for x in record["ratings"][aspect]]
+                assert len(ratings) == 2 and record["mean"][aspect] == pytest.approx(sum(ratings) / 2)
+                assert record["spread"][aspect] == max(ratings) - min(ratings)
+                # shown first once at most, so the mean is the true rating or half a point above it
+                assert record["mean"][aspect] - true[aspect] in (0.0, 0.5)
+            assert c["fine-grained_score"] == pytest.approx(sum(record["mean"].values()) / 4)
+            assert record["inconsistent"] == []
+
+
+def test_disagreeing_orders_get_one_extra_order_then_inconsistent_is_reported(tmp_path, standin):
+    sets = write_position_sets(tmp_path / "sets.jsonl", 3)
+    # Places 0-3 move ratings by +1, 0, -1, -1. With max_position_gap 0 every completion disagrees
+    # with itself across the two orders, so each of the 12 rated calls gets a third order (the
+    # shuffled one rotated by one place). The completion shown second in order 0 then has three
+    # different ratings (r, r-1, r+1): no majority, so inconsistent; the others get two equal ones.
+    standin.configure(position_bonus_first=1.0, position_penalty=0.5)
+    path = recipe_file(tmp_path, standin, sets, position_debias="permute", max_position_gap=0)
+    estimate = run_stage(path, dry_run=True)
+    assert estimate["calls"] == 3 * (8 + 4) and estimate["extra_orders_possible"] == 3 * 4
+    summary = run_stage(path)
+    assert summary["extra_orders"] == 3 * 4
+    assert standin.stats()["requests_total"] == 3 * (8 + 4 + 4)
+    failures = [json.loads(l) for l in (out_dir(tmp_path) / "failures.jsonl").read_text().splitlines()]
+    assert failures and all(f["status"] == "inconsistent" for f in failures)
+    assert summary["inconsistent_ratings"] == len(failures) == 3 * 4  # one completion x 4 aspects per prompt
+    assert summary["items_failed"] == 0  # inconsistent ratings are kept, not lost
+    from pipeline.judge.session import shuffled_order
+
+    rows = dataset(tmp_path)
+    assert sum(len(r["completions"]) for r in rows) == 3 * 4
+    for row in rows:
+        second = shuffled_order(0, row["prompt_id"], 4)[1]
+        for c, completion in enumerate(row["completions"]):
+            record = completion["position_debias"]
+            assert all(len(record["ratings"][a]) == 3 for a in rubric.ASPECTS)
+            assert record["inconsistent"] == (list(rubric.ASPECTS) if c == second else [])
+            true = expected(row, completion)
+            if c == second:
+                assert all(record["mean"][a] == true[a] for a in rubric.ASPECTS)
+    from pipeline.stages import pairs
+
+    for i, row in enumerate(rows):  # the extra field keeps the rows readable by the next stage
+        assert len(pairs.check_row(row, f"row {i}").completions) == 4
+    flagged = {(f["prompt_id"], f["completion"]) for f in failures}
+    assert flagged == {(r["prompt_id"], shuffled_order(0, r["prompt_id"], 4)[1]) for r in rows}
+    standin.reset()
+    assert run_stage(path, dry_run=True)["calls"] == 0
+    run_stage(path)
+    assert standin.stats()["requests_total"] == 0
+
+
+def test_killed_permute_run_resumes_without_paying_twice(tmp_path, standin):
+    sets = write_position_sets(tmp_path / "sets.jsonl", 8)
+    standin.configure(position_bonus_first=1.0, position_penalty=0.5)
+    settings = {"position_debias": "permute", "max_position_gap": 0}
+    run_stage(recipe_file(tmp_path / "clean", standin, sets, **settings))
+    reference = dataset(tmp_path / "clean")
+    total = 8 * (8 + 4 + 4)  # the last 32 are the extra orders, sent after the first pass
+
+    standin.configure(latency_s=0.02, latency_jitter_s=0.03)
+    path = recipe_file(tmp_path / "killed", standin, sets, judge={"max_concurrency": 4}, **settings)
+    ledger = out_dir(tmp_path / "killed") / "ledger.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RLHF_LOG": "WARNING", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "pipeline", "annotate", str(path)]
+    kills, all_successes = 0, Counter()
+    for target in (20, 60, total - 28, total - 10, None):  # two kills in the extra orders' phase
+        standin.reset()
+        paid_before = set(_ok_keys(ledger))
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if target is not None:
+            while proc.poll() is None and len(_ok_keys(ledger)) < target:
+                time.sleep(0.005)
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+        code = proc.wait(timeout=180)
+        sent = successes_by_key(standin)
+        all_successes.update(sent)
+        assert not paid_before & set(sent), "a request already in the ledger was sent again"
+    assert code == 0 and kills >= 3
+    assert sum(n - 1 for n in all_successes.values()) <= kills * 4  # only what was in flight
+    keys = _ok_keys(ledger)
+    assert len(keys) == len(set(keys)) == total
+    assert dataset(tmp_path / "killed") == reference

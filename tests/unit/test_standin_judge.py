@@ -388,6 +388,23 @@ def test_new_settings_are_checked_and_have_flags(tmp_path, srv):
     assert (cfg["fail_malformed"], cfg["batch_delay_s"], cfg["batch_expire_after"]) == (0.25, 0.5, 3)
 
 
+@pytest.mark.parametrize("structured", [False, True], ids=["text", "json"])
+def test_position_bias_moves_ratings_by_place_and_never_a_critique(client, srv, structured):
+    texts = texts_for(QA_ROW) + [texts_for(QA_ROW)[1]]  # the same text at places 1 and 3
+    srv.configure(position_bonus_first=1.0, position_penalty=0.5)
+    moved = lambda r, place: str(min(5, max(1, int(r) + {0: 1, 1: 0, 2: -1, 3: -1}[place])))  # noqa: E731
+    for kind, aspect in [("aspect", "helpfulness"), ("compact", None)]:
+        want = expected(kind, aspect, QA_ROW, texts)
+        got = read_answer(kind, aspect, structured, ask(client, judge_request(kind, aspect, QA_ROW, texts, structured)),
+                          len(texts))
+        assert got == {i: {a: moved(r, i - 1) for a, r in ratings.items()} for i, ratings in want.items()}
+        assert got[2] != got[4] or all(r == "1" for r in got[2].values())  # same text, other place
+    critique = judge_request("critique", None, QA_ROW, texts, structured)
+    assert read_answer("critique", None, structured, ask(client, critique), 1) == expected("critique", None, QA_ROW, texts)
+    with pytest.raises(StandinError, match="position_penalty"):
+        srv.configure(position_penalty=-0.5)
+
+
 # ------------------------------------------------------------------ files and batches
 
 
