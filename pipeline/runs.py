@@ -1,6 +1,7 @@
 """The run layout: the only place where paths of stage outputs are built.
 
     <root>/<run>/<stage>/config.yaml          resolved recipe (secrets redacted)
+    <root>/<run>/<stage>/provenance.json      what produced it: git commit and dirty flag, library versions, host
     <root>/<run>/<stage>/shard-<i>-of-<n>/    per-shard work and its own _SUCCESS
     <root>/<run>/<stage>/dataset/             final artifact (written under a temporary name, renamed)
     <root>/<run>/<stage>/_SUCCESS             written last; a stage with it is skipped unless forced
@@ -13,7 +14,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
 import shutil
+import socket
+import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -127,7 +131,55 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def save_config(path: Path, recipe) -> None:
+    """The resolved recipe and the provenance of the code that runs it: every stage calls this
+    once it starts writing, so every stage folder gets both from this one place."""
     atomic_write_text(path / "config.yaml", dump_recipe(recipe))
+    write_json(path / PROVENANCE, provenance())
+
+
+PROVENANCE = "provenance.json"
+# The libraries whose versions decide what a stage computes (read from package metadata: importing
+# torch or transformers only to ask would cost seconds in a data stage that never needs them).
+PROVENANCE_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "openai")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(root: Path, *args: str) -> str | None:
+    """A git command's stdout in `root`; None when git is missing, fails or is not a repository."""
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def git_state(root: Path) -> dict:
+    """{commit, dirty, note}: the checked-out commit of `root` and whether the tree differs from it.
+    Untracked files that git does not ignore count as dirty: a new module changes what runs just as an
+    edit does (run outputs under data/ are ignored, so they never do)."""
+    if _git(root, "rev-parse", "--is-inside-work-tree") is None:
+        why = "git not found" if _git(Path.cwd(), "--version") is None else "not a git repository"
+        return {"commit": None, "dirty": None, "note": f"{why}: {root}"}
+    commit = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain")
+    return {"commit": commit.strip() if commit else None, "dirty": None if status is None else bool(status.strip()),
+            "note": None if commit else "no commit yet"}
+
+
+def provenance(root: Path | None = None) -> dict:
+    """What produced a stage's outputs: the project's git state, library versions (None = not
+    installed), Python and the host name. Nothing from the environment or the recipe goes in."""
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"git": git_state(root or PROJECT_ROOT), "packages": {name: version(name) for name in PROVENANCE_PACKAGES},
+            "python": platform.python_version(), "host": socket.gethostname(),
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def resolve_input(recipe, ref: StageRef | str, key: str) -> Path:
