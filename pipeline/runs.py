@@ -144,26 +144,30 @@ PROVENANCE_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "da
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _git(root: Path, *args: str) -> str | None:
-    """A git command's stdout in `root`; None when git is missing, fails or is not a repository."""
+def _git(root: Path, *args: str) -> tuple[bool, str]:
+    """(succeeded, stdout or else git's first error line) of a git command in `root`."""
     try:
         done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError) as err:
+        return False, f"git not found or not runnable ({type(err).__name__})"
+    if done.returncode == 0:
+        return True, done.stdout
+    return False, (done.stderr.strip().splitlines() or [f"git exited with {done.returncode}"])[0]
 
 
 def git_state(root: Path) -> dict:
-    """{commit, dirty, note}: the checked-out commit of `root` and whether the tree differs from it.
+    """{commit, dirty, note}: the checked-out commit of `root` and whether the tree differs from it;
+    without git or outside a repository both are None and `note` says why (git's own words).
     Untracked files that git does not ignore count as dirty: a new module changes what runs just as an
     edit does (run outputs under data/ are ignored, so they never do)."""
-    if _git(root, "rev-parse", "--is-inside-work-tree") is None:
-        why = "git not found" if _git(Path.cwd(), "--version") is None else "not a git repository"
-        return {"commit": None, "dirty": None, "note": f"{why}: {root}"}
-    commit = _git(root, "rev-parse", "HEAD")
-    status = _git(root, "status", "--porcelain")
-    return {"commit": commit.strip() if commit else None, "dirty": None if status is None else bool(status.strip()),
-            "note": None if commit else "no commit yet"}
+    inside, why = _git(root, "rev-parse", "--is-inside-work-tree")
+    if not inside:
+        return {"commit": None, "dirty": None, "note": f"{root}: {why}"}
+    has_commit, commit = _git(root, "rev-parse", "HEAD")
+    clean_read, status = _git(root, "status", "--porcelain")
+    return {"commit": commit.strip() if has_commit else None,
+            "dirty": bool(status.strip()) if clean_read else None,
+            "note": None if has_commit and clean_read else (commit if not has_commit else status)}
 
 
 def provenance(root: Path | None = None) -> dict:
