@@ -33,10 +33,11 @@ TRAIN = $(if $(and $(ACCELERATE),$(filter-out slurm,$(LAUNCHER))),$(VENV)/bin/ac
 	--num_processes $(NPROC) $(if $(and $(filter ddp,$(ACCELERATE)),$(filter-out 1,$(NPROC))),--multi_gpu) \
 	-m pipeline,$(PY) -m pipeline)
 
-.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo all status report serve slurm-local real-data real-models demo-tiny serve-smollm2 test-vllm
+.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo all status report serve slurm-local real-data real-models demo-tiny serve-smollm2 test-vllm \
+	rtuning-probe rtuning-data rtuning-eval sayself-sample sayself-cluster sayself-rationale sayself-data sayself-rl sayself-eval
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 	@echo "  variables: RUN=<run name> (default demo), RECIPE=<yaml>, ARGS='key=value --force ...',"
 	@echo "             ACCELERATE=ddp|zero2|zero3 NPROC=<processes> (training stages)"
 	@echo "             LAUNCHER=local|slurm PROFILE=<recipes/slurm name> NODES=<n> (training), PIPELINE=<yaml> (make all)"
@@ -130,11 +131,39 @@ critique: $(STAMP)  ## critique model (UltraCM): SFT on critiques + score correl
 qa-data: $(STAMP)  ## QA items (samples + synthetic fact world) for R-Tuning / UnknownBench (RECIPE=recipes/demo/qa-data.yaml)
 	$(PY) -m pipeline qa-data $(or $(RECIPE),recipes/demo/qa-data.yaml) $(RUN_ARG) $(ARGS)
 
-rtuning: $(STAMP)  ## R-Tuning chain (recipes/pipelines/demo-rtuning.yaml): qa-data -> probe -> data -> sft -> eval, unknown-eval
-	$(PY) -m pipeline.demo --pipeline recipes/pipelines/demo-rtuning.yaml --run $(RUN) $(ARGS)
+# The two method chains take a pipeline file as RECIPE (their stages one by one: the targets below).
+rtuning: $(STAMP)  ## R-Tuning chain (RECIPE=recipes/pipelines/demo-rtuning.yaml, a pipeline file): qa-data -> probe -> data -> sft -> eval, unknown-eval
+	$(PY) -m pipeline.demo --pipeline $(or $(RECIPE),recipes/pipelines/demo-rtuning.yaml) --run $(RUN) $(ARGS)
 
-sayself: $(STAMP)  ## SaySelf chain (recipes/pipelines/demo-sayself.yaml): sample -> cluster -> rationale -> data -> sft -> rl -> eval (starts the stand-in)
-	$(PY) -m pipeline.demo --pipeline recipes/pipelines/demo-sayself.yaml --run $(RUN) $(ARGS)
+rtuning-probe: $(STAMP)  ## R-Tuning: ask the base model every training question (RECIPE=recipes/demo/rtuning-probe.yaml)
+	$(PY) -m pipeline rtuning-probe $(or $(RECIPE),recipes/demo/rtuning-probe.yaml) $(RUN_ARG) $(ARGS)
+
+rtuning-data: $(STAMP)  ## R-Tuning: sure/unsure (or refusal) training chats from the probe (RECIPE=recipes/demo/rtuning-data.yaml)
+	$(PY) -m pipeline rtuning-data $(or $(RECIPE),recipes/demo/rtuning-data.yaml) $(RUN_ARG) $(ARGS)
+
+rtuning-eval: $(STAMP)  ## R-Tuning: AP, accuracy and refusal per split (RECIPE=recipes/demo/rtuning-eval.yaml; its SFT: make sft RECIPE=recipes/demo/rtuning-sft.yaml)
+	$(PY) -m pipeline rtuning-eval $(or $(RECIPE),recipes/demo/rtuning-eval.yaml) $(RUN_ARG) $(ARGS)
+
+sayself: $(STAMP)  ## SaySelf chain (RECIPE=recipes/pipelines/demo-sayself.yaml, a pipeline file): sample -> cluster -> rationale -> data -> sft -> rl -> eval (starts the stand-in)
+	$(PY) -m pipeline.demo --pipeline $(or $(RECIPE),recipes/pipelines/demo-sayself.yaml) --run $(RUN) $(ARGS)
+
+sayself-sample: $(STAMP)  ## SaySelf: N reasoning chains per question (RECIPE=recipes/demo/sayself-sample.yaml; needs `make standin` or a real model server)
+	$(PY) -m pipeline sayself-sample $(or $(RECIPE),recipes/demo/sayself-sample.yaml) $(RUN_ARG) $(ARGS)
+
+sayself-cluster: $(STAMP)  ## SaySelf: group chains by answer, agreement target (RECIPE=recipes/demo/sayself-cluster.yaml)
+	$(PY) -m pipeline sayself-cluster $(or $(RECIPE),recipes/demo/sayself-cluster.yaml) $(RUN_ARG) $(ARGS)
+
+sayself-rationale: $(STAMP)  ## SaySelf: self-reflective rationales from the judge (RECIPE=recipes/demo/sayself-rationale.yaml; needs `make standin` or a real judge)
+	$(PY) -m pipeline sayself-rationale $(or $(RECIPE),recipes/demo/sayself-rationale.yaml) $(RUN_ARG) $(ARGS)
+
+sayself-data: $(STAMP)  ## SaySelf: SFT chats with reasoning, rationale, confidence (RECIPE=recipes/demo/sayself-data.yaml; its SFT: make sft RECIPE=recipes/demo/sayself-sft.yaml)
+	$(PY) -m pipeline sayself-data $(or $(RECIPE),recipes/demo/sayself-data.yaml) $(RUN_ARG) $(ARGS)
+
+sayself-rl: $(STAMP)  ## SaySelf: GRPO with the calibration reward (RECIPE=recipes/demo/sayself-rl.yaml; ACCELERATE=ddp NPROC=2)
+	$(TRAIN) sayself-rl $(or $(RECIPE),recipes/demo/sayself-rl.yaml) $(RUN_ARG) $(ARGS)
+
+sayself-eval: $(STAMP)  ## SaySelf: accuracy, ECE, AUROC, Brier per split (RECIPE=recipes/demo/sayself-eval.yaml)
+	$(PY) -m pipeline sayself-eval $(or $(RECIPE),recipes/demo/sayself-eval.yaml) $(RUN_ARG) $(ARGS)
 
 unknown-eval: $(STAMP)  ## UnknownBench-style refusal and elicited confidence (RECIPE=recipes/demo/unknown-eval.yaml)
 	$(PY) -m pipeline unknown-eval $(or $(RECIPE),recipes/demo/unknown-eval.yaml) $(RUN_ARG) $(ARGS)

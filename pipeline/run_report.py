@@ -2,8 +2,9 @@
 
 For each run (in the order given) and each stage folder in it, in pipeline order (the order of
 `pipeline.stages.STAGES`; folders that are not stages come last): the stage's state as
-`rlhf status` sees it (done / running / failed / missing, with the reason), its `summary.json`
-and `eval.json` flattened to a table, and the PNGs under its `report/` folder. Written as
+`rlhf status` sees it (done / running / failed / missing, with the reason), its `summary.json`,
+`eval.json` and `provenance.json` (git commit and dirty flag, library versions, Python, host: what
+produced the outputs) flattened to tables, and the PNGs under its `report/` folder. Written as
 `<root>/<first run>/REPORT.md` (images linked by relative path, so the page opens in any Markdown
 viewer next to the run) and `REPORT.html` (the same content for a browser). Values are passed
 through the recipe redaction, so a key that slipped into a summary is not repeated here.
@@ -19,8 +20,9 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ConfigError, redact
+from pipeline.runs import PROVENANCE
 
-SUMMARY_FILES = ("summary.json", "eval.json")
+SHOWN_FILES = ("summary.json", "eval.json", PROVENANCE)
 MAX_LIST = 8  # longer lists are shown by their length: the page is an overview
 MAX_ROWS = 60  # per summary file
 
@@ -66,7 +68,7 @@ def _stage_order(path: Path) -> tuple[float, str]:
 
 def _summaries(path: Path) -> dict[str, list[tuple[str, str]]]:
     out = {}
-    for name in SUMMARY_FILES:
+    for name in SHOWN_FILES:
         file = path / name
         if not file.is_file():
             continue

@@ -1,6 +1,7 @@
 """The run layout: the only place where paths of stage outputs are built.
 
     <root>/<run>/<stage>/config.yaml          resolved recipe (secrets redacted)
+    <root>/<run>/<stage>/provenance.json      what produced it: git commit and dirty flag, library versions, host
     <root>/<run>/<stage>/shard-<i>-of-<n>/    per-shard work and its own _SUCCESS
     <root>/<run>/<stage>/dataset/             final artifact (written under a temporary name, renamed)
     <root>/<run>/<stage>/_SUCCESS             written last; a stage with it is skipped unless forced
@@ -13,7 +14,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
 import shutil
+import socket
+import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -127,7 +131,59 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def save_config(path: Path, recipe) -> None:
+    """The resolved recipe and the provenance of the code that runs it: every stage calls this
+    once it starts writing, so every stage folder gets both from this one place."""
     atomic_write_text(path / "config.yaml", dump_recipe(recipe))
+    write_json(path / PROVENANCE, provenance())
+
+
+PROVENANCE = "provenance.json"
+# The libraries whose versions decide what a stage computes (read from package metadata: importing
+# torch or transformers only to ask would cost seconds in a data stage that never needs them).
+PROVENANCE_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "openai")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(root: Path, *args: str) -> tuple[bool, str]:
+    """(succeeded, stdout or else git's first error line) of a git command in `root`."""
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        return False, f"git not found or not runnable ({type(err).__name__})"
+    if done.returncode == 0:
+        return True, done.stdout
+    return False, (done.stderr.strip().splitlines() or [f"git exited with {done.returncode}"])[0]
+
+
+def git_state(root: Path) -> dict:
+    """{commit, dirty, note}: the checked-out commit of `root` and whether the tree differs from it;
+    without git or outside a repository both are None and `note` says why (git's own words).
+    Untracked files that git does not ignore count as dirty: a new module changes what runs just as an
+    edit does (run outputs under data/ are ignored, so they never do)."""
+    inside, why = _git(root, "rev-parse", "--is-inside-work-tree")
+    if not inside:
+        return {"commit": None, "dirty": None, "note": f"{root}: {why}"}
+    has_commit, commit = _git(root, "rev-parse", "HEAD")
+    clean_read, status = _git(root, "status", "--porcelain")
+    return {"commit": commit.strip() if has_commit else None,
+            "dirty": bool(status.strip()) if clean_read else None,
+            "note": None if has_commit and clean_read else (commit if not has_commit else status)}
+
+
+def provenance(root: Path | None = None) -> dict:
+    """What produced a stage's outputs: the project's git state, library versions (None = not
+    installed), Python and the host name. Nothing from the environment or the recipe goes in."""
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"git": git_state(root or PROJECT_ROOT), "packages": {name: version(name) for name in PROVENANCE_PACKAGES},
+            "python": platform.python_version(), "host": socket.gethostname(),
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def resolve_input(recipe, ref: StageRef | str, key: str) -> Path:

@@ -1,9 +1,13 @@
 """Stage `dpo`: Direct Preference Optimization of a policy on preference pairs (TRL's DPOTrainer).
 
-Inputs: `model` (a model folder, or a training stage's `model` output) and `inputs.dataset`, a
-`datasets` DatasetDict in the `pairs` shape (`prompt` = [user turn], `chosen`/`rejected` =
-[assistant turn]); splits `train_prefs`/`test_prefs` unless the recipe names others. Every input
-is checked before anything is written. The reference model is the starting policy (TRL copies
+Inputs: `model` (a model folder, or a training stage's `model` output) and `inputs.dataset`: a
+`datasets` DatasetDict (splits `train_prefs`/`test_prefs` unless the recipe names others) or one
+file (JSONL, parquet, a single-split `datasets` folder: all of it trains, there is no eval split).
+Its rows are in `inputs.format`, a name of `pipeline.formats.preferences.CONVERTERS` (the same
+registry the reward stage reads through): `pairs` (default: our `pairs` output, or H4's or TRL's
+layouts), `auto` (each row's public layout detected by its shape) or one layout by name; each row
+becomes the explicit-prompt pair (`prompt` = the turns before the answer, `chosen`/`rejected` =
+the answer). Every row is converted and checked before anything is written. The reference model is the starting policy (TRL copies
 it, or switches the LoRA adapters off when `train.lora` is set).
 
 Outputs (see pipeline.train for the folder layout): `model/`, `eval.json` (TRL's eval metrics:
@@ -31,6 +35,13 @@ from pipeline.config import (
     local_paths,
     preference_defaults,
 )
+from pipeline.formats.preferences import (
+    PREFERENCE_FORMATS,
+    convert,
+    has_splits,
+    read_file_rows,
+    read_split_rows,
+)
 from pipeline.report import figure
 from pipeline.runs import (
     RunOptions,
@@ -42,7 +53,6 @@ from pipeline.runs import (
     stage_dir,
     write_json,
 )
-from pipeline.records import split_rows
 from pipeline.train import (
     check_pair_rows,
     is_main_process,
@@ -62,11 +72,18 @@ class DpoSection(Strict):
         "sigmoid", description="TRL DPO loss type (sigmoid = the DPO paper's loss)")
 
 
+class DpoInputs(TrainInputs):
+    format: Literal[PREFERENCE_FORMATS] = Field(  # type: ignore[valid-type]
+        "pairs", description="Row layout: pairs (our `pairs` output, or H4's or TRL's layouts), auto (each "
+        "row's public layout detected by its shape), or a layout by name (h4, trl-explicit, trl-implicit, "
+        "anthropic_hh, shp, summarize, bigbench-hhh)")
+
+
 class Recipe(Strict):
     stage: Literal["dpo"]
     run: RunSection
     model: ModelRef | str = Field(description="Policy to start from (usually the sft stage's model)")
-    inputs: TrainInputs
+    inputs: DpoInputs
     train: TrainSection = TrainSection()
     dpo: DpoSection = DpoSection()
     launch: LaunchSection = LaunchSection()
@@ -85,30 +102,26 @@ REPORT = "report"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-def load_pairs(path: Path, key: str, splits: dict[str, str | None], columns=PAIR_COLUMNS) -> dict:
-    """The named splits of a DatasetDict, each checked for the preference columns."""
-    from datasets import DatasetDict, load_from_disk
+def load_pairs(path: Path, fmt: str, key: str, splits: dict[str, str | None]) -> dict:
+    """{split key: Dataset of explicit-prompt pairs} of a DatasetDict's named splits, or of one file
+    (no splits: it is the training split). Every row is converted from `fmt` and checked."""
+    from datasets import Dataset
 
-    try:
-        data = load_from_disk(str(path))
-    except Exception as err:  # not a `datasets` folder at all
-        raise ConfigError(f"{key}: {path} is not a `datasets` folder ({type(err).__name__}: {err})") from None
-    if not isinstance(data, DatasetDict):
-        raise ConfigError(f"{key}: {path} is a single Dataset; a DatasetDict with named splits is needed")
+    if has_splits(path):
+        raw = {split_key: read_split_rows(path, split, key, split_key)
+               for split_key, split in splits.items() if split is not None}
+    else:
+        raw = {"inputs.train_split": read_file_rows(path, key)}
     out = {}
-    for split_key, split in splits.items():
-        if split is None:
-            continue
-        if split not in data:
-            raise ConfigError(f"{split_key}: split {split!r} is not in {path} (it has {', '.join(data)})")
-        missing = [c for c in columns if c not in data[split].column_names]
-        if missing:
-            raise ConfigError(f"{key}: split {split!r} of {path} lacks column(s) {', '.join(missing)} "
-                              f"(needs {', '.join(columns)})")
-        if len(data[split]) == 0:
-            raise ConfigError(f"{key}: split {split!r} of {path} is empty")
-        check_pair_rows(split_rows(data[split], path, split), key, columns=data[split].column_names)
-        out[split_key] = data[split]
+    for split_key, rows in raw.items():
+        if not rows:
+            raise ConfigError(f"{key}: {path}: no rows ({split_key})")
+        pairs = [convert(row, fmt, where, key) for where, row in rows]
+        # The row's own number and id columns (score_chosen, margin, prompt_id) are checked with its pair.
+        shared = set.intersection(*(set(row) for _, row in rows))
+        check_pair_rows([(where, {**row, **pair}) for (where, row), pair in zip(rows, pairs)], key,
+                        columns=tuple(sorted(shared)))
+        out[split_key] = Dataset.from_list([{name: pair[name] for name in PAIR_COLUMNS} for pair in pairs])
     return out
 
 
@@ -139,8 +152,8 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     # Check every input before writing anything.
     model_path = resolve_model(recipe, recipe.model, "model")
     data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
-    splits = load_pairs(data_path, "inputs.dataset", {"inputs.train_split": recipe.inputs.train_split,
-                                                      "inputs.eval_split": recipe.inputs.eval_split})
+    splits = load_pairs(data_path, recipe.inputs.format, "inputs.dataset",
+                        {"inputs.train_split": recipe.inputs.train_split, "inputs.eval_split": recipe.inputs.eval_split})
     train_data, eval_data = splits["inputs.train_split"], splits.get("inputs.eval_split")
     if opts.dry_run:
         plan = {"model": str(model_path), "dataset": str(data_path), "train_pairs": len(train_data),

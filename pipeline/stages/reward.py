@@ -1,8 +1,11 @@
 """Stage `reward`: a reward model (UltraRM-style) trained on a mixture of preference datasets.
 
 Sources (`reward.sources`, each tagged with its `name`):
-- `pairs`: our `pairs` output, or any `datasets` folder of chosen/rejected pairs (conversational
-  with or without an explicit `prompt`, or plain strings); splits `train_split` / `eval_split`.
+- `pairs`: our `pairs` output, or any `datasets` folder or file of chosen/rejected pairs in
+  HuggingFaceH4/ultrafeedback_binarized's layout or TRL's (explicit or implicit prompt; strings or
+  conversations); splits `train_split` / `eval_split`.
+- `auto`: any layout of `pipeline.formats.preferences.LAYOUTS`, detected per row by its shape;
+  `h4`, `trl-explicit`, `trl-implicit` name one of them.
 - `anthropic_hh`, `shp`, `summarize`: the public row shapes of Anthropic HH-RLHF, Stanford SHP
   and OpenAI summarize_from_feedback comparisons, read from JSONL, parquet or a `datasets`
   folder. A single file has no splits, so a seeded 10 % (at least one row) is held out.
@@ -41,7 +44,14 @@ from pipeline.config import (
     TrainSection,
     local_paths,
 )
-from pipeline.formats.preferences import PREFERENCE_FORMATS, convert
+from pipeline.formats.preferences import (
+    PREFERENCE_FORMATS,
+    convert,
+    detect,
+    has_splits,
+    read_file_rows,
+    read_split_rows,
+)
 from pipeline.report import figure
 from pipeline.runs import (
     RunOptions,
@@ -72,7 +82,9 @@ class RewardSource(Strict):
     name: str = Field(description="Label in the accuracy table")
     dataset: StageRef | str
     format: Literal[PREFERENCE_FORMATS] = Field(  # type: ignore[valid-type]
-        "pairs", description="pairs: our `pairs` output (or any chosen/rejected conversations)")
+        "pairs", description="pairs: our `pairs` output (or any chosen/rejected pairs in H4's or TRL's layout); "
+        "auto: each row's public layout detected by its shape; or a layout by name (h4, trl-explicit, "
+        "trl-implicit, anthropic_hh, shp, summarize, bigbench-hhh)")
     train_split: str = "train_prefs"
     eval_split: str | None = "test_prefs"
     train_size: int | None = Field(None, ge=1, description="Sample this many training pairs (seeded); None = all")
@@ -107,31 +119,13 @@ COLUMNS = ("prompt", "chosen", "rejected", "margin", "source")
 # --- reading and converting the sources ---------------------------------------------------------
 
 
-def _file_rows(path: Path, key: str) -> list[tuple[str, dict]]:
-    from pipeline.records import saved_rows
+def layouts(rows: list[tuple[str, dict]], fmt: str) -> dict:
+    """With `format: auto`, how many rows had each detected layout (for the summary)."""
+    if fmt != "auto":
+        return {}
+    from collections import Counter
 
-    try:
-        return list(saved_rows(path))
-    except ConfigError as err:
-        raise ConfigError(f"{key}: {err}") from None
-
-
-def _split_rows(path: Path, split: str, key: str, split_key: str) -> list[tuple[str, dict]]:
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        data = load_from_disk(str(path))
-    except Exception as err:
-        raise ConfigError(f"{key}: {path}: not a saved `datasets` folder ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, DatasetDict):
-        raise ConfigError(f"{key}: {path}: a single split; {split_key} needs a DatasetDict")
-    if split not in data:
-        raise ConfigError(f"{split_key}: {path} has no split {split!r} (has {', '.join(data)})")
-    return [(f"{path}/{split}:row {i + 1}", row) for i, row in enumerate(data[split])]
-
-
-def _has_splits(path: Path) -> bool:
-    return path.is_dir() and (path / "dataset_dict.json").is_file()
+    return {"layouts": dict(Counter(detect(row) for _, row in rows))}
 
 
 def load_source(recipe: Recipe, index: int, source: RewardSource) -> tuple[list[dict], list[dict], dict]:
@@ -139,20 +133,20 @@ def load_source(recipe: Recipe, index: int, source: RewardSource) -> tuple[list[
     key = f"reward.sources[{index}]"
     path = resolve_input(recipe, source.dataset, f"{key}.dataset")
     rng = random.Random(f"{recipe.train.seed}:{source.name}")
-    if _has_splits(path) and source.eval_only:
+    if has_splits(path) and source.eval_only:
         if not source.eval_split:
             raise ConfigError(f"{key}: eval_only needs an eval_split for the saved folder {path}")
-        train_raw, eval_raw = [], _split_rows(path, source.eval_split, key, f"{key}.eval_split")
+        train_raw, eval_raw = [], read_split_rows(path, source.eval_split, key, f"{key}.eval_split")
         held_out = False
     elif source.eval_only:
-        train_raw, eval_raw, held_out = [], _file_rows(path, key), False
-    elif _has_splits(path):
-        train_raw = _split_rows(path, source.train_split, key, f"{key}.train_split")
-        eval_raw = (_split_rows(path, source.eval_split, key, f"{key}.eval_split")
+        train_raw, eval_raw, held_out = [], read_file_rows(path, key), False
+    elif has_splits(path):
+        train_raw = read_split_rows(path, source.train_split, key, f"{key}.train_split")
+        eval_raw = (read_split_rows(path, source.eval_split, key, f"{key}.eval_split")
                     if source.eval_split else [])
         held_out = False
     else:
-        rows = _file_rows(path, key)
+        rows = read_file_rows(path, key)
         order = list(range(len(rows)))
         rng.shuffle(order)
         n_eval = max(1, round(HOLDOUT_FRACTION * len(rows))) if len(rows) > 1 else 0
@@ -183,7 +177,8 @@ def load_source(recipe: Recipe, index: int, source: RewardSource) -> tuple[list[
         raise ConfigError(f"{key}: {path}: no training pairs")
     if source.eval_only and not held:
         raise ConfigError(f"{key}: {path}: no pairs to evaluate")
-    counts = {"path": str(path), "format": source.format, "available_train": len(train_raw),
+    counts = {"path": str(path), "format": source.format, **layouts(everything, source.format),
+              "available_train": len(train_raw),
               "available_eval": len(eval_raw), "train": len(train), "eval": len(held), "held_out_from_file": held_out}
     return train, held, counts
 
