@@ -105,7 +105,9 @@ def fill_ledger(r, rows_path: Path) -> int:
     rows = annotate.load_rows(r)
     requests = session.Requests(rows, r)
     items = session.plan(rows, r)
-    with Ledger(stage_dir(r) / annotate.LEDGER) as ledger:
+    from pipeline.runs import shard_dir
+
+    with Ledger(shard_dir(stage_dir(r), 0, 1) / annotate.LEDGER) as ledger:  # an unsharded run is shard 0 of 1
         for item in items:
             messages, params = requests.first(item)
             prompt = standin_judge.parse_prompt(messages)

@@ -502,9 +502,7 @@ def assemble(rows: list[dict], items: list[Item], outcomes: dict, requests: Requ
     for item in items:
         outcome = outcomes[item]
         if outcome.status != "ok":
-            failures.append({"prompt_id": rows[item.row]["prompt_id"], "kind": item.kind, "aspect": item.aspect,
-                             "completion": item.completion, "order_index": item.order,
-                             "status": outcome.status, "reason": outcome.reason})
+            failures.append(item_failure(rows, item, outcome))
         elif item.kind == "critique":
             critiques[(item.row, item.completion)] = outcome.value
     for r, row in enumerate(rows):
@@ -571,6 +569,13 @@ def assemble(rows: list[dict], items: list[Item], outcomes: dict, requests: Requ
                 "reference": row["reference"],
             })
     return out_rows, failures, incomplete
+
+
+def item_failure(rows: list[dict], item: Item, outcome: Outcome) -> dict:
+    """The failures.jsonl line of an item without a usable answer."""
+    return {"prompt_id": rows[item.row]["prompt_id"], "kind": item.kind, "aspect": item.aspect,
+            "completion": item.completion, "order_index": item.order, "status": outcome.status,
+            "reason": outcome.reason}
 
 
 def _empty_position_record() -> dict:

@@ -52,6 +52,7 @@ from pipeline.runs import (
     StageFailed,
     atomic_dir,
     atomic_write_text,
+    check_shards_done,
     clear_done,
     is_done,
     mark_done,
@@ -305,9 +306,7 @@ def merge(work: _Work, num_shards: int) -> dict:
 
     recipe = work.recipe
     stage_path = stage_dir(recipe)
-    missing = [i for i in range(num_shards) if not is_done(shard_dir(stage_path, i, num_shards))]
-    if missing:
-        raise StageFailed(f"generate: cannot merge, shard(s) {missing} of {num_shards} are not done")
+    check_shards_done(stage_path, num_shards, "generate")
     ledger_files = sorted(stage_path.glob(f"shard-*-of-*/{LEDGER}"))  # every shard opened one
     with Ledger(ledger_files[0], also_read=ledger_files[1:]) as ledger:
         rows, failed, dropped = [], 0, 0
