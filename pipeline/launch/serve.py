@@ -10,6 +10,7 @@ scripts (`<url_dir>/<name>.sbatch`), logs and `jobs.json` (name -> job id) sit b
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import time
@@ -20,6 +21,8 @@ from pydantic import Field, ValidationError, field_validator
 
 from pipeline.config import ConfigError, Strict, format_validation_error, read_yaml, slurm_time_limit
 from pipeline.runs import atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
 
 
 class ServedModel(Strict):
@@ -88,12 +91,29 @@ def resolve_url_files(recipe) -> None:
     for key, spec in model_specs(recipe):
         if not spec.base_url_file:
             continue
-        path = Path(spec.base_url_file)
-        url = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
-        if not url:
-            raise ConfigError(f"{key}.base_url_file: no server URL in {path} yet (the server writes it once it "
-                              "answers: is its `rlhf serve` job up? for the stand-in: `make standin` or `make demo`)")
-        spec.base_url = url
+        if isinstance(spec.base_url_file, str):
+            spec.base_url = _read_url(Path(spec.base_url_file), f"{key}.base_url_file")
+            continue
+        # A fleet runs on the servers that are up; one that is not is named, not waited for.
+        urls, missing = [], []
+        for i, file in enumerate(spec.base_url_file):
+            try:
+                urls.append(_read_url(Path(file), f"{key}.base_url_file[{i}]"))
+            except ConfigError as err:
+                missing.append(str(err))
+        if not urls:
+            raise ConfigError(f"{key}.base_url_file: no server of the fleet is up: " + "; ".join(missing))
+        for message in missing:
+            log.warning("%s; the fleet starts without it", message)
+        spec.base_urls = urls
+
+
+def _read_url(path: Path, key: str) -> str:
+    url = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+    if not url:
+        raise ConfigError(f"{key}: no server URL in {path} yet (the server writes it once it answers: is its "
+                          "`rlhf serve` job up? for the stand-in: `make standin` or `make demo`)")
+    return url
 
 
 def main(path: str, dry_run: bool = False) -> int:

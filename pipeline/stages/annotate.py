@@ -72,6 +72,7 @@ from pipeline.judge.session import (
     spent_so_far,
 )
 from pipeline.ledger import Ledger
+from pipeline.llm.fleet import add_counts
 from pipeline.llm.openai_backend import api_key
 from pipeline.records import check_rows, prompt_id, saved_rows
 from pipeline.report import figure
@@ -407,7 +408,8 @@ def run_shard(recipe: Recipe, rows: list[dict], items: list, shard: int, num_sha
     info = {"shard": shard, "num_shards": num_shards, "items": len(mine), "items_failed": len(failed),
             "extra_orders": len(extras), "requests_sent": tally.sent, "requests_replayed": tally.replayed,
             "failed_requests": tally.failed_requests, "reasks": tally.reasks,
-            "parse_failures": dict(tally.parse_failures), "seconds": round(elapsed, 2)}
+            "parse_failures": dict(tally.parse_failures), "servers": judge.fleet.counts(),
+            "seconds": round(elapsed, 2)}
     mark_done(path, info)
     return info, outcomes
 
@@ -447,9 +449,10 @@ def merge(recipe: Recipe, rows: list[dict], items: list, num_shards: int, retry_
     report = write_report(out_rows, stage_path / "report")
     annotated = sum(len(r["completions"]) for r in out_rows)
     total = lambda key: sum(s[key] for s in shards)  # noqa: E731
-    parse_failures = Counter()
+    parse_failures, servers = Counter(), {}
     for s in shards:
         parse_failures.update(s["parse_failures"])
+        servers = add_counts(servers, s.get("servers", {}))
     summary = {
         "mode": recipe.annotation.mode, "judge_model": recipe.annotation.judge_model,
         "template_version": judge.requests.version, "seed": recipe.annotation.seed,
@@ -460,6 +463,8 @@ def merge(recipe: Recipe, rows: list[dict], items: list, num_shards: int, retry_
         "requests_sent_this_run": total("requests_sent"), "requests_replayed": total("requests_replayed"),
         "failed_requests_this_run": total("failed_requests"),
         "reasks_this_run": total("reasks"), "parse_failures_this_run": dict(parse_failures),
+        # per judge server: requests sent (they add up to requests_sent_this_run), failed, set aside
+        "servers_this_run": servers,
         "tokens": tokens,
         "cost_usd_all_runs": round(spent_total, 6) if judge.price is not None else None,
         "seconds": round(max(s["seconds"] for s in shards), 2),  # the slowest shard
@@ -529,4 +534,7 @@ def print_summary(summary: dict, stage_path: Path) -> None:
     print(f"  requests: {summary['requests_sent_this_run']} sent now, {summary['requests_replayed']} from the "
           f"ledger, {summary['reasks_this_run']} re-asks; tokens {summary['tokens']['total']:,} "
           f"({summary['tokens_per_prompt']:,} per prompt){cost_text}")
+    if len(summary["servers_this_run"]) > 1:
+        print("  servers: " + "; ".join(f"{name} {c['requests']} sent, {c['failed']} failed, set aside {c['set_aside']}x"
+                                        for name, c in summary["servers_this_run"].items()))
     print(f"  report: {stage_path / 'report'}")

@@ -19,7 +19,8 @@ import pytest
 import yaml
 from datasets import load_from_disk
 from helpers import ledger_ok_keys as _ledger_ok_keys
-from helpers import pairs, reward_recipe, stage_path, standin_model, write_prompts, write_recipe
+from helpers import (pairs, reward_recipe, stage_path, standin_model, write_completion_sets, write_prompts,
+                     write_recipe)
 
 from pipeline.cli import main as rlhf
 from pipeline.launch.slurm import job_records, job_states, submissions
@@ -264,17 +265,6 @@ def test_usr1_saves_the_shard_and_the_job_requeues_and_resumes(tmp_path, slurm_c
     sent = [e["request_key"] for e in standin.stats()["log"]]
     assert not set(sent) & paid, "the resumed job asked again for a completion already recorded"
     assert len(load_from_disk(str(stage / "dataset"))) == 10
-
-
-def write_completion_sets(path: Path, count: int) -> Path:
-    """`count` completion sets of two completions each, in the openbmb/UltraFeedback row shape."""
-    rows = [{"source": "evol_instruct", "instruction": f"Question {i}: how do plants turn light into sugar?",
-             "completions": [{"model": model, "principle": "helpfulness", "custom_system_prompt": "",
-                              "response": response} for model, response in
-                             (("m0", f"Through photosynthesis in the leaves, step {i}: light, water, CO2."),
-                              ("m1", "Sugar."))]} for i in range(count)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_annotate_as_an_array_a_cancelled_shard_is_all_that_runs_again(tmp_path, slurm_cluster, standin):
