@@ -1,9 +1,11 @@
 """`rlhf serve RECIPE [--dry-run]`: model servers on a Slurm cluster for the generation pool or
 the judge (a ServeRecipe, e.g. recipes/slurm/serve/ultrafeedback-pool.yaml).
 
-One job per model runs `vllm serve` on one GPU node (tensor parallel over `gpus`); once the server
-answers, the job writes its URL to `<url_dir>/<name>.url` (and removes it when it ends). A pool
-entry or a judge with `base_url_file: <url_dir>/<name>.url` reads it when its stage starts. The
+One job per model (per replica: `replicas`) runs `vllm serve` on one GPU node (tensor parallel
+over `gpus`); once the server answers, the job writes its URL to `<url_dir>/<name>.url`
+(`<name>-<i>.url` for replica i of several) and removes it when it ends. A pool entry or a judge
+with `base_url_file: <url_dir>/<name>.url` reads it when its stage starts (a list of the
+replicas' files: a fleet, pipeline.llm.fleet). The
 scripts (`<url_dir>/<name>.sbatch`), logs and `jobs.json` (name -> job id) sit beside the URLs.
 `--dry-run` renders the scripts and submits nothing.
 """
@@ -30,6 +32,8 @@ class ServedModel(Strict):
     model: str = Field(description="What vLLM loads: a Hugging Face id or a model folder on the cluster")
     gpus: int = Field(1, ge=1, description="GPUs of one node, the tensor-parallel size")
     args: list[str] = Field(default_factory=list, description="More `vllm serve` arguments (--max-model-len, 4096)")
+    replicas: int = Field(1, ge=1, description="Servers of this model, one job each; with more than one they write "
+                          "`<name>-<i>.url` (i from 0), which a judge or pool entry lists as `base_url_file`: a fleet")
 
     @field_validator("name")
     @classmethod
@@ -66,20 +70,21 @@ def load(path: str | Path) -> ServeRecipe:
 
 
 def render(recipe: ServeRecipe, origin: str) -> dict[str, str]:
-    """{model name: sbatch script}."""
+    """{server name: sbatch script}: a model's name, or `<name>-<i>` for each of its replicas."""
     from pipeline.launch import slurm
 
     profile_path, profile = slurm.load_profile(recipe.profile, origin)
-    names = [m.name for m in recipe.models]
+    servers = [(m, m.name if m.replicas == 1 else f"{m.name}-{i}") for m in recipe.models for i in range(m.replicas)]
+    names = [name for _, name in servers]
     if len(set(names)) != len(names):
-        raise ConfigError(f"{origin}: models: names must be unique (each names a URL file)")
+        raise ConfigError(f"{origin}: models: names (and <name>-<i> of replicas) must be unique: each names a URL file")
     url_dir = Path(recipe.url_dir).resolve()
     scripts = {}
-    for served in recipe.models:
-        scripts[served.name] = slurm.render_template(
+    for served, name in servers:
+        scripts[name] = slurm.render_template(
             "serve.sh.jinja", origin, served=served, profile=profile, profile_name=profile_path.stem,
-            time=recipe.time or profile.time, workdir=Path.cwd(), log=url_dir / "logs" / f"{served.name}-%j.out",
-            url_file=url_dir / f"{served.name}.url", vllm=recipe.vllm, python=profile.python or sys.executable)
+            time=recipe.time or profile.time, workdir=Path.cwd(), log=url_dir / "logs" / f"{name}-%j.out",
+            url_file=url_dir / f"{name}.url", vllm=recipe.vllm, python=profile.python or sys.executable)
     return scripts
 
 
