@@ -69,10 +69,10 @@ class Fleet:
 
     async def open(self, make_client: Callable[[str | None], object]) -> AsyncExitStack:
         """Give every server a client (`make_client(url)`); closing the returned stack closes them."""
-        stack = AsyncExitStack()
-        for server in self.servers:
-            server.client = await stack.enter_async_context(make_client(server.url))
-        return stack
+        async with AsyncExitStack() as stack:  # a client that cannot be made closes those made before it
+            for server in self.servers:
+                server.client = await stack.enter_async_context(make_client(server.url))
+            return stack.pop_all()
 
     def pick(self, tried: list[Server] = ()) -> Server:
         """The least-loaded usable server not in `tried` (all tried: any of them)."""
