@@ -9,9 +9,16 @@
 3. memory: peak resident memory while `--memory-requests` (100,000) requests are really sent
    (latency 0), sampled at each quarter (goal flat, < 1 GiB).
 4. tokens per annotated prompt in each mode (faithful, structured, compact) on 40 prompts.
+5. fleet: `--fleet-requests` (1,600) requests on 1, 2 and 4 stand-ins (`base_urls`), each
+   answering at most `--fleet-server-concurrency` (8) at once after `--latency` seconds, the
+   judge's max_concurrency that many per server: requests per second, the share each server
+   got, and the server-bound ideal (servers x per-server concurrency / latency). On one
+   machine every stand-in shares its cores with the client: past a point more servers only
+   add CPU contention.
 
     python bench/annotate.py                  # everything, about ten minutes on 2 cores
     python bench/annotate.py --only throughput,modes --requests 4000
+    python bench/annotate.py --only fleet --fleet-requests 800
 """
 
 from __future__ import annotations
@@ -50,14 +57,15 @@ def write_sets(path: Path, prompts: int) -> Path:
     return path
 
 
-def recipe(tmp: Path, sets: Path, base_url: str, run: str, concurrency: int, **annotation):
+def recipe(tmp: Path, sets: Path, base_url: str | list[str], run: str, concurrency: int, **annotation):
     import yaml
 
     from pipeline.stages import load_recipe
 
+    servers = {"base_urls": base_url} if isinstance(base_url, list) else {"base_url": base_url}
     data = {"stage": "annotate", "run": {"name": run, "root": str(tmp / "runs")},
             "inputs": {"completions": str(sets)},
-            "annotation": {"judge": {"name": "standin-judge", "backend": "openai", "base_url": base_url,
+            "annotation": {"judge": {"name": "standin-judge", "backend": "openai", **servers,
                                      "max_concurrency": concurrency, "timeout_s": 60, "max_retries": 3},
                            "prices": {"standin-judge": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}},
                            **annotation}}
@@ -105,7 +113,9 @@ def fill_ledger(r, rows_path: Path) -> int:
     rows = annotate.load_rows(r)
     requests = session.Requests(rows, r)
     items = session.plan(rows, r)
-    with Ledger(stage_dir(r) / annotate.LEDGER) as ledger:
+    from pipeline.runs import shard_dir
+
+    with Ledger(shard_dir(stage_dir(r), 0, 1) / annotate.LEDGER) as ledger:  # an unsharded run is shard 0 of 1
         for item in items:
             messages, params = requests.first(item)
             prompt = standin_judge.parse_prompt(messages)
@@ -196,14 +206,42 @@ def bench_modes(tmp: Path) -> None:
         print(f"  {mode:<11}{sent:>9}{per_prompt:>15,.0f}{dollars:>30.5f}")
 
 
+def bench_fleet(tmp: Path, requests: int, per_server: int, latency: float) -> None:
+    from contextlib import ExitStack
+
+    from pipeline.stages import annotate
+    from pipeline.standin import start_standin
+
+    sets = write_sets(tmp / "fleet.jsonl", max(1, requests // 8))
+    load = os.getloadavg()[0]
+    print(f"fleet: {requests} requests per run, {per_server} at once per stand-in, latency {latency:g} s "
+          f"(load average {load:.1f} on {os.cpu_count()} cores before the first run)")
+    for count in (1, 2, 4):
+        with ExitStack() as stack:
+            servers = [stack.enter_context(start_standin(tmp / f"fleet-{count}-{i}", latency_s=latency,
+                                                         max_concurrency=per_server)) for i in range(count)]
+            r = recipe(tmp, sets, [s.base_url for s in servers], f"fleet-{count}", per_server * count)
+            started = time.monotonic()
+            summary = quiet(annotate.run, r)
+            elapsed = time.monotonic() - started
+            received = [s.stats()["requests_total"] for s in servers]
+        ideal = count * per_server / latency
+        achieved = sum(received) / elapsed
+        print(f"  {count} server(s): {sum(received)} requests in {elapsed:.1f} s = {achieved:.0f} req/s, ideal "
+              f"{ideal:.0f} ({achieved / ideal:.2f}); per server " + ", ".join(map(str, received))
+              + f"; client counted {summary['requests_sent_this_run']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="throughput,rerun,memory,modes")
+    parser.add_argument("--only", default="throughput,rerun,memory,modes,fleet")
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--rerun-requests", type=int, default=100_000)
     parser.add_argument("--memory-requests", type=int, default=100_000)
+    parser.add_argument("--fleet-requests", type=int, default=1_600)
+    parser.add_argument("--fleet-server-concurrency", type=int, default=8)
     args = parser.parse_args()
     parts = args.only.split(",")
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,6 +254,8 @@ def main() -> None:
             bench_memory(tmp, args.memory_requests)
         if "modes" in parts:
             bench_modes(tmp)
+        if "fleet" in parts:
+            bench_fleet(tmp, args.fleet_requests, args.fleet_server_concurrency, args.latency)
 
 
 if __name__ == "__main__":

@@ -118,19 +118,43 @@ class ModelSpec(Strict):
         None, description="openai: model id at the server (default: name); a stage reference names a model "
         "folder, sent as its absolute path (what `transformers serve` loads a model by)")
     base_url: str | None = Field(None, description="openai: server URL; None = api.openai.com")
-    base_url_file: str | None = Field(None, description="openai: a file holding the server URL, read into "
-                                      "base_url when the stage starts (an `rlhf serve` job writes it once its "
-                                      "server answers)")
+    base_urls: list[str] | None = Field(
+        None, min_length=1, description="openai: several servers of the same model (a fleet, instead of "
+        "base_url): each request goes to the healthy one with the fewest in flight (pipeline.llm.fleet)")
+    base_url_file: str | list[str] | None = Field(
+        None, description="openai: a file holding the server URL, read into base_url when the stage starts "
+        "(an `rlhf serve` job writes it once its server answers); a list of files makes a fleet, read into "
+        "base_urls")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: env variable holding the key")
     max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
     timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout (client's own)")
     max_retries: int = Field(3, ge=0, description="openai: client's own retries (5xx, 429, timeouts)")
+    set_aside_after: int = Field(3, ge=1, description="openai, several servers: a server whose requests fail "
+                                 "this many times in a row (connection error, timeout, 5xx) is set aside")
+    set_aside_s: float = Field(30.0, gt=0, description="openai, several servers: how long a server set aside "
+                               "gets no requests before it is tried again")
 
     @model_validator(mode="after")
     def _backend_fields(self) -> "ModelSpec":
         if self.backend == "hf" and not self.path:
             raise ValueError(f"model {self.name!r}: backend 'hf' needs `path` (a local model folder)")
+        if self.base_urls is not None and self.base_url is not None:
+            raise ValueError(f"model {self.name!r}: base_urls: give one server as base_url or several as "
+                             "base_urls, not both")
+        if isinstance(self.base_url_file, list) and self.base_url is not None:
+            raise ValueError(f"model {self.name!r}: base_url_file: a list of URL files makes a fleet (read into "
+                             "base_urls), so base_url must be left out")
+        if isinstance(self.base_url_file, str) and self.base_urls is not None:
+            raise ValueError(f"model {self.name!r}: base_url_file: one URL file names one server (read into "
+                             "base_url), so base_urls must be left out; list several files instead")
+        if isinstance(self.base_url_file, list) and not self.base_url_file:
+            raise ValueError(f"model {self.name!r}: base_url_file: the list of URL files is empty")
         return self
+
+    @property
+    def servers(self) -> list[str | None]:
+        """The server URLs requests may go to (None: api.openai.com)."""
+        return list(self.base_urls) if self.base_urls else [self.base_url]
 
 
 # --- stage configs ---------------------------------------------------------------------------

@@ -63,6 +63,22 @@ def is_done(path: Path) -> bool:
     return (path / SUCCESS).is_file()
 
 
+def check_shards_done(stage_path: Path, num_shards: int, stage: str) -> None:
+    """Refuse a merge (StageFailed) unless every shard has its `_SUCCESS`, naming each shard that
+    never ran and each that ran without finishing (failed, killed or still running)."""
+    never, unfinished = [], []
+    for i in range(num_shards):
+        folder = shard_dir(stage_path, i, num_shards)
+        if not is_done(folder):
+            (unfinished if folder.is_dir() else never).append(i)
+    if never or unfinished:
+        parts = ([f"shard(s) {never} never ran"] if never else []) + (
+            [f"shard(s) {unfinished} ran but did not finish (see their failures.jsonl, or `rlhf status`)"]
+            if unfinished else [])
+        raise StageFailed(f"{stage}: cannot merge {num_shards} shards: " + "; ".join(parts)
+                          + f". Run them (--shard i --num-shards {num_shards}), then --merge again.")
+
+
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes (read in 1 MiB blocks: model weights and archives are large)."""
     import hashlib

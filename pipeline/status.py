@@ -92,7 +92,7 @@ def _stage(path: Path, states: dict, owners: dict, slurm_here: bool) -> dict:
             for i in job.get("array") or []:
                 task = f"{job['id']}_{i}"
                 shard_jobs[i] = _job(task, f"shard {i}", logs / f"shard-{i}-{job['id']}.out", states, records,
-                                     slurm_here)
+                                     slurm_here) | {"after": job.get("after", [])}
     stage_jobs = [_job(str(j["id"]), j["name"], logs / f"{j['name']}-{j['id']}.out", states, records, slurm_here)
                   | {"after": j.get("after", [])}
                   for j in (subs[-1]["jobs"] if subs else []) if j.get("array") is None]
@@ -136,7 +136,9 @@ def _stage(path: Path, states: dict, owners: dict, slurm_here: bool) -> dict:
             report["detail"] = f"failed shard(s): {', '.join(bad_shards)}"
     else:
         report["state"] = "missing"
-        blocked = [j for j in stage_jobs if j["outcome"] == "never-ran"]
+        # the shards' array first: it is the job that waited on an earlier stage (the merge
+        # waited on the array)
+        blocked = [j for j in [s["job"] for s in shards if s["job"]] + stage_jobs if j["outcome"] == "never-ran"]
         unknown = [j for j in stage_jobs if j["outcome"] == "unknown" and not j["record"]]
         if blocked:
             waited = ", ".join(f"job {a}" + (f" ({owners[a]})" if a in owners else "") for a in blocked[0]["after"])

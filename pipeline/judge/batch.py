@@ -57,7 +57,7 @@ def batch_submit(run: JudgeRun, items: list[Item], stage_path: Path) -> dict:
     if current:
         chunks.append(current)
     spec = run.ann.judge
-    client = sync_client(spec, run.api_key())
+    client = sync_client(spec, run.api_key(), "annotation.judge")
     folder.mkdir(parents=True, exist_ok=True)
     for chunk in chunks:
         index = len(manifest["batches"])
@@ -86,7 +86,7 @@ def batch_collect(run: JudgeRun, stage_path: Path, poll_s: float) -> dict:
         raise ConfigError(f"annotate --batch collect: no batches submitted ({manifest_path} is missing)")
     manifest = json.loads(manifest_path.read_text())
     spec = run.ann.judge
-    client = sync_client(spec, run.api_key())
+    client = sync_client(spec, run.api_key(), "annotation.judge")
     ingested = errors = 0
     for entry in manifest["batches"]:
         if entry.get("collected"):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pipeline.judge import positions, rubric
 from pipeline.judge.parse import ParseError, parse_aspect, parse_compact, parse_critique
 from pipeline.ledger import Ledger, request_key
+from pipeline.llm.fleet import Fleet
 from pipeline.llm.openai_backend import api_key, async_client, error_reason
 from pipeline.llm.throttle import Throttle
 from pipeline.llm.workers import run_workers
@@ -204,6 +205,7 @@ class JudgeRun:
         self.retry_failed = retry_failed
         self.tally = Tally()
         self.throttle = Throttle(self.ann.requests_per_minute, self.ann.tokens_per_minute)
+        self.fleet = Fleet.for_spec(self.ann.judge)  # one server, or several (base_urls)
         self.price = self.ann.price
         self.stopped = False
         self.spent_before = 0.0  # what the ledger says earlier runs spent (the budget covers all runs)
@@ -213,15 +215,19 @@ class JudgeRun:
     def api_key(self) -> str:
         return api_key(self.ann.judge, "annotation.judge")
 
-    def client(self):
-        return async_client(self.ann.judge, self.api_key())
+    async def open_clients(self):
+        """One client per server of the judge's fleet; the returned stack closes them."""
+        key = self.api_key()
+        return await self.fleet.open(lambda url: async_client(self.ann.judge, key, url))
 
     def over_budget(self) -> bool:
         budget = self.ann.budget_usd
         return budget is not None and self.spent_before + self.tally.cost_usd >= budget
 
-    async def send(self, client, key: str, messages: list[dict], params: dict, meta: dict) -> dict | None:
-        """One request with our retries; the outcome is in the ledger before this returns."""
+    async def send(self, fleet: Fleet, key: str, messages: list[dict], params: dict, meta: dict) -> dict | None:
+        """One request with our retries; the outcome is in the ledger before this returns. Every
+        attempt goes through the fleet, which sends it again on another server when the first
+        one is down; whichever server answers, the record is the same (the key names none)."""
         import openai
 
         body = {"model": self.ann.judge_model, "messages": messages, "temperature": params["temperature"],
@@ -235,13 +241,17 @@ class JudgeRun:
             if self.stopped or self.over_budget():
                 self.stopped = True
                 raise BudgetReached()
-            self.tally.sent += 1
-            try:
+
+            def post(client):
+                self.tally.sent += 1  # each HTTP request, on whichever server
                 # The client's low-level post: same auth, errors and connection pool as
                 # chat.completions.create, without its per-request parameter transform and
                 # response models, which cost more CPU than everything else here together.
-                data = await client.post("/chat/completions", cast_to=object, body=body,
-                                         options={"headers": {"X-Request-Key": key}})
+                return client.post("/chat/completions", cast_to=object, body=body,
+                                   options={"headers": {"X-Request-Key": key}})
+
+            try:
+                data = await fleet.call(post)
                 choice = data["choices"][0]
                 text = (choice.get("message") or {}).get("content")
                 if text is None:
@@ -269,8 +279,9 @@ class JudgeRun:
         self.tally.failed_requests += 1
         return None
 
-    async def resolve(self, client, item: Item) -> Outcome:
-        """Ask (or replay) one item until it parses, running out of re-asks, or fails."""
+    async def resolve(self, fleet: Fleet | None, item: Item) -> Outcome:
+        """Ask (or replay) one item until it parses, running out of re-asks, or fails (`fleet`
+        None: replay only)."""
         messages, params = self.requests.first(item)
         row = self.rows[item.row]
         meta = {"prompt_id": row["prompt_id"], "kind": item.kind, "aspect": item.aspect,
@@ -287,13 +298,13 @@ class JudgeRun:
                 failure = self.ledger.failure(key)
                 if failure is not None and not self.retry_failed:
                     return Outcome("failed", reason=failure.get("reason", "failed"), reasks=reasks)
-                if client is None:  # replay only: this is where spending would start
+                if fleet is None:  # replay only: this is where spending would start
                     # (--dry-run prices the messages; a real run renders them again when it sends,
                     # rather than hold every unsent request's text at once)
                     return Outcome("pending", value=(messages, params) if self.keep_pending else None,
                                    reasks=reasks)
                 try:
-                    result = await self.send(client, key, messages, params, {**meta, "reask": reasks})
+                    result = await self.send(fleet, key, messages, params, {**meta, "reask": reasks})
                 except BudgetReached:
                     return Outcome("stopped", reasks=reasks)
                 if reasks:  # a re-ask sent now, whether the answer it corrects is fresh or replayed
@@ -330,10 +341,10 @@ class JudgeRun:
         for item in items:
             queue.put_nowait(item)
 
-        async def worker(client) -> None:
+        async def worker(fleet: Fleet) -> None:
             while not queue.empty():
                 item = queue.get_nowait()
-                outcome = await self.resolve(client, item)
+                outcome = await self.resolve(fleet, item)
                 outcomes[item] = outcome
                 failed[0] += outcome.status == "failed"
                 bar.update()
@@ -342,8 +353,8 @@ class JudgeRun:
                     postfix["spent"] = f"${self.spent_before + self.tally.cost_usd:.4f}"
                 bar.set_postfix(postfix, refresh=False)
 
-        async with self.client() as client:
-            await run_workers(max(1, min(self.ann.judge.max_concurrency, len(items))), lambda: worker(client))
+        async with await self.open_clients():
+            await run_workers(max(1, min(self.ann.judge.max_concurrency, len(items))), lambda: worker(self.fleet))
         return outcomes
 
 
@@ -502,9 +513,7 @@ def assemble(rows: list[dict], items: list[Item], outcomes: dict, requests: Requ
     for item in items:
         outcome = outcomes[item]
         if outcome.status != "ok":
-            failures.append({"prompt_id": rows[item.row]["prompt_id"], "kind": item.kind, "aspect": item.aspect,
-                             "completion": item.completion, "order_index": item.order,
-                             "status": outcome.status, "reason": outcome.reason})
+            failures.append(item_failure(rows, item, outcome))
         elif item.kind == "critique":
             critiques[(item.row, item.completion)] = outcome.value
     for r, row in enumerate(rows):
@@ -571,6 +580,13 @@ def assemble(rows: list[dict], items: list[Item], outcomes: dict, requests: Requ
                 "reference": row["reference"],
             })
     return out_rows, failures, incomplete
+
+
+def item_failure(rows: list[dict], item: Item, outcome: Outcome) -> dict:
+    """The failures.jsonl line of an item without a usable answer."""
+    return {"prompt_id": rows[item.row]["prompt_id"], "kind": item.kind, "aspect": item.aspect,
+            "completion": item.completion, "order_index": item.order, "status": outcome.status,
+            "reason": outcome.reason}
 
 
 def _empty_position_record() -> dict:

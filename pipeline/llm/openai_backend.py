@@ -1,7 +1,9 @@
 """Generation through any OpenAI-compatible chat API (`backend: openai` in a pool or a judge).
 
 `OpenAIBackend(spec)` follows `pipeline.llm.base.Backend`. It works against api.openai.com and
-against local servers (vLLM, SGLang, TGI, Ollama, our stand-in): set `base_url`.
+against local servers (vLLM, SGLang, TGI, Ollama, our stand-in): set `base_url`, or `base_urls`
+for several servers of the same model (pipeline.llm.fleet picks one per request and moves a
+request off a server that is down).
 
 - Concurrency is bounded by `spec.max_concurrency`: that many workers pull requests from one
   queue, so a million-request run never holds a million tasks.
@@ -14,8 +16,9 @@ against local servers (vLLM, SGLang, TGI, Ollama, our stand-in): set `base_url`.
   stand-in's, in tests) can tell a repeated request from a new one.
 
 Request params: `temperature`, `top_p`, `max_new_tokens` (sent as `max_tokens`), `seed`, and,
-for the judge, `response_format` and `stop`. `base_url` is not part of `identity()`: the same
-served model behind another host or port (a new Slurm job) must still find its ledger entries.
+for the judge, `response_format` and `stop`. No server URL is part of `identity()`: the same
+served model behind another host or port (a new Slurm job, another server of a fleet) must
+still find its ledger entries.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Sequence
 
 from pipeline.config import ConfigError, redact
 from pipeline.llm.base import GenRequest, GenResult, OnDone, OnError
+from pipeline.llm.fleet import Fleet
 from pipeline.llm.workers import run_workers
 
 _PASSED_PARAMS = {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_tokens",
@@ -44,29 +48,33 @@ def api_key(spec, where: str) -> str:
     """The key from `spec.api_key_env`; "EMPTY" for a local server; else a ConfigError naming `where`."""
     key = os.environ.get(spec.api_key_env)
     if not key:
-        if spec.base_url is None:
+        if spec.base_url is None and not spec.base_urls:
             raise ConfigError(f"{where}: no API key: set the environment variable {spec.api_key_env} "
                               "(or give `base_url` for a local server)")
         key = "EMPTY"  # local servers ignore it, but the client insists on one
     return key
 
 
-def async_client(spec, key: str):
-    """An AsyncOpenAI client without the SDK's retries (the caller retries, so that a 429's
-    Retry-After pauses every worker, not one), on the SDK's aiohttp transport: the default httpx
-    one spends about 2.5 ms of CPU per request, which caps a 2-core machine well below what the
-    server allows."""
+def async_client(spec, key: str, base_url: str | None):
+    """An AsyncOpenAI client for one server (`base_url`, one of `spec.servers`) without the SDK's
+    retries (the caller retries, so that a 429's Retry-After pauses every worker, not one), on
+    the SDK's aiohttp transport: the default httpx one spends about 2.5 ms of CPU per request,
+    which caps a 2-core machine well below what the server allows."""
     from openai import AsyncOpenAI, DefaultAioHttpClient
 
-    return AsyncOpenAI(api_key=key, base_url=spec.base_url, max_retries=0, timeout=spec.timeout_s,
+    return AsyncOpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=spec.timeout_s,
                        http_client=DefaultAioHttpClient(timeout=spec.timeout_s))
 
 
-def sync_client(spec, key: str):
-    """A blocking OpenAI client with the SDK's own retries (the Batch API's files and batches)."""
+def sync_client(spec, key: str, where: str):
+    """A blocking OpenAI client with the SDK's own retries (the Batch API's files and batches).
+    A batch lives on the server it was created on: a fleet cannot hold one."""
     from openai import OpenAI
 
-    return OpenAI(api_key=key, base_url=spec.base_url, max_retries=spec.max_retries, timeout=spec.timeout_s)
+    if spec.base_urls and len(spec.base_urls) > 1:
+        raise ConfigError(f"{where}.base_urls: the Batch API keeps a batch on the server that made it; "
+                          "give one server (base_url) for --batch")
+    return OpenAI(api_key=key, base_url=spec.servers[0], max_retries=spec.max_retries, timeout=spec.timeout_s)
 
 
 class OpenAIBackend:
@@ -77,6 +85,7 @@ class OpenAIBackend:
                              "(pipeline.runs.resolve_model_paths, which the launcher calls)")
         self.model = spec.model or spec.name
         self._api_key = api_key(spec, f"model {spec.name!r}")
+        self.fleet = Fleet.for_spec(spec)  # one server, or several (base_urls)
 
     def identity(self) -> dict:
         return {"backend": "openai", "model": self.model}
@@ -84,10 +93,12 @@ class OpenAIBackend:
     def close(self) -> None:
         pass  # one client per generate() call, closed there
 
-    def _client(self):
+    def _client(self, base_url: str | None):
+        """A client for one server, with the SDK's own retries there; the fleet moves a request
+        to another server once they are spent."""
         from openai import AsyncOpenAI
 
-        return AsyncOpenAI(api_key=self._api_key, base_url=self.spec.base_url,
+        return AsyncOpenAI(api_key=self._api_key, base_url=base_url,
                            max_retries=self.spec.max_retries, timeout=self.spec.timeout_s)
 
     def generate(self, requests: Sequence[GenRequest], on_done: OnDone, on_error: OnError) -> None:
@@ -98,12 +109,12 @@ class OpenAIBackend:
         queue: asyncio.Queue[GenRequest] = asyncio.Queue()
         for req in requests:
             queue.put_nowait(req)
-        async with self._client() as client:
+        async with await self.fleet.open(self._client):
             # A callback that raises (the ledger cannot write) stops every worker.
             await run_workers(min(self.spec.max_concurrency, len(requests)),
-                              lambda: self._worker(client, queue, on_done, on_error))
+                              lambda: self._worker(queue, on_done, on_error))
 
-    async def _worker(self, client, queue: asyncio.Queue, on_done: OnDone, on_error: OnError) -> None:
+    async def _worker(self, queue: asyncio.Queue, on_done: OnDone, on_error: OnError) -> None:
         from openai import OpenAIError
 
         while True:
@@ -113,10 +124,10 @@ class OpenAIBackend:
                 return
             kwargs = {out: req.params[name] for name, out in _PASSED_PARAMS.items() if name in req.params}
             try:
-                response = await client.chat.completions.create(
+                response = await self.fleet.call(lambda client: client.chat.completions.create(
                     model=self.model, messages=list(req.messages),
                     extra_headers={"X-Request-Key": req.key}, **kwargs,
-                )
+                ))
                 choice = response.choices[0]
                 text = choice.message.content
                 if text is None:

@@ -31,9 +31,14 @@ uploads them, starts batches and saves a manifest; `--batch collect` waits for t
 answers (partial ones too) into the ledger, then runs the normal path, which sends only what is
 still missing (failed lines, expired stragglers, re-asks).
 
+Shards, as in generate: rows by position (`row % num_shards`), each shard in
+`shard-<i>-of-<n>/` with its own ledger, failures.jsonl, batch manifest and `_SUCCESS`, reading
+every ledger of the stage; the merge (all shards done, else an error naming the others) replays
+the ledgers, sends nothing, and so writes the dataset an unsharded run (shard 0 of 1) writes.
+
 Outputs: `dataset/` (openbmb/UltraFeedback rows, annotated), `failures.jsonl` (every item that
 failed, with its reason), `summary.json`, `report/*.png`, `_SUCCESS` last. The raw answers are
-kept in `ledger.jsonl`.
+kept in the shards' `ledger.jsonl`.
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ import asyncio
 import json
 import math
 import random
+import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from pydantic import Field, model_validator
 
@@ -55,7 +62,9 @@ from pipeline.judge import rubric
 from pipeline.judge.batch import batch_collect, batch_submit
 from pipeline.judge.session import (
     JudgeRun,
+    Outcome,
     assemble,
+    item_failure,
     dry_run,
     extra_items,
     ledger_tokens,
@@ -63,18 +72,23 @@ from pipeline.judge.session import (
     spent_so_far,
 )
 from pipeline.ledger import Ledger
+from pipeline.llm.fleet import add_counts
+from pipeline.llm.openai_backend import api_key
 from pipeline.records import check_rows, prompt_id, saved_rows
 from pipeline.report import figure
 from pipeline.runs import (
     DATASET,
+    SUCCESS,
     RunOptions,
     StageFailed,
     atomic_dir,
     atomic_write_text,
+    check_shards_done,
     clear_done,
     mark_done,
     resolve_input,
     save_config,
+    shard_dir,
     stage_dir,
     write_json,
 )
@@ -287,73 +301,174 @@ def write_report(rows: list[dict], report_dir: Path) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
-    from datasets import Dataset
+def shard_items(items: list, shard: int, num_shards: int) -> list:
+    """The items of the rows of one shard (rows by position, `row % num_shards`): a row's items
+    stay together, so its extra orders (permute) are decided within one shard."""
+    return [item for item in items if item.row % num_shards == shard]
 
+
+def ledger_files(stage_path: Path) -> list[Path]:
+    """Every ledger of the stage: all shards' (of any shard count) and the stage folder's own,
+    where runs from before annotate had shards wrote. Each run reads them all, so a stage
+    re-sharded between runs, or a shard resumed, never pays for an answer twice."""
+    return [p for p in [stage_path / LEDGER, *sorted(stage_path.glob(f"shard-*-of-*/{LEDGER}"))] if p.is_file()]
+
+
+def open_ledger(stage_path: Path, own: Path) -> Ledger:
+    return Ledger(own, also_read=[p for p in ledger_files(stage_path) if p != own])
+
+
+@contextmanager
+def reading_ledgers(stage_path: Path) -> Iterator[Ledger]:
+    """All of the stage's ledgers, for a dry run or the merge, which write nothing: the ledger's
+    own file is a throwaway one, so no shard folder appears that never ran."""
+    with tempfile.TemporaryDirectory(prefix="annotate-read-") as tmp:
+        with Ledger(Path(tmp) / LEDGER, also_read=ledger_files(stage_path)) as ledger:
+            yield ledger
+
+
+def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict | None:
+    """Local run: every shard then the merge; `opts.shard=i` runs one shard (an array task);
+    `opts.merge_only` merges finished shards; `--batch submit` submits and stops before merging."""
+    num_shards = opts.num_shards or recipe.launch.num_shards
+    if opts.shard is not None and not 0 <= opts.shard < num_shards:
+        raise ConfigError(f"--shard {opts.shard}: must be between 0 and {num_shards - 1} (--num-shards {num_shards})")
     rows = load_rows(recipe)
     items = plan(rows, recipe)
     stage_path = stage_dir(recipe)
+    api_key(recipe.annotation.judge, "annotation.judge")  # a missing key is a config error before anything else
+    if opts.dry_run:
+        mine = items if opts.shard is None else shard_items(items, opts.shard, num_shards)
+        with reading_ledgers(stage_path) as ledger:
+            return dry_run(JudgeRun(recipe, rows, ledger, opts.retry_failed), mine)
     stage_path.mkdir(parents=True, exist_ok=True)
-    with Ledger(stage_path / LEDGER) as ledger:
+    clear_done(stage_path)
+    save_config(stage_path, recipe)
+    ran, known = [], {}
+    if not opts.merge_only:
+        for index in ([opts.shard] if opts.shard is not None else range(num_shards)):
+            info, outcomes = run_shard(recipe, rows, items, index, num_shards, opts)
+            ran.append(info)
+            known.update(outcomes)
+    if opts.batch == "submit":  # no merge: the dataset comes with --batch collect
+        return {key: sum(r[key] for r in ran) for key in ("submitted", "batches")}
+    if opts.shard is not None:
+        return None  # array tasks: the merge is its own job, after all shards
+    return merge(recipe, rows, items, num_shards, opts.retry_failed, known)
+
+
+def run_shard(recipe: Recipe, rows: list[dict], items: list, shard: int, num_shards: int,
+              opts: RunOptions) -> tuple[dict, dict]:
+    """Judge one shard's items: send what the ledgers do not answer yet, check the failure
+    fraction, write the shard's failures.jsonl and its `_SUCCESS` (with this run's tally).
+    Returns that tally and the items' outcomes (--batch submit: what it submitted, no outcomes).
+    A shard already done is judged again all the same: that only replays its ledger (nothing
+    is sent) and gives this run's figures."""
+    stage_path = stage_dir(recipe)
+    path = shard_dir(stage_path, shard, num_shards)
+    path.mkdir(parents=True, exist_ok=True)
+    clear_done(path)
+    where = f"annotate shard {shard} of {num_shards}"
+    mine = shard_items(items, shard, num_shards)
+    with open_ledger(stage_path, path / LEDGER) as ledger:
         judge = JudgeRun(recipe, rows, ledger, opts.retry_failed)
-        judge.api_key()  # a missing key is a config error before anything else
-        if opts.dry_run:
-            return dry_run(judge, items)
-        clear_done(stage_path)
-        save_config(stage_path, recipe)
         if opts.batch == "submit":
-            return batch_submit(judge, items, stage_path)
+            return batch_submit(judge, mine, path), {}
         if opts.batch == "collect":
-            batch_collect(judge, stage_path, recipe.annotation.batch_poll_s)
+            batch_collect(judge, path, recipe.annotation.batch_poll_s)
+        # the budget covers every run and every shard: what the ledgers show spent when this one starts
         judge.spent_before = spent_so_far(ledger, judge.price) - judge.tally.cost_usd
         started = time.monotonic()
-        outcomes = settle(judge, items)
+        outcomes = settle(judge, mine)
         # permute: questions whose orders disagree get one extra order, decided from the answers
         # (so a resumed run derives the same ones and replays what it already bought).
-        extras = extra_items(judge.requests, items, outcomes)
+        extras = extra_items(judge.requests, mine, outcomes)
         if extras:
             outcomes.update(settle(judge, extras))
-            items = items + extras
+            mine = mine + extras
         elapsed = time.monotonic() - started
-        tokens = ledger_tokens(ledger)
 
     tally = judge.tally
-    stopped = [i for i in items if outcomes[i].status == "stopped"]
-    failed = [i for i in items if outcomes[i].status == "failed"]
-    spent_total = judge.spent_before + tally.cost_usd
+    stopped = [i for i in mine if outcomes[i].status == "stopped"]
+    failed = [i for i in mine if outcomes[i].status == "failed"]
     if stopped:
         raise StageFailed(
-            f"annotate: budget_usd={recipe.annotation.budget_usd} reached (${spent_total:.4f} spent in all "
-            f"runs); {len(items) - len(stopped)} of {len(items)} items done and kept in the ledger. "
+            f"{where}: budget_usd={recipe.annotation.budget_usd} reached (${judge.spent_before + tally.cost_usd:.4f} "
+            f"spent in all runs); {len(mine) - len(stopped)} of {len(mine)} items done and kept in the ledger. "
             "Raise annotation.budget_usd and rerun to continue.")
-    out_rows, failures, incomplete = assemble(rows, items, outcomes, judge.requests, recipe.annotation.critique)
-    atomic_write_text(stage_path / FAILURES, "".join(json.dumps(f) + "\n" for f in failures))
+    failures = [item_failure(rows, item, outcomes[item]) for item in failed]
+    atomic_write_text(path / FAILURES, "".join(json.dumps(f) + "\n" for f in failures))
     limit = recipe.annotation.max_failure_fraction
-    if len(failed) / len(items) > limit or not out_rows:
+    if mine and len(failed) / len(mine) > limit:
         reasons = Counter(outcomes[i].reason.split(":")[0] for i in failed).most_common(3)
         raise StageFailed(
-            f"annotate: {len(failed)} of {len(items)} judge items failed (more than "
-            f"max_failure_fraction={limit}); see {stage_path / FAILURES}; commonest: "
+            f"{where}: {len(failed)} of {len(mine)} judge items failed (more than "
+            f"max_failure_fraction={limit}); see {path / FAILURES}; commonest: "
             + "; ".join(f"{n}x {r}" for r, n in reasons) + ". Fix the cause and rerun with --retry-failed.")
+    info = {"shard": shard, "num_shards": num_shards, "items": len(mine), "items_failed": len(failed),
+            "extra_orders": len(extras), "requests_sent": tally.sent, "requests_replayed": tally.replayed,
+            "failed_requests": tally.failed_requests, "reasks": tally.reasks,
+            "parse_failures": dict(tally.parse_failures), "servers": judge.fleet.counts(),
+            "seconds": round(elapsed, 2)}
+    mark_done(path, info)
+    return info, outcomes
+
+
+def merge(recipe: Recipe, rows: list[dict], items: list, num_shards: int, retry_failed: bool = False,
+          known: dict | None = None) -> dict:
+    """The dataset from the ledgers, once every shard is done: every item replayed (nothing is
+    sent), so it is the same dataset whatever the number of shards. `known`: outcomes of the
+    shards this process has just run, which a replay would only repeat (for a large stage, the
+    replay's parsing is most of a rerun's time)."""
+    from datasets import Dataset
+
+    stage_path = stage_dir(recipe)
+    check_shards_done(stage_path, num_shards, "annotate")
+    shards = [json.loads((shard_dir(stage_path, i, num_shards) / SUCCESS).read_text()) for i in range(num_shards)]
+    with reading_ledgers(stage_path) as ledger:
+        # retry_failed as the shards had it: it decides how a chain of re-asks replays
+        judge = JudgeRun(recipe, rows, ledger, retry_failed)
+        known = known or {}
+        outcomes = {**known, **replayed(judge, [i for i in items if i not in known])}
+        extras = extra_items(judge.requests, items, outcomes)
+        outcomes.update(replayed(judge, [i for i in extras if i not in outcomes]))
+        items = items + extras
+        tokens = ledger_tokens(ledger)
+        spent_total = spent_so_far(ledger, judge.price)
+
+    failed = [i for i in items if outcomes[i].status == "failed"]
+    out_rows, failures, incomplete = assemble(rows, items, outcomes, judge.requests, recipe.annotation.critique)
+    atomic_write_text(stage_path / FAILURES, "".join(json.dumps(f) + "\n" for f in failures))
+    if not out_rows:
+        raise StageFailed(f"annotate: no completion set was fully annotated ({len(failed)} of {len(items)} judge "
+                          f"items failed); see {stage_path / FAILURES}")
     with atomic_dir(stage_path / DATASET) as tmp:
         features = (records.PERMUTED_COMPLETION_SET_FEATURES if recipe.annotation.position_debias == "permute"
                     else records.COMPLETION_SET_FEATURES)
         Dataset.from_list(out_rows, features=features).save_to_disk(str(tmp))
     report = write_report(out_rows, stage_path / "report")
     annotated = sum(len(r["completions"]) for r in out_rows)
-    requests_this_run = tally.sent
+    total = lambda key: sum(s[key] for s in shards)  # noqa: E731
+    parse_failures, servers = Counter(), {}
+    for s in shards:
+        parse_failures.update(s["parse_failures"])
+        servers = add_counts(servers, s.get("servers", {}))
     summary = {
         "mode": recipe.annotation.mode, "judge_model": recipe.annotation.judge_model,
         "template_version": judge.requests.version, "seed": recipe.annotation.seed,
         "position_debias": recipe.annotation.position_debias, **position_summary(recipe, extras, failures),
         "rows_in": len(rows), "rows_out": len(out_rows), "completions_annotated": annotated,
         "completions_incomplete": incomplete, "items": len(items), "items_failed": len(failed),
-        "requests_sent_this_run": requests_this_run, "requests_replayed": tally.replayed,
-        "failed_requests_this_run": tally.failed_requests,
-        "reasks_this_run": tally.reasks, "parse_failures_this_run": dict(tally.parse_failures),
+        # "this run": each shard's latest run (its _SUCCESS), summed
+        "requests_sent_this_run": total("requests_sent"), "requests_replayed": total("requests_replayed"),
+        "failed_requests_this_run": total("failed_requests"),
+        "reasks_this_run": total("reasks"), "parse_failures_this_run": dict(parse_failures),
+        # per judge server: requests sent (they add up to requests_sent_this_run), failed, set aside
+        "servers_this_run": servers,
         "tokens": tokens,
         "cost_usd_all_runs": round(spent_total, 6) if judge.price is not None else None,
-        "seconds": round(elapsed, 2),
+        "seconds": round(max(s["seconds"] for s in shards), 2),  # the slowest shard
+        "num_shards": num_shards,
         "report": report,
     }
     summary["tokens_per_prompt"] = round(summary["tokens"]["total"] / max(len(rows), 1), 1)
@@ -361,6 +476,19 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     mark_done(stage_path, {"rows": len(out_rows), "completions": annotated})
     print_summary(summary, stage_path)
     return summary
+
+
+def replayed(judge: JudgeRun, items: list) -> dict:
+    """Every item's outcome from the ledgers alone. With retry_failed a recorded failure (or an
+    unusable answer whose next re-ask was never sent) replays as still to send: once every shard
+    is done, that is a failure."""
+    outcomes = dict(zip(items, judge.replay_all(items)))
+    for item, outcome in outcomes.items():
+        if outcome.status == "pending":
+            failure = judge.ledger.failure(judge.requests.key(*outcome.value)) or {}
+            outcomes[item] = Outcome("failed", reason=failure.get("reason", "unusable answer; no further re-ask "
+                                                                  "was sent"), reasks=outcome.reasks)
+    return outcomes
 
 
 def settle(judge: JudgeRun, items: list) -> dict:
@@ -406,4 +534,7 @@ def print_summary(summary: dict, stage_path: Path) -> None:
     print(f"  requests: {summary['requests_sent_this_run']} sent now, {summary['requests_replayed']} from the "
           f"ledger, {summary['reasks_this_run']} re-asks; tokens {summary['tokens']['total']:,} "
           f"({summary['tokens_per_prompt']:,} per prompt){cost_text}")
+    if len(summary["servers_this_run"]) > 1:
+        print("  servers: " + "; ".join(f"{name} {c['requests']} sent, {c['failed']} failed, set aside {c['set_aside']}x"
+                                        for name, c in summary["servers_this_run"].items()))
     print(f"  report: {stage_path / 'report'}")

@@ -39,6 +39,7 @@ from pipeline import records
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.base import GenRequest, ledgered_generate, make_backend
+from pipeline.llm.fleet import add_counts
 from pipeline.methods.principles import (
     DEFAULT_PRINCIPLE_MIX,
     FALLBACK_PRINCIPLE_MIX,
@@ -52,6 +53,7 @@ from pipeline.runs import (
     StageFailed,
     atomic_dir,
     atomic_write_text,
+    check_shards_done,
     clear_done,
     is_done,
     mark_done,
@@ -286,7 +288,11 @@ def run_shard(work: _Work, shard: int, num_shards: int, retry_failed: bool = Fal
                                  "prompt_id": work.prompts[item.prompt_index]["prompt_id"],
                                  "reason": failure.get("reason")})
     atomic_write_text(path / FAILURES, "".join(json.dumps(f) + "\n" for f in failures))
-    info = {"shard": shard, "num_shards": num_shards, "planned": len(mine), "failed": len(failures)}
+    # per openai model and server: requests sent, failed, times set aside (a fleet: base_urls)
+    servers = {name: backend.fleet.counts(reset=True) for name, backend in work.backends.items()
+               if hasattr(backend, "fleet")}
+    info = {"shard": shard, "num_shards": num_shards, "planned": len(mine), "failed": len(failures),
+            "servers": servers}
     limit = recipe.generation.max_failure_fraction
     if mine and len(failures) / len(mine) > limit:
         reasons = Counter(f["reason"] for f in failures).most_common(3)
@@ -305,9 +311,12 @@ def merge(work: _Work, num_shards: int) -> dict:
 
     recipe = work.recipe
     stage_path = stage_dir(recipe)
-    missing = [i for i in range(num_shards) if not is_done(shard_dir(stage_path, i, num_shards))]
-    if missing:
-        raise StageFailed(f"generate: cannot merge, shard(s) {missing} of {num_shards} are not done")
+    check_shards_done(stage_path, num_shards, "generate")
+    servers: dict[str, dict] = {}
+    for i in range(num_shards):
+        info = json.loads((shard_dir(stage_path, i, num_shards) / "_SUCCESS").read_text())
+        for model, counts in info.get("servers", {}).items():
+            servers[model] = add_counts(servers.get(model, {}), counts)
     ledger_files = sorted(stage_path.glob(f"shard-*-of-*/{LEDGER}"))  # every shard opened one
     with Ledger(ledger_files[0], also_read=ledger_files[1:]) as ledger:
         rows, failed, dropped = [], 0, 0
@@ -348,6 +357,7 @@ def merge(work: _Work, num_shards: int) -> dict:
         "completions_per_model": dict(sorted(per_model.items())),
         "principles_per_source": {s: dict(sorted(c.items())) for s, c in sorted(per_principle.items())},
         "tokens": dict(tokens), "num_shards": num_shards,
+        "servers_per_model": servers,  # each shard's latest run
     }
     write_json(stage_path / "summary.json", summary)
     mark_done(stage_path, {"rows": len(rows), "completions": summary["completions"]})

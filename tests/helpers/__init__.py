@@ -68,6 +68,17 @@ def write_recipe(tmp_path: Path, pool: list[dict], prompts: Path, **generation) 
     path.write_text(yaml.safe_dump(recipe))
     return path
 
+def write_completion_sets(path: Path, count: int) -> Path:
+    """`count` completion sets of two completions each (a good one and a curt one), as JSONL in the
+    openbmb/UltraFeedback row shape: what annotate reads. Faithful mode: 6 judge requests a row."""
+    rows = [{"source": "evol_instruct", "instruction": f"Question {i}: how do plants turn light into sugar?",
+             "completions": [{"model": model, "principle": "helpfulness", "custom_system_prompt": "",
+                              "response": response} for model, response in
+                             (("m0", f"Through photosynthesis in the leaves, step {i}: light, water, CO2."),
+                              ("m1", "Sugar."))]} for i in range(count)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
 def standin_model(server, name="standin-medium", **extra) -> dict:
     return {"name": name, "backend": "openai", "base_url": server.base_url, "max_concurrency": 4,
             "max_retries": 0, "timeout_s": 10, **extra}

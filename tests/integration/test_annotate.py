@@ -77,6 +77,11 @@ def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "runs" / "t" / "annotate"
 
 
+def ledger_path(tmp_path: Path) -> Path:
+    """An unsharded run is shard 0 of 1: its ledger is that shard's."""
+    return out_dir(tmp_path) / "shard-0-of-1" / "ledger.jsonl"
+
+
 def dataset(tmp_path: Path) -> list[dict]:
     return load_from_disk(str(out_dir(tmp_path) / "dataset")).to_list()
 
@@ -121,7 +126,7 @@ def test_faithful_ratings_map_back_through_the_shuffle(tmp_path, standin):
         assert by_model["m0"]["overall_score"] > by_model["m1"]["overall_score"]
         assert by_model["m3"]["overall_score"] < by_model["m0"]["overall_score"]
     # The shuffle and its seed are recorded with every aspect answer.
-    records = [json.loads(l) for l in (out_dir(tmp_path) / "ledger.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (ledger_path(tmp_path)).read_text().splitlines()]
     orders = {tuple(r["order"]) for r in records if r.get("kind") == "aspect"}
     assert all(r["seed"] == 0 for r in records) and len(orders) > 1
     assert is_done(out_dir(tmp_path))
@@ -149,7 +154,7 @@ def test_another_seed_shows_another_order_but_the_same_ratings(tmp_path, standin
     a, b = dataset(tmp_path / "a"), dataset(tmp_path / "b")
     strip = lambda rows: [[(c["overall_score"], c["annotations"]) for c in r["completions"]] for r in rows]  # noqa: E731
     assert strip(a) == strip(b)
-    orders = lambda root: {tuple(json.loads(l)["order"]) for l in (out_dir(root) / "ledger.jsonl").read_text().splitlines()  # noqa: E731
+    orders = lambda root: {tuple(json.loads(l)["order"]) for l in (ledger_path(root)).read_text().splitlines()  # noqa: E731
                            if json.loads(l).get("kind") == "aspect"}
     assert orders(tmp_path / "a") != orders(tmp_path / "b")
 
@@ -181,7 +186,7 @@ def test_malformed_answers_are_asked_again_with_a_corrective_message(tmp_path, s
     for row in dataset(tmp_path):
         for c in row["completions"]:
             assert c["overall_score"] == expected(row, c)["overall"]
-    records = [json.loads(l) for l in (out_dir(tmp_path) / "ledger.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (ledger_path(tmp_path)).read_text().splitlines()]
     assert any(r.get("reask", 0) > 0 for r in records)
 
 
@@ -193,7 +198,8 @@ def test_always_malformed_fails_loudly_with_reasons(tmp_path, standin):
         run_stage(path)
     assert not is_done(out_dir(tmp_path))
     assert not (out_dir(tmp_path) / "dataset").exists()
-    failures = [json.loads(l) for l in (out_dir(tmp_path) / "failures.jsonl").read_text().splitlines()]
+    # a stage that fails stops at its shard: the shard's failures.jsonl says why (no merge ran)
+    failures = [json.loads(l) for l in (out_dir(tmp_path) / "shard-0-of-1" / "failures.jsonl").read_text().splitlines()]
     assert len(failures) == 16 and all("unusable answer after 1 re-ask" in f["reason"] for f in failures)
     # one first ask and one re-ask per item, nothing more
     assert standin.stats()["requests_total"] == 16 * 2
@@ -261,7 +267,7 @@ def test_kill_minus_9_five_times_then_identical_to_an_uninterrupted_run(tmp_path
 
     standin.configure(latency_s=0.02, latency_jitter_s=0.03)
     path = recipe_file(tmp_path / "killed", standin, sets, judge={"max_concurrency": 4})
-    ledger = out_dir(tmp_path / "killed") / "ledger.jsonl"
+    ledger = ledger_path(tmp_path / "killed")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RLHF_LOG": "WARNING", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "pipeline", "annotate", str(path)]
     rng = random.Random(5)
@@ -371,7 +377,7 @@ def test_batch_submit_collect_then_stragglers_through_the_normal_path(tmp_path, 
     standin.configure(batch_expire_after=10, fail_5xx=0.1, seed=2)
     submitted = run_stage(path, batch="submit")
     assert submitted["submitted"] == 40 and submitted["batches"] == 3
-    manifest = json.loads((out_dir(tmp_path) / "batches" / "manifest.json").read_text())
+    manifest = json.loads((out_dir(tmp_path) / "shard-0-of-1" / "batches" / "manifest.json").read_text())
     assert sum(b["requests"] for b in manifest["batches"]) == 40
     standin.configure(fail_5xx=0.0)
     summary = run_stage(path, batch="collect")
@@ -508,7 +514,7 @@ def test_permute_records_means_and_spreads_and_reuses_a_shuffle_ledger(tmp_path,
     summary = run_stage(path)
     assert standin.stats()["requests_total"] == 4 * 4 and summary["requests_replayed"] == 4 * 8
     assert summary["extra_orders"] == 0 and summary["position_orders"] == 2
-    records = [json.loads(l) for l in (out_dir(tmp_path) / "ledger.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (ledger_path(tmp_path)).read_text().splitlines()]
     assert {r["order_index"] for r in records if r["kind"] == "aspect"} == {0, 1}
     for r in (r for r in records if r["kind"] == "aspect" and r["order_index"] == 1):
         first = next(o for o in records if o["kind"] == "aspect" and o["order_index"] == 0
@@ -580,7 +586,7 @@ def test_killed_permute_run_resumes_without_paying_twice(tmp_path, standin):
 
     standin.configure(latency_s=0.02, latency_jitter_s=0.03)
     path = recipe_file(tmp_path / "killed", standin, sets, judge={"max_concurrency": 4}, **settings)
-    ledger = out_dir(tmp_path / "killed") / "ledger.jsonl"
+    ledger = ledger_path(tmp_path / "killed")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RLHF_LOG": "WARNING", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "pipeline", "annotate", str(path)]
     kills, all_successes = 0, Counter()
@@ -603,3 +609,65 @@ def test_killed_permute_run_resumes_without_paying_twice(tmp_path, standin):
     keys = _ok_keys(ledger)
     assert len(keys) == len(set(keys)) == total
     assert dataset(tmp_path / "killed") == reference
+
+
+# --- shards -----------------------------------------------------------------------------------
+
+
+def test_shards_run_separately_then_merge_equal_one_unsharded_run(tmp_path, standin):
+    sets = write_sets(tmp_path / "sets.jsonl", 7)
+    run_stage(recipe_file(tmp_path / "single", standin, sets))
+    single = dataset(tmp_path / "single")
+    single_summary = json.loads((out_dir(tmp_path / "single") / "summary.json").read_text())
+
+    standin.reset()
+    path = recipe_file(tmp_path / "sharded", standin, sets)
+    stage = out_dir(tmp_path / "sharded")
+    for shard in (2, 0):
+        assert run_stage(path, shard=shard, num_shards=3) is None
+        assert is_done(stage / f"shard-{shard}-of-3") and not is_done(stage)
+    # merge refuses while shard 1 never ran, and says which
+    with pytest.raises(StageFailed, match=r"shard\(s\) \[1\] never ran"):
+        run_stage(path, merge_only=True, num_shards=3)
+    assert not (stage / "dataset").exists()
+    run_stage(path, shard=1, num_shards=3)
+    sent_by_shards = standin.stats()["requests_total"]
+    summary = run_stage(path, merge_only=True, num_shards=3)
+    assert standin.stats()["requests_total"] == sent_by_shards == 7 * 8  # the merge sends nothing
+    assert dataset(tmp_path / "sharded") == single
+    assert summary["requests_sent_this_run"] == 7 * 8 and summary["num_shards"] == 3
+    for key in ("items", "items_failed", "completions_annotated", "tokens", "cost_usd_all_runs"):
+        assert summary[key] == single_summary[key], key
+    # rows by position: shard i holds rows i, i+3, ...; each shard its own ledger
+    for shard in range(3):
+        ids = {json.loads(l)["prompt_id"] for l in (stage / f"shard-{shard}-of-3" / "ledger.jsonl").read_text().splitlines()}
+        assert len(ids) == len(range(shard, 7, 3))
+
+
+def test_a_resumed_or_resharded_shard_never_pays_twice(tmp_path, standin):
+    sets = write_sets(tmp_path / "sets.jsonl", 6)
+    path = recipe_file(tmp_path, standin, sets)
+    stage = out_dir(tmp_path)
+    # shard 1 of 2 stopped part way (a small budget), then resumed with room to finish
+    probe = run_stage(recipe_file(tmp_path / "probe", standin, sets))
+    standin.reset()
+    with pytest.raises(StageFailed, match="annotate shard 1 of 2: budget_usd"):
+        run_stage(path, f"annotation.budget_usd={probe['cost_usd_all_runs'] / 6}", shard=1, num_shards=2)
+    paid = set(_ok_keys(stage / "shard-1-of-2" / "ledger.jsonl"))
+    assert 0 < len(paid) < 3 * 8 and not is_done(stage / "shard-1-of-2")
+    with pytest.raises(StageFailed, match=r"shard\(s\) \[0\] never ran; shard\(s\) \[1\] ran but did not finish"):
+        run_stage(path, merge_only=True, num_shards=2)
+    standin.reset()
+    run_stage(path, shard=1, num_shards=2)
+    sent = successes_by_key(standin)
+    assert not paid & set(sent) and len(sent) == 3 * 8 - len(paid) and max(sent.values()) == 1
+    # the whole stage run again with 3 shards: only shard 1 of 2's rows are already paid for
+    standin.reset()
+    summary = run_stage(path, num_shards=3)
+    sent = successes_by_key(standin)
+    assert len(sent) == 3 * 8 and not set(sent) & set(_ok_keys(stage / "shard-1-of-2" / "ledger.jsonl"))
+    assert summary["requests_replayed"] == 3 * 8 and summary["items_failed"] == 0
+    standin.reset()
+    run_stage(path, num_shards=3)  # done shards replay; nothing is sent
+    assert standin.stats()["requests_total"] == 0
+    assert len(dataset(tmp_path)) == 6

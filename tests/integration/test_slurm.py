@@ -2,7 +2,7 @@
 session by pipeline.launch.slurm_local; installed with apt-get when missing, which needs root).
 
 generate as a 4-task array + merge equals a local run; a cancelled array task is all that runs
-again when the stage is resubmitted; a failed stage cancels the stage chained after it and
+again when the stage is resubmitted, for generate and for annotate (counted at the stand-in); a failed stage cancels the stage chained after it and
 `rlhf status` says why; reward trains on 2 ranks under srun + accelerate launch; USR1 (the
 time-limit warning) makes a shard save its work and requeue itself, and it resumes there.
 """
@@ -19,7 +19,8 @@ import pytest
 import yaml
 from datasets import load_from_disk
 from helpers import ledger_ok_keys as _ledger_ok_keys
-from helpers import pairs, reward_recipe, stage_path, standin_model, write_prompts, write_recipe
+from helpers import (pairs, reward_recipe, stage_path, standin_model, write_completion_sets, write_prompts,
+                     write_recipe)
 
 from pipeline.cli import main as rlhf
 from pipeline.launch.slurm import job_records, job_states, submissions
@@ -193,12 +194,13 @@ def test_a_failed_stage_cancels_the_next_and_status_says_why(tmp_path, slurm_clu
 
     assert rlhf(["all", str(pipeline), "--launcher", "slurm", "--profile", "local"]) == 0
     root, gen, ann = tmp_path / "runs", stage_path(tmp_path), tmp_path / "runs" / "t" / "annotate"
-    (ann_job,) = submissions(ann)[-1]["jobs"]
-    assert ann_job["after"] == [submissions(gen)[-1]["final"]]
-    wait_for(lambda: job_states([ann_job["id"]]).get(ann_job["id"], {}).get("state") == "CANCELLED", 90,
-             "the annotate job to be cancelled", ann, root)
+    ann_shards, ann_merge = submissions(ann)[-1]["jobs"]  # annotate is sharded too: an array, then its merge
+    assert ann_shards["after"] == [submissions(gen)[-1]["final"]] and ann_merge["after"] == [ann_shards["id"]]
+    ann_ids = [f"{ann_shards['id']}_0", ann_merge["id"]]
+    wait_for(lambda: all(job_states(ann_ids).get(i, {}).get("state") == "CANCELLED" for i in ann_ids), 90,
+             "the annotate jobs to be cancelled", ann, root)
 
-    assert job_states([ann_job["id"]])[ann_job["id"]]["reason"] == "DependencyNeverSatisfied"
+    assert {s["reason"] for s in job_states(ann_ids).values()} == {"DependencyNeverSatisfied"}
     assert not job_records(ann) and not (ann / "config.yaml").exists()  # it never started
     report = {s["stage"]: s for s in status(root)["stages"]}
     assert list(report) == ["generate", "annotate"]
@@ -263,3 +265,54 @@ def test_usr1_saves_the_shard_and_the_job_requeues_and_resumes(tmp_path, slurm_c
     sent = [e["request_key"] for e in standin.stats()["log"]]
     assert not set(sent) & paid, "the resumed job asked again for a completion already recorded"
     assert len(load_from_disk(str(stage / "dataset"))) == 10
+
+
+def test_annotate_as_an_array_a_cancelled_shard_is_all_that_runs_again(tmp_path, slurm_cluster, standin):
+    sets = write_completion_sets(tmp_path / "sets.jsonl", 8)  # 8 rows x (4 aspects + 2 critiques) = 48 requests
+    judge = {"name": "standin-judge", "backend": "openai", "base_url": standin.base_url, "max_concurrency": 1,
+             "max_retries": 0, "timeout_s": 10}
+    recipe = tmp_path / "annotate.yaml"
+    recipe.write_text(yaml.safe_dump({"stage": "annotate", "run": {"name": "t", "root": str(tmp_path / "runs")},
+                                      "inputs": {"completions": str(sets)}, "annotation": {"judge": judge}}))
+    standin.configure(latency_s=0.4)  # 12 requests one at a time: a shard takes seconds
+    assert rlhf(["annotate", str(recipe), *SLURM, "launch.num_shards=4"]) == 0
+    root, stage = tmp_path / "runs", tmp_path / "runs" / "t" / "annotate"
+    first = submissions(stage)[-1]
+    (array_id, array), (merge_id, _) = [(j["id"], j["array"]) for j in first["jobs"]]
+    assert array == [0, 1, 2, 3] and "#SBATCH --array=0-3" in (stage / "slurm" / "shards.sbatch").read_text()
+    ledger = stage / "shard-2-of-4" / "ledger.jsonl"
+    wait_for(lambda: ledger.is_file() and len(ledger.read_text().splitlines()) >= 2, 60, "shard 2 to start", stage, root)
+    slurm_cluster.command("scancel", f"{array_id}_2")
+
+    wait_for(lambda: all((stage / f"shard-{i}-of-4" / "_SUCCESS").is_file() for i in (0, 1, 3)), 60,
+             "shards 0, 1, 3", stage, root)
+    wait_for(lambda: job_states([merge_id]).get(merge_id, {}).get("state") == "CANCELLED", 60,
+             "the merge to be cancelled", stage, root)
+    assert not (stage / "shard-2-of-4" / "_SUCCESS").exists() and not (stage / "dataset").exists()
+    assert [s["state"] for s in status(root)["stages"][0]["shards"]] == ["done", "done", "failed", "done"]
+
+    time.sleep(1.0)  # let a request that was in flight when the task died reach the server's count
+    paid = _ledger_ok_keys(stage)
+    received_first = standin.stats()["requests_total"]
+    assert 0 < len(paid) < 48 and received_first <= len(paid) + 1  # at most the one in flight was lost
+    standin.reset()
+    standin.configure(latency_s=0.0)
+    assert rlhf(["annotate", str(recipe), *SLURM, "launch.num_shards=4"]) == 0
+    again = submissions(stage)[-1]
+    assert again["jobs"][0]["array"] == [2] and "#SBATCH --array=2\n" in (stage / "slurm" / "shards.sbatch").read_text()
+    wait_for(lambda: (stage / "_SUCCESS").is_file(), 90, "the resubmitted stage", stage, root)
+
+    sent = [e["request_key"] for e in standin.stats()["log"]]
+    assert sent and not set(sent) & paid, "a request already in a ledger was sent again"
+    assert len(sent) == len(set(sent)) == 48 - len(paid)  # only shard 2's missing answers
+    assert received_first + len(sent) <= 48 + 1  # counted at the stand-in: nothing paid twice but the one in flight
+    ok = [json.loads(line)["key"] for p in stage.glob("shard-*/ledger.jsonl") for line in p.read_text().splitlines()
+          if line.strip() and json.loads(line)["status"] == "ok"]
+    assert len(ok) == len(set(ok)) == 48
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["num_shards"] == 4 and summary["completions_annotated"] == 16 and summary["items_failed"] == 0
+
+    standin.reset()
+    assert rlhf(["annotate", str(recipe), f"run.root={tmp_path / 'runs-local'}"]) == 0
+    local = load_from_disk(str(tmp_path / "runs-local" / "t" / "annotate" / "dataset")).to_list()
+    assert load_from_disk(str(stage / "dataset")).to_list() == local

@@ -218,7 +218,11 @@ def test_vllm_server_jobs_render_and_publish_their_urls(tmp_path, monkeypatch, c
     path.write_text(yaml.safe_dump(recipe))
     assert rlhf(["serve", str(path), "--dry-run"]) == 0
     scripts = {p.stem: p.read_text() for p in (tmp_path / "servers").glob("*.sbatch")}
-    assert sorted(scripts) == sorted(m["name"] for m in recipe["models"])
+    # one script per server: a model's name, or <name>-<i> for each of its replicas
+    assert sorted(scripts) == sorted(m["name"] if m.get("replicas", 1) == 1 else f"{m['name']}-{i}"
+                                     for m in recipe["models"] for i in range(m.get("replicas", 1)))
+    assert "judge-70b-1" in scripts and f"URL_FILE={tmp_path / 'servers' / 'judge-70b-1.url'}" in scripts["judge-70b-1"]
+    assert "--served-model-name judge-70b " in scripts["judge-70b-1"]  # every replica serves the same model id
     text = scripts["llama-2-13b-chat"]
     for expected in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --time=1-00:00:00",
                      "#SBATCH --nodes=1", "module load cuda/12.4",
@@ -231,7 +235,7 @@ def test_vllm_server_jobs_render_and_publish_their_urls(tmp_path, monkeypatch, c
         assert expected in text, expected
     # the URL is published only after the readiness loop, and the key never appears
     assert text.index("until ") < text.index('echo "$URL" > "$URL_FILE.tmp"')
-    assert "--tensor-parallel-size 8" in scripts["judge-70b"] and SECRET not in "".join(scripts.values())
+    assert "--tensor-parallel-size 8" in scripts["judge-70b-0"] and SECRET not in "".join(scripts.values())
     assert "not submitted" in capsys.readouterr().out
 
     # A pool entry naming the URL file gets the URL when its stage starts, not before.
