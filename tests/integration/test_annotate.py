@@ -259,6 +259,26 @@ def _ok_keys(path: Path) -> list[str]:
     return keys
 
 
+def _annotate_killed_at(cmd: list[str], env: dict, ledger: Path, standin, target: int | None):
+    """One `rlhf annotate` process, killed (-9) once `target` answers are in the ledger (None:
+    left to finish). Returns (exit code, whether it was killed, the successes the server sent);
+    asserts that nothing already in the ledger was sent again."""
+    standin.reset()
+    paid_before = set(_ok_keys(ledger))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = False
+    if target is not None:
+        while proc.poll() is None and len(_ok_keys(ledger)) < target:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+    code = proc.wait(timeout=180)
+    sent = successes_by_key(standin)
+    assert not paid_before & set(sent), "a request already in the ledger was sent again"
+    return code, killed, sent
+
+
 def test_kill_minus_9_five_times_then_identical_to_an_uninterrupted_run(tmp_path, standin):
     sets = write_sets(tmp_path / "sets.jsonl", 20)
     clean = recipe_file(tmp_path / "clean", standin, sets)
@@ -274,22 +294,12 @@ def test_kill_minus_9_five_times_then_identical_to_an_uninterrupted_run(tmp_path
     kills = 0
     all_successes: Counter = Counter()
     for attempt in range(7):
-        standin.reset()
-        paid_before = set(_ok_keys(ledger))
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if attempt < 5:
-            # Kill at a random point of progress (not of wall-clock time, which varies by machine):
-            # after 5 to 25 more answers have reached the ledger.
-            target = len(paid_before) + rng.randint(5, 25)
-            while proc.poll() is None and len(_ok_keys(ledger)) < target:
-                time.sleep(0.005)
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                kills += 1
-        code = proc.wait(timeout=180)
-        sent = successes_by_key(standin)
+        # Kill at a random point of progress (not of wall-clock time, which varies by machine):
+        # after 5 to 25 more answers have reached the ledger.
+        target = len(_ok_keys(ledger)) + rng.randint(5, 25) if attempt < 5 else None
+        code, killed, sent = _annotate_killed_at(cmd, env, ledger, standin, target)
+        kills += killed
         all_successes.update(sent)
-        assert not paid_before & set(sent), "a request already in the ledger was sent again"
         if attempt >= 5:
             assert code == 0
             break
@@ -591,19 +601,9 @@ def test_killed_permute_run_resumes_without_paying_twice(tmp_path, standin):
     cmd = [sys.executable, "-m", "pipeline", "annotate", str(path)]
     kills, all_successes = 0, Counter()
     for target in (20, 60, total - 28, total - 10, None):  # two kills in the extra orders' phase
-        standin.reset()
-        paid_before = set(_ok_keys(ledger))
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if target is not None:
-            while proc.poll() is None and len(_ok_keys(ledger)) < target:
-                time.sleep(0.005)
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                kills += 1
-        code = proc.wait(timeout=180)
-        sent = successes_by_key(standin)
+        code, killed, sent = _annotate_killed_at(cmd, env, ledger, standin, target)
+        kills += killed
         all_successes.update(sent)
-        assert not paid_before & set(sent), "a request already in the ledger was sent again"
     assert code == 0 and kills >= 3
     assert sum(n - 1 for n in all_successes.values()) <= kills * 4  # only what was in flight
     keys = _ok_keys(ledger)

@@ -102,6 +102,19 @@ def no_secret_in(folder: Path) -> None:
             assert SECRET not in path.read_text(errors="replace"), path
 
 
+def cancel_shard_2_of_4(slurm_cluster, stage: Path, root: Path, array_id: str, merge_id: str) -> None:
+    """Cancel task 2 of a 4-task array once its ledger has two lines; wait until the other shards
+    finish and the merge is cancelled (its dependency can no longer be met)."""
+    ledger = stage / "shard-2-of-4" / "ledger.jsonl"
+    wait_for(lambda: ledger.is_file() and len(ledger.read_text().splitlines()) >= 2, 60, "shard 2 to start", stage, root)
+    slurm_cluster.command("scancel", f"{array_id}_2")
+    wait_for(lambda: all((stage / f"shard-{i}-of-4" / "_SUCCESS").is_file() for i in (0, 1, 3)), 60,
+             "shards 0, 1, 3", stage, root)
+    wait_for(lambda: job_states([merge_id]).get(merge_id, {}).get("state") == "CANCELLED", 60,
+             "the merge to be cancelled", stage, root)
+    assert not (stage / "shard-2-of-4" / "_SUCCESS").exists() and not (stage / "dataset").exists()
+
+
 def test_generate_as_a_four_task_array_then_merge_equals_a_local_run(tmp_path, slurm_cluster, standin):
     prompts = write_prompts(tmp_path / "prompts", 16)
     pool = [standin_model(standin, "standin-strong"), standin_model(standin, "standin-weak")]
@@ -143,16 +156,7 @@ def test_a_cancelled_shard_is_all_that_runs_again(tmp_path, slurm_cluster, stand
     stage, root = stage_path(tmp_path), tmp_path / "runs"
     first = submissions(stage)[-1]
     array_id, merge_id = first["jobs"][0]["id"], first["jobs"][1]["id"]
-    ledger = stage / "shard-2-of-4" / "ledger.jsonl"
-    wait_for(lambda: ledger.is_file() and len(ledger.read_text().splitlines()) >= 2, 60, "shard 2 to start", stage, root)
-    slurm_cluster.command("scancel", f"{array_id}_2")
-
-    # The other shards finish; the merge never starts (its dependency cannot be met).
-    wait_for(lambda: all((stage / f"shard-{i}-of-4" / "_SUCCESS").is_file() for i in (0, 1, 3)), 60,
-             "shards 0, 1, 3", stage, root)
-    wait_for(lambda: job_states([merge_id]).get(merge_id, {}).get("state") == "CANCELLED", 60,
-             "the merge to be cancelled", stage, root)
-    assert not (stage / "shard-2-of-4" / "_SUCCESS").exists() and not (stage / "dataset").exists()
+    cancel_shard_2_of_4(slurm_cluster, stage, root, array_id, merge_id)
     report = status(root)["stages"][0]
     assert report["state"] == "failed"
     assert [s["state"] for s in report["shards"]] == ["done", "done", "failed", "done"]
@@ -280,15 +284,7 @@ def test_annotate_as_an_array_a_cancelled_shard_is_all_that_runs_again(tmp_path,
     first = submissions(stage)[-1]
     (array_id, array), (merge_id, _) = [(j["id"], j["array"]) for j in first["jobs"]]
     assert array == [0, 1, 2, 3] and "#SBATCH --array=0-3" in (stage / "slurm" / "shards.sbatch").read_text()
-    ledger = stage / "shard-2-of-4" / "ledger.jsonl"
-    wait_for(lambda: ledger.is_file() and len(ledger.read_text().splitlines()) >= 2, 60, "shard 2 to start", stage, root)
-    slurm_cluster.command("scancel", f"{array_id}_2")
-
-    wait_for(lambda: all((stage / f"shard-{i}-of-4" / "_SUCCESS").is_file() for i in (0, 1, 3)), 60,
-             "shards 0, 1, 3", stage, root)
-    wait_for(lambda: job_states([merge_id]).get(merge_id, {}).get("state") == "CANCELLED", 60,
-             "the merge to be cancelled", stage, root)
-    assert not (stage / "shard-2-of-4" / "_SUCCESS").exists() and not (stage / "dataset").exists()
+    cancel_shard_2_of_4(slurm_cluster, stage, root, array_id, merge_id)
     assert [s["state"] for s in status(root)["stages"][0]["shards"]] == ["done", "done", "failed", "done"]
 
     time.sleep(1.0)  # let a request that was in flight when the task died reach the server's count
