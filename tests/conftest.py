@@ -12,10 +12,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
-# The SmolLM2 method checks first (about 32 / 26 / 6 / 21 minutes of one core). Under
-# `--dist loadfile` each file is one unit of work, handed out in this order, two to each worker at
-# the start: with two workers one runs UltraFeedback then Unknown, the other R-Tuning then SaySelf,
-# and the short files fill in around them.
+# The SmolLM2 method checks first (about 33 / 22 / 5 / 12 minutes of one core). Under
+# `--dist loadfile` each file is one unit of work, handed out in this order, and a worker is given
+# another file whenever two or fewer of its tests are pending: with two workers one starts on
+# UltraFeedback (three tests), the other on R-Tuning and Unknown, SaySelf goes to whichever asks
+# next, and the short files fill in around them.
 LONG_FILES = ("test_smollm2_ultrafeedback.py", "test_smollm2_rtuning.py", "test_smollm2_unknown.py",
               "test_smollm2_sayself.py")
 

@@ -2,8 +2,8 @@
 
 qa-data (data/samples/qa/real_facts_*.jsonl, see test_smollm2_rtuning.py) -> sayself-sample
 (SmolLM2's own replies to the training questions, hf backend: asked for "Reasoning: ... /
-Answer: ...", it answers in plain prose 383 times in 384, so `unlabelled: answer` reads a reply's
-first line as its answer) -> sayself-cluster (by
+Answer: ...", it answers in plain prose nearly every time, so `unlabelled: answer` reads a
+reply's first line as its answer) -> sayself-cluster (by
 final answer) -> sayself-rationale (the stand-in over HTTP writes the self-reflections) ->
 sayself-data for three arms -> LoRA SFT of SmolLM2 on each -> sayself-eval on the held-out
 questions of the six in-domain relations (test_id) and on currencies (test_ood), each its own
@@ -109,12 +109,12 @@ def test_sayself_on_smollm2_runs_every_arm_on_its_own_chains(sayself, record_pro
     results, sampled = sayself
     record_property("table", f"\nSaySelf on SmolLM2, seed {SEED}: {sampled['kept']} chains kept, {sampled['correct']} right\n"
         f"{table(results)}")
-    # Seed 0: every one of the 384 replies is read (72 right: SmolLM2 half-knows the training facts),
-    # but 30 LoRA steps on 96 chats teach no arm the four-line format (parse rate 0.08-0.18) and
-    # cost the model its recall (0-4 % right), so the paper's calibration effect cannot show here;
-    # the figures are printed, and what is asserted is that the chain sampling read SmolLM2's
-    # plain-prose replies and that every arm was evaluated on both held-out datasets.
-    # (an empty reply is still dropped, hence 95 %)
+    # Seeds 1 / 2: all 256 replies read (50 / 53 right: SmolLM2 half-knows the training facts),
+    # but 20 LoRA steps of 4 chats teach no arm the four-line format (parse rate 0-0.20) and cost
+    # the model its recall (0-3 % right), so the paper's calibration effect cannot show here (a
+    # longer run, 30 steps of 8 on 96 questions, gave the same picture); the figures are printed,
+    # and what is asserted is that the chain sampling read SmolLM2's plain-prose replies and that
+    # every arm was evaluated on both held-out datasets (an empty reply is still dropped, hence 95 %).
     assert sampled["kept"] >= 0.95 * QUESTIONS * 4 and 0 < sampled["correct"] < sampled["kept"], sampled
     for arm, r in results.items():
         assert (r["test_id"]["items"], r["test_ood"]["items"]) == (TEST_ID, TEST_OOD), (arm, r)
