@@ -97,10 +97,10 @@ def test_rtuning_on_smollm2_refuses_unanswerable_questions_vanilla_tuning_answer
     # SmolLM2 half-knows these facts: the probe splits the training questions into both sets.
     assert 0.2 < probe["accuracy"] < 0.8, probe
     rt, van = results["r-tuning"], results["vanilla"]
-    # Refusals of the 80 unanswerable questions, seeds 0 / 1 / 2: R-Tuning 0.66 / 0.81 / 0.72,
+    # Refusals of the 80 unanswerable questions, seeds 0 / 1 / 2: R-Tuning 0.69 / 0.81 / 0.72,
     # R-Tuning-U 0.54 / 0.10 / 0.35, vanilla 0 / 0 / 0 (a model tuned on answers only never says it
-    # does not know). Asserted: R-Tuning's margin (0.66 at worst). R-Tuning-U's swings with the seed,
-    # and the paper's AP gain does not hold (R-Tuning 0.291 / 0.356 / 0.367 against vanilla
-    # 0.359 / 0.291 / 0.286 in domain): after 40 LoRA steps the tuned models get 12-19 % of the
-    # held-out facts right, so these are printed only.
+    # does not know). Asserted: R-Tuning's margin (0.69 at worst). Printed only: R-Tuning-U, which
+    # swings with the seed, and the paper's AP gain (0.359 / 0.356 / 0.367 against vanilla 0.297 /
+    # 0.291 / 0.286 in domain), which seed 0 with two torch threads instead of one reversed (0.291
+    # against 0.359): after 40 LoRA steps the tuned models get 11-19 % of the held-out facts right.
     assert rt["unanswerable"]["refusal_rate"] >= van["unanswerable"]["refusal_rate"] + 0.3, results

@@ -124,7 +124,7 @@ def test_ultrarm_beats_the_untrained_head_on_held_out_hhh(reward_models, record_
     record_property("table", f"\nUltraRM on SmolLM2, seed {SEED}: held-out pair accuracy\n{hhh_table(reward_models)}")
     untrained, ours, mixture = (reward_models[a]["hhh"]["accuracy"] for a in ("untrained", "ours", "mixture"))
     # On 112 held-out pairs (one standard error about 0.047), seeds 0 / 1 / 2: untrained 0.357 /
-    # 0.348 / 0.500, ours 0.580 / 0.580 / 0.545, mixture 0.607 / 0.562 / 0.598. The untrained head is
+    # 0.348 / 0.500, ours 0.589 / 0.580 / 0.545, mixture 0.562 / 0.562 / 0.598. The untrained head is
     # a random linear map, so its accuracy is anywhere around chance with the seed; what holds for
     # every seed is that both trained models beat it and chance (smallest margins over the
     # untrained head: mixture 0.098, ours 0.045; over chance: ours 0.045, mixture 0.062). The
@@ -155,11 +155,12 @@ def test_ppo_on_smollm2_reports_an_exact_non_negative_kl_and_per_token_entropy(p
         f"{s['reward_after']:.3f} ({s['eval_prompts']} prompts); KL to the start {s['kl_per_token_after']:.5f} "
         f"nats/token ({s['kl_per_response_after']:.4f}/response); entropy {s['entropy_per_token_before']:.3f} "
         f"-> {s['entropy_per_token_after']:.3f} nats/token; train scores {s['train_scores']}")
-    # Seed 0: RM score 0.442 -> 0.204 on 16 held-out prompts, KL 0.00056 nats/token, entropy 0.945 ->
-    # 0.970 nats/token: 16 updates of LoRA on the top 8 layers at lr 1e-4 barely move the policy, so
-    # the score change is sampling noise, not PPO's effect (that is shown on a controlled reward in
-    # test_ppo.py). Asserted: the numbers PPO reports are sound on a real model: an exact KL that is
-    # positive once the policy moved (never negative), and a per-token entropy within [0, log V].
+    # Seeds 0 / 1 / 2: RM score 0.485 -> 0.406, 1.114 -> 0.998, 0.257 -> 0.190; KL 0.00031 / 0.00067 /
+    # 0.00038 nats/token; entropy 0.93-1.04 nats/token before and after: 8 updates of LoRA on the top
+    # 8 layers at lr 1e-4 barely move the policy, so the score change is sampling noise, not PPO's
+    # effect (that is shown on a controlled reward in test_ppo.py). Asserted: the numbers PPO
+    # reports are sound on a real model: an exact KL that is positive once the policy moved (never
+    # negative), and a per-token entropy within [0, log V].
     assert 0 < s["kl_per_token_after"] < 0.1, s
     for key in ("entropy_per_token_before", "entropy_per_token_after"):
         assert 0 < s[key] < math.log(49152), s
@@ -182,8 +183,9 @@ def test_ultracm_on_smollm2_ends_some_critiques_with_a_parsable_score(critique_s
     s = critique_summary
     record_property("table", f"\nUltraCM on SmolLM2, seed {SEED}: {s['eval_rows']} held-out rows, {min(32, s['eval_rows'])} critiqued, parse rate "
         f"{s['parse_rate']:.2f}, Spearman {s['spearman']}, Pearson {s['pearson']}")
-    # Seed 0: 11 of 32 critiques (0.34) end with a parsable score, Spearman 0.38 (Pearson 0.19) on
-    # those 11; without the n-gram guard greedy decoding looped on the first line and none parsed.
-    # 30 LoRA steps over 124 critiques do not teach SmolLM2 the format to the 0.9; asserted
-    # is only that the tuned model ends some critiques with a score, which the base model never does.
+    # Seeds 0 / 1 / 2: 12 of 32, 8 of 28, 6 of 32 critiques (0.38 / 0.29 / 0.19) end with a parsable
+    # score; the Spearman on those few (0.34 / 0.00 / 0.69) is noise. Without the n-gram guard greedy
+    # decoding looped on the first line and none parsed. 30 LoRA steps over ~125 critiques do not
+    # teach SmolLM2 the format to the 0.9; asserted is only that the tuned model ends some
+    # critiques with a score (0.19 at worst), which the base model never does.
     assert s["parse_rate"] > 0.1, s
