@@ -63,9 +63,10 @@ def is_done(path: Path) -> bool:
     return (path / SUCCESS).is_file()
 
 
-def check_shards_done(stage_path: Path, num_shards: int, stage: str) -> None:
-    """Refuse a merge (StageFailed) unless every shard has its `_SUCCESS`, naming each shard that
-    never ran and each that ran without finishing (failed, killed or still running)."""
+def done_shards(stage_path: Path, num_shards: int, stage: str) -> list[dict]:
+    """Each shard's `_SUCCESS` record (its tally), for a merge; StageFailed unless every shard has
+    one, naming each shard that never ran and each that ran without finishing (failed, killed or
+    still running)."""
     never, unfinished = [], []
     for i in range(num_shards):
         folder = shard_dir(stage_path, i, num_shards)
@@ -77,6 +78,7 @@ def check_shards_done(stage_path: Path, num_shards: int, stage: str) -> None:
             if unfinished else [])
         raise StageFailed(f"{stage}: cannot merge {num_shards} shards: " + "; ".join(parts)
                           + f". Run them (--shard i --num-shards {num_shards}), then --merge again.")
+    return [json.loads((shard_dir(stage_path, i, num_shards) / SUCCESS).read_text()) for i in range(num_shards)]
 
 
 def file_sha256(path: Path) -> str:

@@ -261,8 +261,9 @@ def fetch(name: str, *, log: Callable[[str], None] = print) -> Path:
         log(f"fetch: {name}: cache complete at {folder}, nothing to download")
         return folder
     with exclusive(folder.with_name(f".{name}.lock")):  # another process may be fetching it
-        if is_complete(name):
+        if is_complete(name):  # it just did
             _check(source, folder)
+            log(f"fetch: {name}: cache complete at {folder} (filled by another process), nothing to download")
             return folder
         return _download(source, folder, log)
 

@@ -78,12 +78,11 @@ from pipeline.records import check_rows, prompt_id, saved_rows
 from pipeline.report import figure
 from pipeline.runs import (
     DATASET,
-    SUCCESS,
     RunOptions,
     StageFailed,
     atomic_dir,
     atomic_write_text,
-    check_shards_done,
+    done_shards,
     clear_done,
     mark_done,
     resolve_input,
@@ -423,8 +422,7 @@ def merge(recipe: Recipe, rows: list[dict], items: list, num_shards: int, retry_
     from datasets import Dataset
 
     stage_path = stage_dir(recipe)
-    check_shards_done(stage_path, num_shards, "annotate")
-    shards = [json.loads((shard_dir(stage_path, i, num_shards) / SUCCESS).read_text()) for i in range(num_shards)]
+    shards = done_shards(stage_path, num_shards, "annotate")
     with reading_ledgers(stage_path) as ledger:
         # retry_failed as the shards had it: it decides how a chain of re-asks replays
         judge = JudgeRun(recipe, rows, ledger, retry_failed)

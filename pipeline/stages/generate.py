@@ -53,7 +53,7 @@ from pipeline.runs import (
     StageFailed,
     atomic_dir,
     atomic_write_text,
-    check_shards_done,
+    done_shards,
     clear_done,
     is_done,
     mark_done,
@@ -311,10 +311,8 @@ def merge(work: _Work, num_shards: int) -> dict:
 
     recipe = work.recipe
     stage_path = stage_dir(recipe)
-    check_shards_done(stage_path, num_shards, "generate")
     servers: dict[str, dict] = {}
-    for i in range(num_shards):
-        info = json.loads((shard_dir(stage_path, i, num_shards) / "_SUCCESS").read_text())
+    for info in done_shards(stage_path, num_shards, "generate"):
         for model, counts in info.get("servers", {}).items():
             servers[model] = add_counts(servers.get(model, {}), counts)
     ledger_files = sorted(stage_path.glob(f"shard-*-of-*/{LEDGER}"))  # every shard opened one
