@@ -280,7 +280,7 @@ def bad_trl_value(config_cls, trl: dict, err: Exception, base: dict):
 # The TRL config class each training stage builds (module, class): what `rlhf validate` checks train.trl against.
 TRL_CONFIGS = {
     "sft": ("trl", "SFTConfig"), "critique": ("trl", "SFTConfig"), "reward": ("trl", "RewardConfig"),
-    "dpo": ("trl", "DPOConfig"), "ppo": ("trl.experimental.ppo", "PPOConfig"),
+    "dpo": ("trl", "DPOConfig"), "ppo": ("trl", "RLOOConfig"),  # ppo: only ppo.algorithm rloo takes train.trl
     "sayself-rl": ("trl", "GRPOConfig"),
 }
 

@@ -56,7 +56,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sft", "sft", "train", "supervised fine-tuning (TRL SFTTrainer)", dry_run=True),
     Stage("reward", "reward", "train", "reward model on a mixture of preference sets (UltraRM)"),
     Stage("dpo", "dpo", "train", "direct preference optimisation (TRL DPOTrainer)", dry_run=True),
-    Stage("ppo", "ppo", "train", "PPO against a reward model (trl.experimental.ppo)"),
+    Stage("ppo", "ppo", "train", "PPO (or RLOO) against a reward model"),
     Stage("bestofn", "bestofn", "eval", "best-of-n sampling scored by a reward model", dry_run=True),
     Stage("critique", "critique", "train", "critique model (UltraCM) and its evaluation", dry_run=True),
     Stage("qa-data", "qa_data", "data", "QA items from public shapes and the fact world"),

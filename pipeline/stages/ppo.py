@@ -54,10 +54,11 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import (
     ConfigError,
@@ -135,6 +136,13 @@ class Recipe(Strict):
     def input_files(self) -> list[tuple[str, str]]:
         return local_paths(model=self.model, **{"inputs.dataset": self.inputs.dataset,
                                                  "ppo.reward_model": self.ppo.reward_model})
+
+    @model_validator(mode="after")
+    def _trl_fields_only_for_rloo(self) -> "Recipe":
+        if self.train.trl and self.ppo.algorithm == "ppo":
+            raise ValueError("train.trl: ppo.algorithm ppo runs our own loop, not a TRL config; its settings are "
+                             "in the ppo section (train.trl is handed to RLOOConfig under ppo.algorithm: rloo)")
+        return self
 
 
 REPORT = "report"
@@ -478,7 +486,9 @@ def train_ppo(recipe: Recipe, path: Path, policy, reference, reward_model, value
         policy = get_peft_model(policy, peft)
     if train.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    model = PolicyAndValueWrapper(policy, value_model)
+    with warnings.catch_warnings():  # the wrapper reads transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PolicyAndValueWrapper(policy, value_model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate,
                                   weight_decay=train.weight_decay)
     total_steps = cfg.iterations * cfg.ppo_epochs * (cfg.samples_per_iteration // cfg.mini_batch_size)
@@ -702,7 +712,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
                              cfg.max_new_tokens, cfg.temperature, train.seed)
     summary = {
         "algorithm": cfg.algorithm, "iterations": cfg.iterations, "samples_per_iteration": cfg.samples_per_iteration,
-        "mini_batch_size": cfg.mini_batch_size, "ppo_epochs": cfg.ppo_epochs,
+        "mini_batch_size": cfg.mini_batch_size, "ppo_epochs": cfg.ppo_epochs, "processes": world_size(),
         "episodes": cfg.iterations * cfg.samples_per_iteration, "optimizer_steps": steps,
         "resumed_from": resumed, "seconds": round(seconds, 1),
         "eval_prompts": after["n"], "reward_before": round(before["mean_reward"], 4),

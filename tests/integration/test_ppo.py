@@ -176,6 +176,23 @@ def test_a_preempted_run_checkpoints_stops_and_resumes(setup, tmp_path):
     assert [line["iteration"] for line in summary["log"]] == [1, 2, 3, 4]
 
 
+def test_ppo_on_two_processes_keeps_the_global_mini_batch(setup):
+    tmp, policy, reward = setup
+    command, env = stage_command(write_recipe(tmp, "ddp", policy, reward, samples_per_iteration=16, mini_batch_size=8))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"),
+               "--num_processes", "2", "--multi_gpu", *command[1:]]
+    done = subprocess.run(command, env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp / "runs" / "ddp" / "ppo"
+    summary = json.loads((out / "summary.json").read_text())
+    # each process samples 8 of the 16 and steps on 4 of each global mini-batch of 8: 2 steps per iteration
+    assert summary["processes"] == 2 and [line["optimizer_steps"] for line in summary["log"]] == [2, 2]
+    assert [line["episodes"] for line in summary["log"]] == [16, 32]
+    assert (out / "_SUCCESS").is_file() and (out / "model" / "config.json").is_file()
+
+
 def test_rloo_runs_as_the_same_stage(setup):
     tmp, policy, reward = setup
     r = recipe(tmp, policy, reward, algorithm="rloo", rloo_k=2)
