@@ -104,6 +104,47 @@ def load_reward_model(path: Path, key: str, **load):
     return model
 
 
+def load_scorer(path: Path, key: str):
+    """(model, tokenizer) of a reward model folder for scoring conversations as text (bestofn,
+    evaluate), refusing anything without a trained score head or a chat template to render with."""
+    import torch
+    from transformers import AutoTokenizer
+
+    model = load_reward_model(path, key, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{key}: the tokenizer at {path} has no chat template, so the conversations cannot "
+                          "be rendered as the reward model saw them in training")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    model.eval()
+    return model, tokenizer
+
+
+def reward_scores(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> list[float]:
+    """The reward of each conversation (its last turn the answer scored), rendered with the reward
+    model's own chat template: text is what a policy and a reward model of another family share."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    flat = [(i, tokenizer.apply_chat_template(c, tokenize=False)) for i, c in enumerate(conversations)]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    rewards = [0.0] * len(conversations)
+    flat.sort(key=lambda item: len(item[1]))  # similar lengths per batch: little padding
+    for start in range(0, len(flat), batch_size):
+        batch = flat[start : start + batch_size]
+        enc = tokenizer([text for _, text in batch], add_special_tokens=False, padding=True,
+                        truncation=limit is not None, max_length=limit, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            values = model(**enc).logits[:, 0].float().tolist()
+        for (i, _), value in zip(batch, values):
+            rewards[i] = value
+    return rewards
+
+
 def seed_all(seed: int) -> None:
     """Seed python, numpy and torch (every device). Call it before a model is loaded: a fresh score
     or value head, and LoRA adapters (which TRL adds before the Trainer seeds itself), draw their
