@@ -33,7 +33,7 @@ TRAIN = $(if $(and $(ACCELERATE),$(filter-out slurm,$(LAUNCHER))),$(VENV)/bin/ac
 	--num_processes $(NPROC) $(if $(and $(filter ddp,$(ACCELERATE)),$(filter-out 1,$(NPROC))),--multi_gpu) \
 	-m pipeline,$(PY) -m pipeline)
 
-.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique qa-data rtuning sayself unknown-eval validate clean-demo all status report serve slurm-local real-data real-models demo-tiny serve-smollm2 test-vllm \
+.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique evaluate qa-data rtuning sayself unknown-eval validate clean-demo all status report serve slurm-local real-data real-models demo-tiny serve-smollm2 test-vllm \
 	rtuning-probe rtuning-data rtuning-eval sayself-sample sayself-cluster sayself-rationale sayself-data sayself-rl sayself-eval
 
 help:  ## list the targets
@@ -124,6 +124,9 @@ ppo: $(STAMP)  ## PPO of the policy against the reward model (RECIPE=recipes/dem
 
 bestofn: $(STAMP)  ## best-of-n sampling scored by the reward model (RECIPE=recipes/demo/bestofn.yaml)
 	$(PY) -m pipeline bestofn $(or $(RECIPE),recipes/demo/bestofn.yaml) $(RUN_ARG) $(ARGS)
+
+evaluate: $(STAMP)  ## policies side by side: MT-bench-style judge grades (1-10) and TruthfulQA MC1, one table + one plot (RECIPE=recipes/demo/evaluate.yaml; needs `make standin` or a real judge)
+	$(PY) -m pipeline evaluate $(or $(RECIPE),recipes/demo/evaluate.yaml) $(RUN_ARG) $(ARGS)
 
 critique: $(STAMP)  ## critique model (UltraCM): SFT on critiques + score correlation (RECIPE=recipes/demo/critique.yaml)
 	$(TRAIN) critique $(or $(RECIPE),recipes/demo/critique.yaml) $(RUN_ARG) $(ARGS)

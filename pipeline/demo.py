@@ -170,6 +170,11 @@ def _summary(runs: Path, run: str) -> None:
         _show_judging(runs, run)
     if {"reward", "ppo", "bestofn", "critique"} <= done:
         _show_training(runs, run)
+    if "evaluate" in done:
+        table = runs / run / "evaluate" / "report" / "table.md"
+        print(f"\nEvaluation of the trained policies ({table.parent.parent / 'summary.json'}; "
+              "the judge's grades are the stand-in's fixed rule unless the recipe names a real judge):")
+        print(table.read_text().rstrip())
     if done & {"rtuning-eval", "unknown-eval", "sayself-eval"}:
         _show_methods(runs / run, done)
     print(f"one page for all of it: make report RUN={run}")

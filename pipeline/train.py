@@ -104,6 +104,47 @@ def load_reward_model(path: Path, key: str, **load):
     return model
 
 
+def load_scorer(path: Path, key: str):
+    """(model, tokenizer) of a reward model folder for scoring conversations as text (bestofn,
+    evaluate), refusing anything without a trained score head or a chat template to render with."""
+    import torch
+    from transformers import AutoTokenizer
+
+    model = load_reward_model(path, key, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{key}: the tokenizer at {path} has no chat template, so the conversations cannot "
+                          "be rendered as the reward model saw them in training")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    model.eval()
+    return model, tokenizer
+
+
+def reward_scores(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> list[float]:
+    """The reward of each conversation (its last turn the answer scored), rendered with the reward
+    model's own chat template: text is what a policy and a reward model of another family share."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    flat = [(i, tokenizer.apply_chat_template(c, tokenize=False)) for i, c in enumerate(conversations)]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    rewards = [0.0] * len(conversations)
+    flat.sort(key=lambda item: len(item[1]))  # similar lengths per batch: little padding
+    for start in range(0, len(flat), batch_size):
+        batch = flat[start : start + batch_size]
+        enc = tokenizer([text for _, text in batch], add_special_tokens=False, padding=True,
+                        truncation=limit is not None, max_length=limit, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            values = model(**enc).logits[:, 0].float().tolist()
+        for (i, _), value in zip(batch, values):
+            rewards[i] = value
+    return rewards
+
+
 def seed_all(seed: int) -> None:
     """Seed python, numpy and torch (every device). Call it before a model is loaded: a fresh score
     or value head, and LoRA adapters (which TRL adds before the Trainer seeds itself), draw their
@@ -185,6 +226,41 @@ def precision(train: TrainSection) -> dict:
     return {"bf16": train.precision == "bf16", "fp16": train.precision == "fp16", "use_cpu": not cuda}
 
 
+# WANDB_DIR as this module last set it (None: never): a value the user set is left alone, ours moves
+# to each stage's folder, so stages run one after another in one process (`rlhf all`) log apart.
+_WANDB_DIR: str | None = None
+
+
+def wandb_setup(stage_path: Path) -> None:
+    """`train.report_to: [wandb]`: the package and a key (or an offline/disabled mode) must be there,
+    and the run's files go under the stage's folder (`<stage>/wandb/`, offline runs included)
+    unless WANDB_DIR says otherwise. ConfigError before anything is trained."""
+    import importlib.util
+
+    global _WANDB_DIR
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.report_to has wandb but the wandb package is not installed "
+                          "(pip install '.[wandb]')")
+    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        raise ConfigError("train.report_to has wandb but WANDB_API_KEY (or WANDB_MODE=offline) is not set")
+    if os.environ.get("WANDB_DIR") in (None, "", _WANDB_DIR):
+        _WANDB_DIR = os.environ["WANDB_DIR"] = str(stage_path.resolve())
+
+
+def wandb_finish(failed: bool) -> None:
+    """Close the W&B run a stage opened (transformers leaves it open after training, so that the
+    evaluation logs to it): its files are complete when the stage ends, and the next stage in the
+    same process starts a run of its own instead of logging into this one."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # never imported: nothing to close
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+        # wandb reads its environment (WANDB_DIR) once per session: end the session, so the next
+        # stage's run starts a new one that sees its own folder.
+        wandb.teardown()
+
+
 def trl_config(config_cls, train: TrainSection, stage_path: Path, **extra):
     """A TRL `*Config` (a TrainingArguments subclass) from the recipe; `extra` (the stage's own fields)
     wins over the derived ones; then `train.trl` as is (a key we derive or the stage sets is an error)."""
@@ -221,8 +297,8 @@ def trl_config(config_cls, train: TrainSection, stage_path: Path, **extra):
             raise ConfigError("train.min_learning_rate needs train.lr_scheduler: cosine")
         kwargs["lr_scheduler_type"] = "cosine_with_min_lr"
         kwargs["lr_scheduler_kwargs"] = {"min_lr": train.min_learning_rate}
-    if "wandb" in train.report_to and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-        raise ConfigError("train.report_to has wandb but WANDB_API_KEY (or WANDB_MODE=offline) is not set")
+    if "wandb" in train.report_to:
+        wandb_setup(stage_path)
     for key in train.trl:
         if key in kwargs:
             raise ConfigError(f"train.trl.{key}: {key} is derived from {DERIVED.get(key, 'the train section')}; "

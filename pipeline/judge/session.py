@@ -196,11 +196,15 @@ class Outcome:
 
 
 class JudgeRun:
-    def __init__(self, recipe, rows: list[dict], ledger: Ledger, retry_failed: bool):
+    def __init__(self, recipe, rows: list[dict], ledger: Ledger, retry_failed: bool, requests=None):
+        """`requests` (default: the annotate calls of `Requests`) builds, keys and parses the items'
+        requests; another judge task (evaluate's single-answer grades) brings its own, with the same
+        `first`, `key`, `parse`, `order` and `structured`, and a `recipe.annotation` section holding the
+        judge, throttle, budget and re-ask fields."""
         self.recipe = recipe
         self.ann = recipe.annotation
         self.rows = rows
-        self.requests = Requests(rows, recipe)
+        self.requests = requests if requests is not None else Requests(rows, recipe)
         self.ledger = ledger
         self.retry_failed = retry_failed
         self.tally = Tally()

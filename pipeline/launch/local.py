@@ -17,4 +17,12 @@ def launch(stage: Stage, recipe, origin: str, opts: RunOptions) -> None:
     resolve_url_files(recipe)  # base_url_file -> base_url, now that the stage starts
     resolve_model_paths(recipe)  # {stage: ..., output: ...} -> that stage's model folder
     datasets.disable_progress_bars()  # "Saving the dataset" bars would bury the stage's own output
-    stage.load().run(recipe, opts)
+    failed = True
+    try:
+        stage.load().run(recipe, opts)
+        failed = False
+    finally:
+        if stage.kind == "train":
+            from pipeline.train import wandb_finish
+
+            wandb_finish(failed)

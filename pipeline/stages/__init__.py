@@ -59,6 +59,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ppo", "ppo", "train", "PPO (or RLOO) against a reward model"),
     Stage("bestofn", "bestofn", "eval", "best-of-n sampling scored by a reward model", dry_run=True),
     Stage("critique", "critique", "train", "critique model (UltraCM) and its evaluation", dry_run=True),
+    Stage("evaluate", "evaluate", "eval", "policies side by side: MT-bench-style judge grades, TruthfulQA MC1",
+          retry=True),
     Stage("qa-data", "qa_data", "data", "QA items from public shapes and the fact world"),
     Stage("rtuning-probe", "rtuning_probe", "data", "R-Tuning: ask the base model every training question"),
     Stage("rtuning-data", "rtuning_data", "data", "R-Tuning: sure/unsure (or refusal) training chats"),

@@ -55,7 +55,7 @@ from pipeline.runs import (
     stage_dir,
     write_json,
 )
-from pipeline.train import check_split, load_reward_model
+from pipeline.train import check_split, load_scorer, reward_scores
 
 
 class BestOfNSection(Strict):
@@ -128,25 +128,6 @@ def load_prompts(path: Path, split: str | None, count: int) -> list[dict]:
     return [{"prompt_id": pid, "messages": _messages(p)} for pid, p in zip(ids, rows["prompt"])]
 
 
-def load_scorer(path: Path):
-    """(model, tokenizer) of a reward model folder, refusing anything without a trained score head."""
-    import torch
-    from transformers import AutoTokenizer
-
-    key = "bestofn.reward_model"
-    model = load_reward_model(path, key, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if not tokenizer.chat_template:
-        raise ConfigError(f"{key}: the tokenizer at {path} has no chat template, so the conversations cannot "
-                          "be rendered as the reward model saw them in training")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
-    model.eval()
-    return model, tokenizer
-
-
 def sample(policy_path: Path, prompts: list[dict], per_prompt: int, recipe: Recipe) -> list[list[str]]:
     """`per_prompt` completions for each prompt; seeds are fixed per request, so reruns agree."""
     from pipeline.llm.base import GenRequest
@@ -171,25 +152,9 @@ def sample(policy_path: Path, prompts: list[dict], per_prompt: int, recipe: Reci
 
 
 def score(model, tokenizer, prompts: list[dict], completions: list[list[str]], batch_size: int) -> list[list[float]]:
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    flat = [(i, k, tokenizer.apply_chat_template(p["messages"] + [{"role": "assistant", "content": c}],
-                                                 tokenize=False))
-            for i, p in enumerate(prompts) for k, c in enumerate(completions[i])]
-    limit = getattr(model.config, "max_position_embeddings", None)
-    rewards = [[0.0] * len(c) for c in completions]
-    flat.sort(key=lambda item: len(item[2]))  # similar lengths per batch: little padding
-    for start in range(0, len(flat), batch_size):
-        batch = flat[start : start + batch_size]
-        enc = tokenizer([text for _, _, text in batch], add_special_tokens=False, padding=True,
-                        truncation=limit is not None, max_length=limit, return_tensors="pt").to(device)
-        with torch.inference_mode():
-            values = model(**enc).logits[:, 0].float().tolist()
-        for (i, k, _), value in zip(batch, values):
-            rewards[i][k] = value
-    return rewards
+    flat = [p["messages"] + [{"role": "assistant", "content": c}] for p, cs in zip(prompts, completions) for c in cs]
+    values = iter(reward_scores(model, tokenizer, flat, batch_size))
+    return [[next(values) for _ in cs] for cs in completions]
 
 
 def best_of_n_table(rewards: list[list[float]], n_values: list[int]) -> list[dict]:
@@ -223,7 +188,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
     prompts = load_prompts(data_path, recipe.inputs.eval_split, cfg.prompts)
     rm_path = resolve_model(recipe, cfg.reward_model, "bestofn.reward_model")
-    rm, rm_tokenizer = load_scorer(rm_path)
+    rm, rm_tokenizer = load_scorer(rm_path, "bestofn.reward_model")
     n_values = sorted(set([1, *cfg.n_values]))  # n=1 (plain sampling) is always the baseline
     per_prompt = n_values[-1]
     if opts.dry_run:

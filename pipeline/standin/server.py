@@ -13,7 +13,8 @@ Endpoints
                                 `pipeline.judge.rubric`, the answer is a judge's, from the
                                 fixed rating rule (see `judge.py`), in text or JSON form.
                                 SaySelf rationale and chain prompts get the fixed rules
-                                of `sayself.py`.
+                                of `sayself.py`, single-answer grade prompts (the
+                                evaluate stage) those of `grading.py`.
     GET  /v1/models             the stand-in model ids.
     /v1/files, /v1/batches      OpenAI's Files and Batch API, in memory (see `batches.py`).
     GET  /standin/stats         counters, peak concurrency and a log of every chat request
@@ -53,7 +54,7 @@ import time
 
 from aiohttp import web
 
-from pipeline.standin import batches, judge, sayself
+from pipeline.standin import batches, grading, judge, sayself
 from pipeline.standin.settings import FIELD_TYPES, FLAG_FOR_FIELD, StandinSettings, check_value, updated
 from pipeline.standin.textgen import generate_answer, message_text
 
@@ -352,6 +353,10 @@ def _answer_body(state: dict, s: StandinSettings, body: dict, sha: str, attempt:
     when the first user message is a judge prompt, generated text otherwise. Counts usage."""
     reply = None
     prompt = judge.parse_prompt(body["messages"])
+    if prompt is None:
+        reply = grading.reply(body["messages"])  # evaluate's single-answer grades (fixed rule, grading.py)
+        if reply is not None:
+            entry["judge"] = "grade"
     if prompt is not None:
         fmt = body.get("response_format") or {}
         structured = fmt.get("type") in ("json_object", "json_schema")
@@ -364,7 +369,7 @@ def _answer_body(state: dict, s: StandinSettings, body: dict, sha: str, attempt:
             entry["malformed"] = variant
         else:
             reply = judge.answer(prompt, structured, bias)
-    else:
+    elif reply is None:
         temperature = 1.0 if body.get("temperature") is None else float(body["temperature"])
         found = sayself.reply(body["messages"], body["model"], temperature, body.get("seed"))
         if found is not None:  # a SaySelf rationale or chain request (fixed rules, see sayself.py)

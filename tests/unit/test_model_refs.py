@@ -108,11 +108,11 @@ def _model_inputs(node, key=""):
 DEMOS = [
     # tiny: 4 pool entries; base models of sft, reward, critique, rtuning-probe and the two step
     # sfts; dpo, ppo and bestofn policies and reward models; what rtuning-eval, unknown-eval,
-    # sayself-rl and sayself-eval read
-    ("demo-tiny", 19, set()),
+    # sayself-rl and sayself-eval read; evaluate's 4 policies and its best-of-n reward model
+    ("demo-tiny", 24, set()),
     # SmolLM2: the pool holds 3 (in-process and served SmolLM2, tiny-a) and unknown-eval 2 (in-process
-    # and served); the rest as above
-    ("demo", 19, {"annotate-smollm2.yaml"}),  # the real-judge switch, run on its own
+    # and served); evaluate has SmolLM2 itself as a fifth policy; the rest as above
+    ("demo", 25, {"annotate-smollm2.yaml"}),  # the real-judge switch, run on its own
 ]
 
 
