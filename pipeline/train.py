@@ -594,7 +594,9 @@ def build_trainer(recipe, path: Path, train_ds, eval_ds, model, tokenizer, assis
 def loss_plot(log_history: list[dict], out: Path, title: str) -> None:
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
-    with figure(out, figsize=(6, 4)) as (_, ax):
+    reason = ("No loss was logged: the run took fewer optimizer steps than train.logging_steps, "
+              "and eval_steps was not reached.")
+    with figure(out, figsize=(6, 4), empty_reason=reason) as (_, ax):
         if train:
             ax.plot(*zip(*train), label="train loss")
         if evals:

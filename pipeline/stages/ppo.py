@@ -624,10 +624,12 @@ def plot_curves(history: list[dict], path: Path, algorithm: str) -> list[str]:
     kl = (("kl_nats_per_token", "KL to the start (exact, nats/token)") if algorithm == "ppo" else
           ("kl_k1_estimate_nats_per_token", "KL, TRL's k1 estimate (nats/token)"))
     names = [("reward_model_score", "reward model score"), kl, ("entropy_nats_per_token", "entropy (nats/token)")]
-    with figure(path, dpi=110, ncols=3, figsize=(12, 3.2)) as (_, axes):
+    reason = "No iteration was logged (a finished checkpoint was loaded, or TRL logged no reward)."
+    with figure(path, dpi=110, ncols=3, figsize=(12, 3.2), empty_reason=reason) as (_, axes):
         for ax, (key, title) in zip(axes, names):
-            ax.plot([r["iteration"] for r in history],
-                    [math.nan if r.get(key) is None else r[key] for r in history], marker=".")
+            if history:
+                ax.plot([r["iteration"] for r in history],
+                        [math.nan if r.get(key) is None else r[key] for r in history], marker=".")
             ax.set_title(f"{algorithm}: {title}")
             ax.set_xlabel("iteration")
     return [path.name]
