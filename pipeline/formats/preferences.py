@@ -291,10 +291,12 @@ def read_file_rows(path: Path, key: str) -> list[tuple[str, dict]]:
 
 def read_split_rows(path: Path, split: str, key: str, split_key: str) -> list[tuple[str, dict]]:
     """(folder/split:row N, row) of one split of a saved DatasetDict; `split_key` names the recipe key."""
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict
+
+    from pipeline.hub import open_dataset
 
     try:
-        data = load_from_disk(str(path))
+        data = open_dataset(path)
     except Exception as err:
         raise ConfigError(f"{key}: {path}: not a saved `datasets` folder ({str(err).splitlines()[0]})") from None
     if not isinstance(data, DatasetDict):
