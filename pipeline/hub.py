@@ -168,7 +168,8 @@ def hub_origin(path: Path | str) -> tuple[str, str, str] | None:
     return None
 
 
-def _is_hub_dataset_snapshot(path: Path) -> bool:
+def is_hub_dataset_snapshot(path: Path) -> bool:
+    """A hub dataset's snapshot folder (data files with split names), not a `save_to_disk` folder."""
     origin = hub_origin(path)
     return origin is not None and origin[0] == "dataset" and not (path / "dataset_dict.json").is_file() \
         and not (path / "state.json").is_file()
@@ -181,7 +182,7 @@ def open_dataset(path: Path | str):
     from datasets import load_from_disk
 
     path = Path(path)
-    if not _is_hub_dataset_snapshot(path):
+    if not is_hub_dataset_snapshot(path):
         return load_from_disk(str(path))
     from datasets import load_dataset
 

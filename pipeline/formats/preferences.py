@@ -276,7 +276,10 @@ def convert(row: dict, fmt: str, where: str, key: str) -> dict:
 
 
 def has_splits(path: Path) -> bool:
-    return path.is_dir() and (path / "dataset_dict.json").is_file()
+    """A saved DatasetDict, or a hub dataset's snapshot (its files name the splits)."""
+    from pipeline.hub import is_hub_dataset_snapshot
+
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or is_hub_dataset_snapshot(path))
 
 
 def read_file_rows(path: Path, key: str) -> list[tuple[str, dict]]:

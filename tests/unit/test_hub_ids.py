@@ -119,6 +119,17 @@ def test_model_and_dataset_fields_take_hub_ids(offline_cache, tmp_path):
     assert (len(train), len(test)) == (6, 2) and hub.hub_origin(folder) == ("dataset", DATA_ID, REVISION)
 
 
+def test_dpo_reads_a_hub_preference_dataset_in_its_own_layout(offline_cache, tmp_path):
+    from pipeline.stages.dpo import load_pairs
+
+    recipe = _generate(tmp_path, "x")
+    folder = resolve_input(recipe, DATA_ID, "inputs.dataset")
+    splits = load_pairs(folder, "auto", "inputs.dataset", {"inputs.train_split": "train_prefs",
+                                                           "inputs.eval_split": "test_prefs"})
+    train = splits["inputs.train_split"]
+    assert len(train) == 6 and train[0]["prompt"][0]["content"] == "What is 0 plus one?"  # H4 rows, converted
+
+
 def test_an_unknown_hub_id_offline_names_the_id_the_key_and_the_way_out(offline_cache, tmp_path):
     recipe = _generate(tmp_path, "nobody/no-such-model")
     with pytest.raises(ConfigError) as err:
