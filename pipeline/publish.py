@@ -445,7 +445,8 @@ def _pick_output(folder: Path, output: str | None) -> str:
     for name in OUTPUTS:
         if (folder / name).is_dir():
             return name
-    raise ConfigError(f"{folder}: no model/, dataset/ or critique/ folder to push; name one with --output")
+    raise ConfigError(f"{folder}: nothing to push: no model/, dataset/ or critique/ folder (stages that only "
+                      "evaluate keep their numbers in eval.json and summary.json)")
 
 
 def stage_upload(root: Path, run: str, step: str, repo: str, output: str | None = None) -> Upload:
