@@ -33,7 +33,7 @@ TRAIN = $(if $(and $(ACCELERATE),$(filter-out slurm,$(LAUNCHER))),$(VENV)/bin/ac
 	--num_processes $(NPROC) $(if $(and $(filter ddp,$(ACCELERATE)),$(filter-out 1,$(NPROC))),--multi_gpu) \
 	-m pipeline,$(PY) -m pipeline)
 
-.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique evaluate qa-data rtuning sayself unknown-eval validate clean-demo all status report serve slurm-local real-data real-models demo-tiny serve-smollm2 test-vllm \
+.PHONY: help install demo test test-fast bench tiny-models prompts generate annotate pairs standin sft reward dpo ppo bestofn critique evaluate qa-data rtuning sayself unknown-eval validate clean-demo all status report push serve slurm-local real-data real-models demo-tiny serve-smollm2 test-vllm \
 	rtuning-probe rtuning-data rtuning-eval sayself-sample sayself-cluster sayself-rationale sayself-data sayself-rl sayself-eval
 
 help:  ## list the targets
@@ -41,6 +41,7 @@ help:  ## list the targets
 	@echo "  variables: RUN=<run name> (default demo), RECIPE=<yaml>, ARGS='key=value --force ...',"
 	@echo "             ACCELERATE=ddp|zero2|zero3 NPROC=<processes> (training stages)"
 	@echo "             LAUNCHER=local|slurm PROFILE=<recipes/slurm name> NODES=<n> (training), PIPELINE=<yaml> (make all)"
+	@echo "             HF_HUB_OFFLINE=0 lets stages download hub ids (default 1: hub ids come from the local cache only)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -188,6 +189,10 @@ status: $(STAMP)  ## every stage and shard of run RUN: done / running / failed /
 
 report: $(STAMP)  ## one page (data/runs/RUN/REPORT.md + .html): every stage's summary and plots (REPORT_RUNS="a b" for several runs)
 	$(PY) -m pipeline report $(or $(REPORT_RUNS),$(RUN))
+
+push: $(STAMP)  ## publish stage STAGE of run RUN on the Hugging Face Hub as REPO=org/name, with a generated card (HF_TOKEN; ARGS=--dry-run writes the card only)
+	@test -n "$(STAGE)" -a -n "$(REPO)" || { echo "usage: make push RUN=<run> STAGE=<stage> REPO=<org/name> [ARGS=--dry-run]"; exit 2; }
+	HF_HUB_OFFLINE=0 $(PY) -m pipeline push $(RUN) $(STAGE) --repo $(REPO) $(ARGS)
 
 serve: $(STAMP)  ## submit vLLM servers for a pool or judge (RECIPE=recipes/slurm/serve/ultrafeedback-pool.yaml; ARGS=--dry-run)
 	$(PY) -m pipeline serve $(or $(RECIPE),recipes/slurm/serve/ultrafeedback-pool.yaml) $(ARGS)

@@ -1,6 +1,7 @@
 """`rlhf <stage> RECIPE [key=value ...]`: the one entry point (also `python -m pipeline`).
 
 Also `rlhf validate`, `rlhf status RUN`, `rlhf report RUN ...` (pipeline/run_report.py),
+`rlhf push RUN STAGE --repo org/name` (pipeline/publish.py),
 `rlhf all PIPELINE` (pipeline/launch/chain.py) and `rlhf serve` (pipeline/launch/serve.py). With
 `launch.launcher=slurm` a stage is submitted (pipeline/launch/slurm.py), not run.
 
@@ -55,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="one page (REPORT.md and REPORT.html) with every stage's summary and plots")
     r.add_argument("runs", nargs="+", metavar="run", help="run names (folders under --root); the page goes in the first")
     r.add_argument("--root", default="data/runs", help="folder holding the runs (default: data/runs)")
+    u = sub.add_parser("push", help="publish a finished stage's model or dataset on the Hugging Face Hub, with a "
+                       "generated card (token from HF_TOKEN)")
+    u.add_argument("run", help="run name (a folder under --root)")
+    u.add_argument("stage", help="the stage's folder in the run (its stage name, or its run.step)")
+    u.add_argument("--repo", required=True, help="hub repo id to push to (org/name); created if missing")
+    u.add_argument("--root", default="data/runs", help="folder holding the runs (default: data/runs)")
+    u.add_argument("--output", choices=("model", "dataset", "critique"),
+                   help="which output of the stage (default: model/ when the stage has one, else dataset/)")
+    u.add_argument("--private", action="store_true", help="create the repo as private")
+    u.add_argument("--dry-run", action="store_true",
+                   help="write the card and the files to <stage>/push/ and list them; upload nothing, no token needed")
     a = sub.add_parser("all", help="run the stage recipes of a pipeline file in order, or submit them chained")
     a.add_argument("pipeline", help="pipeline YAML (a `stages:` list of recipes)")
     a.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every stage (run.name=...)")
@@ -114,6 +126,13 @@ def _report(args) -> int:
     return run_report.main(args.runs, args.root)
 
 
+def _push(args) -> int:
+    from pipeline import publish
+
+    return publish.main(args.run, args.stage, args.repo, root=args.root, output=args.output, private=args.private,
+                        dry_run=args.dry_run)
+
+
 def _serve(args) -> int:
     from pipeline.launch import serve
 
@@ -141,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from pipeline.launch import exit_code
 
-    commands = {"validate": _validate, "status": _status, "all": _all, "serve": _serve, "report": _report}
+    commands = {"validate": _validate, "status": _status, "all": _all, "serve": _serve, "report": _report,
+                "push": _push}
     return exit_code(lambda: commands.get(args.command, _run_stage)(args))
 
 if __name__ == "__main__":

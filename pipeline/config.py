@@ -103,8 +103,10 @@ class ModelSpec(Strict):
     name: str = Field(description="Name recorded in outputs (the `model` field of a completion)")
     backend: Literal["hf", "openai"]
     # hf
-    path: ModelRef | str | None = Field(None, description="hf: a local model folder, or a stage's model "
-                                        "({stage: sft, output: model}; resolved when the stage starts)")
+    path: ModelRef | str | None = Field(None, description="hf: a local model folder, a Hugging Face Hub id "
+                                        "(org/name: from the hub cache, downloaded unless HF_HUB_OFFLINE=1), "
+                                        "or a stage's model ({stage: sft, output: model}; resolved when the "
+                                        "stage starts)")
     batch_size: int = Field(8, ge=1, description="hf: prompts per generate() call")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="hf: 'auto' (cuda when present), 'cpu', 'cuda:0'")
@@ -137,7 +139,7 @@ class ModelSpec(Strict):
     @model_validator(mode="after")
     def _backend_fields(self) -> "ModelSpec":
         if self.backend == "hf" and not self.path:
-            raise ValueError(f"model {self.name!r}: backend 'hf' needs `path` (a local model folder)")
+            raise ValueError(f"model {self.name!r}: backend 'hf' needs `path` (a local model folder or a hub id)")
         if self.base_urls is not None and self.base_url is not None:
             raise ValueError(f"model {self.name!r}: base_urls: give one server as base_url or several as "
                              "base_urls, not both")
@@ -228,7 +230,8 @@ class TrainSection(Strict):
 
 
 class TrainInputs(Strict):
-    dataset: StageRef | str = Field(description="Training data: a stage output or a `datasets` folder")
+    dataset: StageRef | str = Field(description="Training data: a stage output, a `datasets` folder, or a "
+                                    "Hugging Face Hub dataset id (org/name)")
     train_split: str = "train"
     eval_split: str | None = "test"
 

@@ -165,10 +165,12 @@ def saved_rows(path: Path, split: str | None = None) -> Iterator[tuple[str, dict
     `file:line` (JSONL) or `file:row N`, for error messages. A folder holding a DatasetDict gives
     `split`, or without one its 'train' split or its only split."""
     if path.is_dir():
-        from datasets import DatasetDict, load_from_disk
+        from datasets import DatasetDict
+
+        from pipeline.hub import open_dataset
 
         try:
-            dataset = load_from_disk(str(path))
+            dataset = open_dataset(path)
         except Exception as err:
             raise ConfigError(f"{path}: not a saved `datasets` folder ({str(err).splitlines()[0]})") from None
         if isinstance(dataset, DatasetDict) and split is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.config import ConfigError, StageRef, dump_recipe
+from pipeline.hub import Kind, local_folder, open_dataset
 
 SUCCESS = "_SUCCESS"
 DATASET = "dataset"
@@ -204,13 +205,11 @@ def provenance(root: Path | None = None) -> dict:
             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def resolve_input(recipe, ref: StageRef | str, key: str) -> Path:
-    """The dataset folder an input names; the named stage must have finished."""
+def resolve_input(recipe, ref: StageRef | str, key: str, kind: Kind = "dataset") -> Path:
+    """The dataset folder (or file) an input names: a stage's output (the stage must have finished), a
+    local path, or a hub id's snapshot folder (pipeline.hub decides which a string is)."""
     if isinstance(ref, str):
-        path = Path(ref)
-        if not path.exists():
-            raise ConfigError(f"{key}: no such file or folder: {path}")
-        return path
+        return local_folder(ref, key, kind)
     path = stage_dir(recipe, ref.stage, ref.run)
     if not path.exists() and STAGE_NAMES and ref.stage not in STAGE_NAMES:
         steps = sorted(p.name for p in path.parent.iterdir() if p.is_dir()) if path.parent.is_dir() else []
@@ -226,8 +225,8 @@ def resolve_input(recipe, ref: StageRef | str, key: str) -> Path:
 
 
 def resolve_model(recipe, ref: StageRef | str, key: str) -> Path:
-    """A model input (a folder path, or a stage's model output) that must hold a transformers model."""
-    path = resolve_input(recipe, ref, key)
+    """A model input (a folder path, a hub id, or a stage's model output) that must hold a transformers model."""
+    path = resolve_input(recipe, ref, key, kind="model")
     if not (path / "config.json").is_file():
         raise ConfigError(f"{key}: {path} is not a model folder (no config.json)")
     return path
@@ -254,9 +253,12 @@ def model_specs(node, key: str = ""):
 
 def resolve_model_paths(recipe) -> None:
     """Turn every ModelSpec `path` that names a stage into that stage's model folder (when the
-    stage starts: the named stage must have finished by then)."""
+    stage starts: the named stage must have finished by then), and one that names a hub id into its
+    snapshot folder in the Hugging Face cache (downloaded first when the hub may be asked)."""
     for key, spec in model_specs(recipe):
         if isinstance(spec.path, StageRef):
+            spec.path = str(resolve_model(recipe, spec.path, f"{key}.path"))
+        elif isinstance(spec.path, str) and spec.backend == "hf" and not Path(spec.path).exists():
             spec.path = str(resolve_model(recipe, spec.path, f"{key}.path"))
         if isinstance(spec.model, StageRef):  # a server that loads models by folder path
             spec.model = str(resolve_model(recipe, spec.model, f"{key}.model").resolve())
@@ -264,11 +266,11 @@ def resolve_model_paths(recipe) -> None:
 
 def load_rows(recipe, ref, key: str, need: set[str], split: str = "train") -> tuple[list[dict], Path]:
     """Rows of `split` of a DatasetDict input; ConfigError naming `key` when it is unusable."""
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict
 
     path = resolve_input(recipe, ref, key)
     try:
-        data = load_from_disk(str(path))
+        data = open_dataset(path)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{key}: {path} is not a `datasets` folder ({err})") from None
     if not isinstance(data, DatasetDict) or split not in data:

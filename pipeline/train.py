@@ -520,11 +520,13 @@ REPORT = "report"
 
 def load_chat_splits(recipe):
     """(train, eval or None, dataset folder); ConfigError naming the key when a split is unusable."""
-    from datasets import Dataset, DatasetDict, load_from_disk
+    from datasets import Dataset, DatasetDict
+
+    from pipeline.hub import open_dataset
 
     data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
     try:
-        data = load_from_disk(str(data_path))
+        data = open_dataset(data_path)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"inputs.dataset: {data_path} is not a `datasets` folder ({err})") from None
     if isinstance(data, Dataset):

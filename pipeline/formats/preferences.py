@@ -276,7 +276,10 @@ def convert(row: dict, fmt: str, where: str, key: str) -> dict:
 
 
 def has_splits(path: Path) -> bool:
-    return path.is_dir() and (path / "dataset_dict.json").is_file()
+    """A saved DatasetDict, or a hub dataset's snapshot (its files name the splits)."""
+    from pipeline.hub import is_hub_dataset_snapshot
+
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or is_hub_dataset_snapshot(path))
 
 
 def read_file_rows(path: Path, key: str) -> list[tuple[str, dict]]:
@@ -291,10 +294,12 @@ def read_file_rows(path: Path, key: str) -> list[tuple[str, dict]]:
 
 def read_split_rows(path: Path, split: str, key: str, split_key: str) -> list[tuple[str, dict]]:
     """(folder/split:row N, row) of one split of a saved DatasetDict; `split_key` names the recipe key."""
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict
+
+    from pipeline.hub import open_dataset
 
     try:
-        data = load_from_disk(str(path))
+        data = open_dataset(path)
     except Exception as err:
         raise ConfigError(f"{key}: {path}: not a saved `datasets` folder ({str(err).splitlines()[0]})") from None
     if not isinstance(data, DatasetDict):

@@ -110,13 +110,14 @@ def check_item(item: dict, where: str) -> None:
 def load_splits(ref, key: str, splits: Sequence[str], recipe, split_key: str, limit: int | None = None,
                 answerable_only: bool = False) -> tuple[dict[str, list[dict]], Path]:
     """{split: rows} from a DatasetDict input, every row checked; nothing is written here."""
-    from datasets import Dataset, load_from_disk
+    from datasets import Dataset
 
+    from pipeline.hub import open_dataset
     from pipeline.runs import resolve_input
 
     path = resolve_input(recipe, ref, key)
     try:
-        data = load_from_disk(str(path))
+        data = open_dataset(path)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{key}: {path} is not a `datasets` folder ({err})") from None
     if isinstance(data, Dataset):

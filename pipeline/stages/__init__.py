@@ -108,7 +108,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     tree = read_recipe_tree(path, overrides)
     recipe = recipe_for(tree, str(path), stage)
     if check_inputs:
+        from pipeline.hub import check_named
+
         for key, file in getattr(recipe, "input_files", lambda: [])():
-            if not Path(file).exists():
-                raise ConfigError(f"{path}: {key}: no such file or folder: {file}")
+            try:
+                check_named(file, key)  # a path that exists, or a hub id it can get (pipeline/hub.py)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from None
     return recipe

@@ -105,12 +105,14 @@ def _messages(prompt) -> list[dict]:
 
 
 def load_prompts(path: Path, split: str | None, count: int) -> list[dict]:
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict
+
+    from pipeline.hub import open_dataset
 
     if split is None:
         raise ConfigError("inputs.eval_split: bestofn samples for held-out prompts; name a split (e.g. test_gen)")
     try:
-        data = load_from_disk(str(path))
+        data = open_dataset(path)
     except Exception as err:
         raise ConfigError(f"inputs.dataset: {path} is not a `datasets` folder ({type(err).__name__}: {err})") from None
     if not isinstance(data, DatasetDict) or split not in data:

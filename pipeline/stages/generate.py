@@ -205,11 +205,11 @@ def _request(item: PlannedCompletion, prompt: dict, recipe: Recipe, identity: di
 
 
 def _load_prompts(recipe: Recipe) -> list[dict]:
-    from datasets import load_from_disk
+    from pipeline.hub import open_dataset
 
     path = resolve_input(recipe, recipe.inputs.prompts, "inputs.prompts")
     try:
-        dataset = load_from_disk(str(path))
+        dataset = open_dataset(path)
     except Exception as err:  # a folder that is not a saved dataset
         raise ConfigError(f"inputs.prompts: cannot read a dataset at {path}: {err}") from None
     missing = {"prompt_id", "source", "instruction"} - set(dataset.column_names)

@@ -636,8 +636,9 @@ def plot_curves(history: list[dict], path: Path, algorithm: str) -> list[str]:
 
 
 def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
-    from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.hub import open_dataset
 
     path = stage_dir(recipe)
     cfg, train = recipe.ppo, recipe.train
@@ -666,7 +667,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
                           "ppo.whiten_advantages: false (and whiten_rewards) for fewer")
 
     data_path = resolve_input(recipe, recipe.inputs.dataset, "inputs.dataset")
-    data = load_from_disk(str(data_path))
+    data = open_dataset(data_path)
     for split in (recipe.inputs.train_split, recipe.inputs.eval_split):
         if split is not None and split not in data:
             raise ConfigError(f"inputs: {data_path} has no split {split!r} (has {', '.join(data)})")

@@ -114,11 +114,13 @@ SPLIT = "train"
 
 
 def load_probe(recipe) -> tuple[list[dict], object]:
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict
+
+    from pipeline.hub import open_dataset
 
     path = resolve_input(recipe, recipe.inputs.probe, "inputs.probe")
     try:
-        data = load_from_disk(str(path))
+        data = open_dataset(path)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"inputs.probe: {path} is not a `datasets` folder ({err})") from None
     if not isinstance(data, DatasetDict) or SPLIT not in data:

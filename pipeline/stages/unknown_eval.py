@@ -224,11 +224,13 @@ def _requests(item: dict, recipe: Recipe, identity: dict) -> tuple[GenRequest, G
 
 def load_items(recipe: Recipe) -> dict[str, list[dict]]:
     """Items per split, checked; every problem is a ConfigError raised before anything is written."""
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict
+
+    from pipeline.hub import open_dataset
 
     path = resolve_input(recipe, recipe.inputs.items, "inputs.items")
     try:
-        data = load_from_disk(str(path))
+        data = open_dataset(path)
     except Exception as err:  # not a saved dataset
         raise ConfigError(f"inputs.items: cannot read a saved dataset at {path}: {err}") from None
     if not isinstance(data, DatasetDict):
