@@ -128,11 +128,14 @@ def headline(stage: str, summary: dict) -> str:
     """`label value` pairs for the headline table (– when the stage has no summary yet)."""
     if not summary:
         return "–"
+    # From the unredacted summary: a key named like kl_per_token_after is not a credential, and
+    # only numbers and the listed keys are shown; a string value still goes through redact.
     if stage in HEADLINES:
         pairs = [(label, _lookup(summary, key)) for label, key in HEADLINES[stage]]
     else:
         pairs = [(k, v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                  and k not in SKIPPED_HEADLINE_KEYS][:4]
+    pairs = [(label, v if isinstance(v, (int, float)) else redact(v)) for label, v in pairs]
     return ", ".join(f"{label} {_value(v)}" for label, v in pairs if v is not None) or "–"
 
 
@@ -158,9 +161,9 @@ def banner(run_dir: Path) -> list[str]:
     if pool:
         shown = []
         for entry in pool:
-            served = entry.get("model") or entry.get("path") or "?"
-            label = f"{entry.get('name', '?')} ({entry.get('backend', '?')}: {served})"
-            shown.append(label + (" – a stand-in, not a model" if is_standin(entry.get("model")) else ""))
+            served = entry.get("path") if entry.get("backend") == "hf" else entry.get("model") or entry.get("name")
+            label = f"{entry.get('name', '?')} ({entry.get('backend', '?')}: {served or '?'})"
+            shown.append(label + (" – a stand-in, not a model" if is_standin(served) else ""))
         lines.append("Completions by: " + "; ".join(shown) + ".")
     judge = _read_json(run_dir / "annotate" / "summary.json").get("judge_model")
     if judge:

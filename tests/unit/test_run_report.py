@@ -80,3 +80,55 @@ def test_report_never_shows_url_credentials_or_secret_keys(tmp_path):
         text = (root / "r" / page).read_text()
         assert "SECRET" not in text, page
     assert "| max_new_tokens | 12 |" in (root / "r" / "REPORT.md").read_text()
+
+
+def test_report_opens_with_banner_headlines_totals_provenance_and_examples(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    root = tmp_path / "runs"
+    generate = _stage(root, "r", "generate", {"completions": 2, "failed_completions": 0, "prompts": 1})
+    (generate / "config.yaml").write_text(
+        "stage: generate\ngeneration:\n  pool:\n  - {name: small, backend: hf, path: models/small}\n"
+        "  - {name: standin-medium, backend: openai}\n")
+    annotate = _stage(root, "r", "annotate", {"judge_model": "standin-judge", "completions_annotated": 2,
+                                              "items_failed": 0, "tokens": {"total": 900},
+                                              "cost_usd_all_runs": 0.25, "seconds": 30.0})
+    completion = {"response": "Water boils at 212 degrees Fahrenheit at sea level.", "overall_score": 7.5,
+                  "annotations": {"honesty": {"Rating": "4"}, "helpfulness": {"Rating": "5"}}}
+    Dataset.from_list([{"instruction": "At what temperature does water boil?", "source": "flan",
+                        "models": ["small"], "completions": [completion]}]).save_to_disk(str(annotate / "dataset"))
+    pairs = _stage(root, "r", "pairs", {"pairs_train": 1, "pairs_test": 0, "ties_dropped": 0})
+    DatasetDict({"train_prefs": Dataset.from_list([{
+        "prompt": [{"role": "user", "content": "Boiling point of water?"}],
+        "chosen": [{"role": "assistant", "content": "212 F at sea level."}],
+        "rejected": [{"role": "assistant", "content": "Cold."}]}])}).save_to_disk(str(pairs / "dataset"))
+    DatasetDict({"train": Dataset.from_list([{"instruction": "Boiling point of water?", "completion": "Cold.",
+                                              "critique": "Wrong: water boils at 100 C."}])}
+                ).save_to_disk(str(pairs / "critique"))
+    ppo = _stage(root, "r", "ppo", {"algorithm": "ppo", "reward_before": 0.1, "reward_after": 0.3,
+                                    "kl_per_token_after": 0.00145, "seconds": 90.0})
+    write_json(ppo / "provenance.json", {"git": {"commit": "abc123", "dirty": True},
+                                         "packages": {"torch": "2.13.0", "trl": "1.12.0"}, "python": "3.11.7",
+                                         "host": "node1"})
+    with figure(ppo / "report" / "ppo_curves.png", empty_reason="No iteration was logged.") as (_, ax):
+        ax.plot([], [])
+    _stage(root, "r", "custom-thing", {"score": 0.5, "seed": 3, "label": "x"})
+
+    assert main(["report", "r", "--root", str(root)]) == 0
+    page = (root / "r" / "REPORT.md").read_text()
+    html = (root / "r" / "REPORT.html").read_text()
+    assert "> Completions by: small (hf: models/small); standin-medium (openai: standin-medium) \u2013 a stand-in" in page
+    assert "> Judged by: standin-judge \u2013 the stand-in server, a fixed rule and not a model" in page
+    # headline numbers per stage, a key named like a token count is not taken for a secret
+    assert ("| annotate | done | completions annotated 2, items failed 0, tokens 900, USD (all runs) 0.25 | 30 |"
+            in page.replace("[annotate](#r-annotate)", "annotate"))
+    assert "algorithm ppo, RM score before 0.1, after 0.3, KL nats/token 0.00145" in page
+    assert "score 0.5" in page and "seed 3" not in page.split("Total:")[0]  # first numbers, seed skipped
+    assert "Total: 2.0 min of stage time, $0.2500 in judge calls (all runs)." in page
+    assert "- Code: abc123 (dirty tree)" in page and "- Libraries: torch 2.13.0, trl 1.12.0" in page
+    assert "Host: node1, Python 3.11.7" in page
+    assert "Instruction (flan): At what temperature does water boil?" in page
+    assert "- small: overall 7.5; honesty 4, helpfulness 5;" in page
+    assert "Chosen: assistant: 212 F at sea level." in page and "Critique: Wrong: water boils at 100 C." in page
+    assert "*ppo_curves is empty: No iteration was logged.*" in page
+    assert "ppo_curves is empty: No iteration was logged." in html and "class='banner'" in html
