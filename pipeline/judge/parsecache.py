@@ -26,16 +26,17 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.judge.parse import PARSER_VERSION
+from pipeline.judge import parse
 
 
 class ParseCache:
     """Item key -> (final ledger key, re-asks, parsed value), from `path` (appended to) and
     `also_read` (other shards' files, read only)."""
 
-    def __init__(self, path: Path, also_read: Iterable[Path] = (), version: int | str = PARSER_VERSION):
+    def __init__(self, path: Path, also_read: Iterable[Path] = (), version: int | str | None = None):
         self.path = Path(path)
-        self.prefix = f"{version}\t".encode()
+        # read when opened (not when imported): the version in force is the parser's of this run
+        self.prefix = f"{parse.PARSER_VERSION if version is None else version}\t".encode()
         self._index: dict[str, tuple[int, int, int]] = {}  # file number, offset, length
         self._files: list = []
         for other in also_read:
