@@ -590,18 +590,22 @@ def assemble_row(r: int, row: dict, items: list[Item], outcomes: dict, requests:
             critiques[item.completion] = outcome.value
     n = len(row["completions"])
     annotations = [empty_annotations() for _ in range(n)]
-    debiased = [_empty_position_record() for _ in range(n)]
+    debiased = [_empty_position_record() for _ in range(n)] if permute else []
     asked = orders_asked(ann, n)
-    for group in rated_groups(items).values():
+    if not permute:  # one order per question: each answer maps straight back (the common case, kept cheap)
+        for item in items:
+            outcome = outcomes[item]
+            if item.kind != "critique" and outcome.status == "ok":
+                order = requests.order(item)
+                for position, shown in enumerate(_per_position(item, outcome.value)):
+                    annotations[order[position]].update(shown)
+    for group in (rated_groups(items).values() if permute else ()):
         shown = shown_by_completion(requests, group, outcomes, range(asked))
         if shown is None:  # an order without a usable answer: its failure is recorded above
             continue
         extra = shown_by_completion(requests, group, outcomes, [asked]) if asked in group else None
         for c in range(n):
             for aspect, per_order in shown[c].items():
-                if not permute:
-                    annotations[c][aspect] = per_order[0]
-                    continue
                 ratings = [a["Rating"] for a in per_order]
                 consistent = positions.all_agree(ratings, ann.max_position_gap)
                 if not consistent:
