@@ -33,8 +33,16 @@ still missing (failed lines, expired stragglers, re-asks).
 
 Shards, as in generate: rows by position (`row % num_shards`), each shard in
 `shard-<i>-of-<n>/` with its own ledger, failures.jsonl, batch manifest and `_SUCCESS`, reading
-every ledger of the stage; the merge (all shards done, else an error naming the others) replays
-the ledgers, sends nothing, and so writes the dataset an unsharded run (shard 0 of 1) writes.
+every ledger of the stage; the merge (all shards done, else an error naming the others) gathers
+the shards' rows in input order, sends nothing, and so writes the dataset an unsharded run
+(shard 0 of 1) writes.
+
+Memory and rebuilds. A row is assembled and written (pipeline.shardrows: Arrow parts in a hidden
+folder, renamed to `shard-*/rows/` when the shard finishes) as soon as its last item is resolved,
+and forgotten, so memory does not grow with the outcomes of the run. Each resolved item is also
+kept in the shard's parse cache (`parsed.jsonl`, pipeline.judge.parsecache), so a rebuild takes
+its parsed answer from there instead of rendering, keying and parsing it again, as long as the
+ledger still holds the answer and the parser version is unchanged.
 
 Outputs: `dataset/` (openbmb/UltraFeedback rows, annotated), `failures.jsonl` (every item that
 failed, with its reason), `summary.json`, `report/*.png`, `_SUCCESS` last. The raw answers are
