@@ -3,11 +3,15 @@
 1. throughput: `--requests` judge requests (default 20,000) at `--concurrency` (64) against a
    stand-in answering after `--latency` seconds (0.1). The server-bound ideal is
    concurrency / latency requests per second; the figure is achieved / ideal (goal >= 0.95).
-2. rerun: a finished run of `--rerun-requests` (100,000) requests, run again with --force:
-   seconds, and requests sent (goal < 10 s, 0 sent). The ledger of that run is filled in-process
-   with the stand-in's own answers, so the bench does not spend minutes making it.
-3. memory: peak resident memory while `--memory-requests` (100,000) requests are really sent
-   (latency 0), sampled at each quarter (goal flat, < 1 GiB).
+2. rerun: a finished run of `--rerun-requests` (100,000) requests, run again with --force,
+   `--repeats` (3) times, each a fresh `rlhf annotate --force` process: the command's seconds
+   and the requests the stand-in received (goal < 10 s, 0 sent). The ledger of that run is
+   filled in-process with the stand-in's own answers, so the bench does not spend minutes making
+   it. `--profile-rerun FILE` adds one --force under cProfile and prints its top functions.
+3. memory: for each count in `--memory-requests` (20,000 and 100,000), a fresh `rlhf annotate`
+   process really sends that many requests (latency 0): its peak resident memory (the kernel's
+   high-water mark) and its RSS at each quarter, `--repeats` times; goal: the 100,000 peak
+   within 15 % of the 20,000 one, and under 512 MiB.
 4. tokens per annotated prompt in each mode (faithful, structured, compact) on 40 prompts.
 5. fleet: `--fleet-requests` (1,600) requests on 1, 2 and 4 stand-ins (`base_urls`), each
    answering at most `--fleet-server-concurrency` (8) at once after `--latency` seconds, the
@@ -26,11 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -126,67 +128,144 @@ def fill_ledger(r, rows_path: Path) -> int:
     return len(items)
 
 
-def bench_rerun(tmp: Path, requests: int) -> None:
-    from pipeline.stages import annotate
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "annotate", *args]
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def load_note() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (5 min {five:.1f}) on {os.cpu_count()} cores"
+
+
+def bench_rerun(tmp: Path, requests: int, repeats: int, profile: Path | None = None) -> None:
+    """A finished run rebuilt with --force, each time in a fresh `rlhf annotate` process: the
+    wall-clock of the whole command (interpreter start and imports included), and the requests
+    the stand-in received meanwhile."""
     from pipeline.standin import start_standin
 
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "RLHF_LOG": "WARNING"}
     sets = write_sets(tmp / "rerun.jsonl", max(1, requests // 8))
     with start_standin(tmp / "s2") as server:
         r = recipe(tmp, sets, server.base_url, "rerun", 64)
         started = time.monotonic()
         filled = fill_ledger(r, sets)
         print(f"rerun: ledger of {filled} requests filled in {time.monotonic() - started:.1f} s (setup, not timed)")
-        started = time.monotonic()
-        summary = quiet(annotate.run, r)
-        elapsed = time.monotonic() - started
-        sent = server.stats()["requests_total"]
-        # The same command again from the shell: the stage is done, so it is skipped.
 
-        started = time.monotonic()
-        subprocess.run([sys.executable, "-m", "pipeline", "annotate", str(tmp / "rerun.yaml")], check=True,
-                       cwd=Path(__file__).resolve().parent.parent, capture_output=True)
-        cli_elapsed = time.monotonic() - started
-        sent_cli = server.stats()["requests_total"] - sent
-    print(f"rerun: a finished {filled}-request run rebuilt from its ledger (--force) in {elapsed:.1f} s; "
-          f"requests sent {sent}; replayed {summary['requests_replayed']}; rows {summary['rows_out']}")
-    print(f"rerun: the same `rlhf annotate` command again (stage done, skipped) in {cli_elapsed:.1f} s; "
-          f"requests sent {sent_cli}")
+        def command(*extra: str, prefix: tuple[str, ...] = ()) -> tuple[float, int]:
+            before = server.stats()["requests_total"]
+            started = time.monotonic()
+            args = cli(str(tmp / "rerun.yaml"), *extra)
+            subprocess.run([args[0], *prefix, *args[1:]], check=True, cwd=root, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return time.monotonic() - started, server.stats()["requests_total"] - before
+
+        first, sent_first = command()
+        print(f"rerun: first run over the filled ledger (every answer replayed) {first:.1f} s, "
+              f"{sent_first} requests sent")
+        seconds, sent = [], []
+        for i in range(repeats):
+            note = load_note()
+            elapsed, n = command("--force")
+            seconds.append(elapsed)
+            sent.append(n)
+            print(f"rerun: --force #{i + 1}: {elapsed:.1f} s, {n} requests sent ({note})")
+        skipped, sent_skip = command()
+        if profile is not None:
+            command("--force", prefix=("-m", "cProfile", "-o", str(profile)))
+        rows = len(annotate_rows(tmp))
+    print(f"rerun: --force on a finished {filled}-request run ({rows} rows): median {median(seconds):.1f} s over "
+          f"{repeats} fresh processes (goal < 10 s), requests sent {sum(sent)}; the same command without "
+          f"--force (stage done, skipped) {skipped:.1f} s, {sent_skip} sent")
+    if profile is not None:
+        print_profile(profile)
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+def annotate_rows(tmp: Path) -> list:
+    from datasets import load_from_disk
+
+    return load_from_disk(str(tmp / "runs" / "rerun" / "annotate" / "dataset"))
+
+
+def print_profile(path: Path, top: int = 18) -> None:
+    import io
+    import pstats
+
+    for order, restrict in (("tottime", ()), ("cumulative", ("pipeline/",))):
+        out = io.StringIO()
+        pstats.Stats(str(path), stream=out).sort_stats(order).print_stats(*restrict, top)
+        lines = [line for line in out.getvalue().splitlines() if line.strip()]
+        start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
+        print(f"rerun: cProfile of one --force by {order}" + (" (the project's functions)" if restrict else "")
+              + f", {lines[start - 3 if start >= 3 else 0].strip()}")
+        print("\n".join("  " + line for line in lines[start:]))
+
+
+def rss_of(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return float("nan")
 
 
-def bench_memory(tmp: Path, requests: int) -> None:
-    from pipeline.stages import annotate
+def memory_phase(tmp: Path, requests: int, tag: str) -> tuple[float, list[float], float]:
+    """One `rlhf annotate` process that really sends `requests` requests (latency 0): its peak
+    resident memory (the kernel's high-water mark, from wait4), its RSS at each quarter of the
+    run (sampled every 0.5 s from here) and the seconds it took."""
     from pipeline.standin import start_standin
 
-    sets = write_sets(tmp / "memory.jsonl", max(1, requests // 8))
-    samples = []
-    done = threading.Event()
-    with start_standin(tmp / "s3", max_concurrency=100_000) as server:
-        r = recipe(tmp, sets, server.base_url, "memory", 64)
-
-        def sample():
-            while not done.wait(1.0):
-                samples.append(rss_mib())
-
-        before = rss_mib()
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "RLHF_LOG": "WARNING"}
+    sets = write_sets(tmp / f"memory-{tag}.jsonl", max(1, requests // 8))
+    with start_standin(tmp / f"s3-{tag}", max_concurrency=100_000) as server:
+        recipe(tmp, sets, server.base_url, f"memory-{tag}", 64)
         started = time.monotonic()
-        quiet(annotate.run, r)
+        proc = subprocess.Popen(cli(str(tmp / f"memory-{tag}.yaml")), cwd=root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples = []
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            samples.append(rss_of(proc.pid))
+            time.sleep(0.5)
+        proc.returncode = os.waitstatus_to_exitcode(status)
         elapsed = time.monotonic() - started
-        done.set()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rss = samples
-    quarters = [rss[min(len(rss) - 1, int(len(rss) * q))] for q in (0.25, 0.5, 0.75, 1.0)] if rss else []
-    print(f"memory: {requests} requests sent in {elapsed:.0f} s; RSS before {before:.0f} MiB, at each quarter "
-          + ", ".join(f"{q:.0f}" for q in quarters) + f" MiB; peak {peak:.0f} MiB")
+        sent = server.stats()["requests_total"]
+    if proc.returncode != 0 or sent < requests:
+        raise SystemExit(f"memory: the {requests}-request run failed (exit {proc.returncode}, {sent} sent)")
+    samples = [s for s in samples if s == s]  # NaN: the process had just ended
+    quarters = [samples[min(len(samples) - 1, int(len(samples) * q))] for q in (0.25, 0.5, 0.75, 1.0)] \
+        if samples else []
+    return usage.ru_maxrss / 1024, quarters, elapsed
+
+
+def bench_memory(tmp: Path, sizes: list[int], repeats: int) -> None:
+    peaks: dict[int, list[float]] = {n: [] for n in sizes}
+    for i in range(repeats):
+        for n in sizes:
+            note = load_note()
+            peak, quarters, elapsed = memory_phase(tmp, n, f"{n}-{i}")
+            peaks[n].append(peak)
+            print(f"memory: {n} requests sent in {elapsed:.0f} s by a fresh process ({note}); RSS at each quarter "
+                  + ", ".join(f"{q:.0f}" for q in quarters) + f" MiB; peak {peak:.0f} MiB")
+    medians = {n: median(p) for n, p in peaks.items()}
+    print("memory: median peak RSS " + ", ".join(f"{medians[n]:.0f} MiB at {n}" for n in sizes)
+          + f" over {repeats} run(s) each")
+    if len(sizes) >= 2:
+        small, large = medians[sizes[0]], medians[sizes[-1]]
+        print(f"memory: the {sizes[-1]}-request peak is {large / small:.2f}x the {sizes[0]}-request one "
+              f"(goal <= 1.15, and < 512 MiB)")
 
 
 def bench_modes(tmp: Path) -> None:
@@ -239,7 +318,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--rerun-requests", type=int, default=100_000)
-    parser.add_argument("--memory-requests", type=int, default=100_000)
+    parser.add_argument("--memory-requests", default="20000,100000",
+                        help="request counts of the memory phases, each run in a fresh process")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the rerun and of each memory phase")
+    parser.add_argument("--profile-rerun", type=Path, help="also run one --force under cProfile, saved here")
     parser.add_argument("--fleet-requests", type=int, default=1_600)
     parser.add_argument("--fleet-server-concurrency", type=int, default=8)
     args = parser.parse_args()
@@ -249,9 +331,9 @@ def main() -> None:
         if "throughput" in parts:
             bench_throughput(tmp, args.requests, args.concurrency, args.latency)
         if "rerun" in parts:
-            bench_rerun(tmp, args.rerun_requests)
+            bench_rerun(tmp, args.rerun_requests, args.repeats, args.profile_rerun)
         if "memory" in parts:
-            bench_memory(tmp, args.memory_requests)
+            bench_memory(tmp, [int(n) for n in args.memory_requests.split(",")], args.repeats)
         if "modes" in parts:
             bench_modes(tmp)
         if "fleet" in parts:

@@ -44,6 +44,40 @@ def request_key(identity: dict, template_version: str, messages, params: dict) -
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _short(key: str) -> bytes | str:
+    """A key as the index holds it: the 32 bytes of a sha256 hex digest (what request_key makes),
+    else the string itself."""
+    if len(key) == 64:
+        try:
+            return bytes.fromhex(key)
+        except ValueError:
+            pass
+    return key
+
+
+# Bit widths of the packed index entry: file number, byte offset (16 TiB), line length, tokens.
+_WIDTHS = (16, 44, 32, 32, 32)
+_TOKENS_MAX = (1 << 32) - 1
+
+
+def _pack(*fields: int) -> int:
+    packed, shift = 0, 0
+    for value, width in zip(fields, _WIDTHS):
+        if not 0 <= value < 1 << width:
+            raise ValueError(f"ledger index field {value} out of range")
+        packed |= value << shift
+        shift += width
+    return packed
+
+
+def _unpack(packed: int) -> tuple[int, int, int, int, int]:
+    out = []
+    for width in _WIDTHS:
+        out.append(packed & ((1 << width) - 1))
+        packed >>= width
+    return tuple(out)
+
+
 def _is_record(rec) -> bool:
     """A line we wrote: a key, a known status, and a result when it is a success."""
     return (isinstance(rec, dict) and isinstance(rec.get("key"), str)
@@ -97,14 +131,16 @@ class Ledger:
     """Outcomes by key, from `path` (written) and `also_read` (other shards' files, read only).
 
     Memory stays small however long the run: a success is held as where its line is (file,
-    offset, length) plus its token counts, and its result is read back from disk when asked for;
-    only failures (few, and needed with their reasons) are held whole.
+    offset, length) plus its token counts, packed into one int under the key's 32 digest bytes
+    (about 150 bytes a success, where a tuple under the hex string took 350), and its result is
+    read back from disk when asked for; only failures (few, and needed with their reasons) are
+    held whole.
     """
 
     def __init__(self, path: Path, also_read: Iterable[Path] = ()):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._ok: dict[str, tuple[int, int, int, int, int]] = {}  # file no., offset, length, tokens in/out
+        self._ok: dict[bytes | str, int] = {}  # _packed(file no., offset, length, tokens in, tokens out)
         self._failed: dict[str, dict] = {}
         self._files: list = []
         for other in also_read:
@@ -130,9 +166,9 @@ class Ledger:
             result = rec["result"]
             tokens = (result.get("prompt_tokens", 0), result.get("completion_tokens", 0)) \
                 if isinstance(result, dict) else (0, 0)
-            self._ok[key] = (number, offset, length, int(tokens[0] or 0), int(tokens[1] or 0))
+            self._ok[_short(key)] = _pack(number, offset, length, *(min(max(int(t or 0), 0), _TOKENS_MAX) for t in tokens))
             self._failed.pop(key, None)
-        elif key not in self._ok:  # a recorded success is never undone by a later failure
+        elif _short(key) not in self._ok:  # a recorded success is never undone by a later failure
             self._failed[key] = rec
 
     def _append(self, rec: dict) -> None:
@@ -155,18 +191,18 @@ class Ledger:
         self._append({"key": key, "status": "failed", "time": time.time(), "reason": reason, **meta})
 
     def result(self, key: str) -> dict | None:
-        where = self._ok.get(key)
+        where = self._ok.get(_short(key))
         if where is None:
             return None
-        number, offset, length = where[:3]
+        number, offset, length, _, _ = _unpack(where)
         return json.loads(os.pread(self._files[number].fileno(), length, offset))["result"]
 
     def token_counts(self) -> Iterator[tuple[int, int]]:
         """(prompt tokens, completion tokens) of every success (all runs, re-asks included)."""
-        return ((entry[3], entry[4]) for entry in self._ok.values())
+        return (_unpack(entry)[3:] for entry in self._ok.values())
 
     def is_ok(self, key: str) -> bool:
-        return key in self._ok
+        return _short(key) in self._ok
 
     def failure(self, key: str) -> dict | None:
         return self._failed.get(key)

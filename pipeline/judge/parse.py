@@ -65,7 +65,12 @@ import re
 
 from pipeline.judge import rubric
 
-__all__ = ["ParseError", "parse_aspect", "parse_compact", "parse_critique"]
+__all__ = ["PARSER_VERSION", "ParseError", "parse_aspect", "parse_compact", "parse_critique"]
+
+# Bump on any change to what these functions accept or return: the annotate stage keeps the
+# parsed answers of each run (pipeline.judge.parsecache) under this version, and a rebuild re-parses
+# the raw answers of the ledger whenever it differs.
+PARSER_VERSION = 1
 
 
 class ParseError(ValueError):

@@ -34,7 +34,7 @@ class BudgetReached(Exception):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a large run holds hundreds of thousands
 class Item:
     """One judge question: an aspect (or all, compact) over a row's texts, or one critique.
     `order` indexes the row's orders (pipeline.judge.positions): 0 unless position_debias is
@@ -86,6 +86,27 @@ class Requests:
         self.identity = {"backend": "openai", "model": self.ann.judge_model}
         self.version = rubric.TEMPLATE_VERSION + (f"+json-{rubric.schema_digest()}" if self.structured else "")
         self._orders: dict[int, list[tuple[int, ...]]] = {}
+        self._contexts: dict[int, str] = {}
+
+    def context(self, r: int) -> str:
+        """A digest of everything that shapes row `r`'s requests: the row as loaded, the template
+        version, the judge and the settings that enter the messages or parameters (or decide the
+        orders). Same digest, same first request for every item of the row: what lets a parsed
+        answer be reused without rendering it (pipeline.judge.parsecache)."""
+        digest = self._contexts.get(r)
+        if digest is None:
+            ann = self.ann
+            settings = [ann.mode, ann.temperature, ann.aspect_max_tokens, ann.critique_max_tokens,
+                        ann.schema_max_chars, ann.seed, ann.position_debias, ann.position_orders]
+            blob = json.dumps([self.version, self.identity, settings, self.rows[r]], sort_keys=True,
+                              ensure_ascii=False, default=str)
+            digest = self._contexts[r] = hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return digest
+
+    def item_key(self, item: Item) -> str:
+        """The parse cache's key of an item (not a ledger key: nothing is rendered for it)."""
+        blob = f"{self.context(item.row)}|{item.kind}|{item.aspect}|{item.completion}|{item.order}"
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def orders(self, r: int) -> list[tuple[int, ...]]:
         """Row `r`'s orders: the ones asked first, then (permute) the one extra order, if any."""
@@ -196,11 +217,12 @@ class Outcome:
 
 
 class JudgeRun:
-    def __init__(self, recipe, rows: list[dict], ledger: Ledger, retry_failed: bool, requests=None):
-        """`requests` (default: the annotate calls of `Requests`) builds, keys and parses the items'
-        requests; another judge task (evaluate's single-answer grades) brings its own, with the same
-        `first`, `key`, `parse`, `order` and `structured`, and a `recipe.annotation` section holding the
-        judge, throttle, budget and re-ask fields."""
+    def __init__(self, recipe, rows: list[dict], ledger: Ledger, retry_failed: bool, cache=None, requests=None):
+        """`requests` (default: the annotate calls of `Requests`, shared: it keeps each row's orders and
+        digest) builds, keys and parses the items' requests; another judge task (evaluate's
+        single-answer grades) brings its own, with the same `first`, `key`, `parse`, `order` and
+        `structured`, and a `recipe.annotation` section holding the judge, throttle, budget and
+        re-ask fields. `cache` (annotate's parse cache) lets a rebuild skip rendering and parsing."""
         self.recipe = recipe
         self.ann = recipe.annotation
         self.rows = rows
@@ -215,6 +237,22 @@ class JudgeRun:
         self.spent_before = 0.0  # what the ledger says earlier runs spent (the budget covers all runs)
         self.count_replays = True
         self.keep_pending = True  # replay keeps the messages of what is still to send
+        self.cache = cache  # a ParseCache, or None: every answer is parsed from the ledger
+
+    def cached(self, item: Item) -> Outcome | None:
+        """The item's outcome from the parse cache, if the entry still holds: its final answer is
+        in the ledger, and the chain of re-asks it took fits this run's max_reasks (with
+        --retry-failed a replayed re-ask never counts, so any finished chain fits)."""
+        entry = self.cache.get(self.requests.item_key(item))
+        if entry is None:
+            return None
+        key, reasks, value = entry
+        if not self.ledger.is_ok(key) or (reasks > self.ann.max_reasks and not self.retry_failed):
+            return None
+        if self.count_replays:
+            self.tally.replayed += reasks + 1  # every request of the chain comes from the ledger
+        self.cache.hits += 1
+        return Outcome("ok", value=value, reasks=reasks)
 
     def api_key(self) -> str:
         return api_key(self.ann.judge, "annotation.judge")
@@ -286,6 +324,8 @@ class JudgeRun:
     async def resolve(self, fleet: Fleet | None, item: Item) -> Outcome:
         """Ask (or replay) one item until it parses, running out of re-asks, or fails (`fleet`
         None: replay only)."""
+        if self.cache is not None and (outcome := self.cached(item)) is not None:
+            return outcome
         messages, params = self.requests.first(item)
         row = self.rows[item.row]
         meta = {"prompt_id": row["prompt_id"], "kind": item.kind, "aspect": item.aspect,
@@ -318,7 +358,7 @@ class JudgeRun:
             elif self.count_replays:
                 self.tally.replayed += 1
             try:
-                return Outcome("ok", value=self.requests.parse(item, result["text"]), reasks=reasks)
+                value = self.requests.parse(item, result["text"])
             except ParseError as err:
                 reason = str(err)
                 if fresh or not self.retry_failed:  # --retry-failed grants new re-asks
@@ -330,6 +370,10 @@ class JudgeRun:
                                    reasks=reasks)
                 messages = reask(messages, result["text"], reason, self.requests.structured)
                 reasks += 1
+                continue
+            if self.cache is not None:
+                self.cache.put(self.requests.item_key(item), key, reasks, value)
+            return Outcome("ok", value=value, reasks=reasks)
 
     def replay_all(self, items: list[Item]) -> list[Outcome]:
         """Each item as far as the ledger answers it, sending nothing ("pending": what to send next)."""
@@ -338,7 +382,10 @@ class JudgeRun:
 
         return asyncio.run(replay())
 
-    async def run_all(self, items: list[Item], bar, failed_before: int = 0) -> dict[Item, Outcome]:
+    async def run_all(self, items: list[Item], bar, failed_before: int = 0, on_outcome=None) -> dict[Item, Outcome]:
+        """Send what `items` still need. `on_outcome(item, outcome)`, when given, receives each
+        outcome instead of the returned dict (which stays empty, so a long run holds none of
+        them) and returns the items to ask next (permute: a row's extra orders)."""
         outcomes: dict[Item, Outcome] = {}
         failed = [failed_before]
         queue: asyncio.Queue[Item] = asyncio.Queue()
@@ -349,7 +396,11 @@ class JudgeRun:
             while not queue.empty():
                 item = queue.get_nowait()
                 outcome = await self.resolve(fleet, item)
-                outcomes[item] = outcome
+                if on_outcome is None:
+                    outcomes[item] = outcome
+                else:
+                    for follow in on_outcome(item, outcome):
+                        queue.put_nowait(follow)
                 failed[0] += outcome.status == "failed"
                 bar.update()
                 postfix = {"sent": self.tally.sent, "reasks": self.tally.reasks, "failed": failed[0]}
@@ -506,84 +557,107 @@ def extra_items(requests: Requests, items: list[Item], outcomes: dict) -> list[I
 def assemble(rows: list[dict], items: list[Item], outcomes: dict, requests: Requests, with_critique: bool):
     """Annotated rows (complete completions only) and the failures: one record per lost item,
     and (permute) one per completion and aspect still inconsistent across orders."""
+    by_row: dict[int, list[Item]] = {}
+    for item in items:
+        by_row.setdefault(item.row, []).append(item)
+    out_rows, failures, incomplete = [], [], 0
+    for r, row in enumerate(rows):
+        out, lost, missing = assemble_row(r, row, by_row.get(r, []), outcomes, requests, with_critique)
+        failures += lost
+        incomplete += missing
+        if out is not None:
+            out_rows.append(out)
+    return out_rows, failures, incomplete
+
+
+def item_sort_key(item: Item) -> tuple:
+    """Items of one row in the order `plan` makes them (rated before critiques), extra orders
+    after the others of their question."""
+    return (item.kind == "critique", rubric.ASPECTS.index(item.aspect) if item.aspect else -1, item.order,
+            -1 if item.completion is None else item.completion)
+
+
+def assemble_row(r: int, row: dict, items: list[Item], outcomes: dict, requests: Requests, with_critique: bool):
+    """Row `r` annotated from the outcomes of its items (all of them, extra orders included):
+    (the row, or None when no completion is complete; its failure records; how many of its
+    completions are incomplete). A row needs nothing from any other row, so a stage can write it
+    as soon as its own items are done."""
     ann = requests.ann
     permute = ann.position_debias == "permute"
-    groups_by_row: dict[int, list[dict[int, Item]]] = {}
-    for (r, _, _), group in rated_groups(items).items():
-        groups_by_row.setdefault(r, []).append(group)
-    out_rows, failures = [], []
-    incomplete = 0
-    critiques: dict[tuple[int, int], tuple[str, int]] = {}
+    failures = []
+    critiques: dict[int, tuple[str, int]] = {}
     for item in items:
         outcome = outcomes[item]
         if outcome.status != "ok":
-            failures.append(item_failure(rows, item, outcome))
+            failures.append(item_failure({r: row}, item, outcome))
         elif item.kind == "critique":
-            critiques[(item.row, item.completion)] = outcome.value
-    for r, row in enumerate(rows):
-        n = len(row["completions"])
-        annotations = [empty_annotations() for _ in range(n)]
-        debiased = [_empty_position_record() for _ in range(n)]
-        asked = orders_asked(ann, n)
-        for group in groups_by_row.get(r, []):
-            shown = shown_by_completion(requests, group, outcomes, range(asked))
-            if shown is None:  # an order without a usable answer: its failure is recorded above
-                continue
-            extra = shown_by_completion(requests, group, outcomes, [asked]) if asked in group else None
-            for c in range(n):
-                for aspect, per_order in shown[c].items():
-                    if not permute:
-                        annotations[c][aspect] = per_order[0]
-                        continue
-                    ratings = [a["Rating"] for a in per_order]
-                    consistent = positions.all_agree(ratings, ann.max_position_gap)
-                    if not consistent:
-                        if extra is not None:
-                            ratings.append(extra[c][aspect][0]["Rating"])
-                        consistent = positions.majority_agrees(ratings, ann.max_position_gap)
-                    combined = positions.combine(ratings)
-                    # Rationales and types are the first order's (the order `shuffle` shows).
-                    annotations[c][aspect] = {**per_order[0], "Rating": combined["rating"]}
-                    record = debiased[c]
-                    record["ratings"][aspect] = ratings
-                    record["mean"][aspect] = combined["mean"]
-                    record["spread"][aspect] = combined["spread"]
-                    if not consistent:
-                        record["inconsistent"].append(aspect)
-                        failures.append({
-                            "prompt_id": row["prompt_id"], "kind": group[0].kind, "aspect": aspect,
-                            "completion": c, "status": "inconsistent", "ratings": ratings,
-                            "reason": f"ratings {ratings} in {len(ratings)} orders: no majority of them lies "
-                                      f"within max_position_gap={ann.max_position_gap:g}; kept as their mean"})
-        completions = []
-        for c, completion in enumerate(row["completions"]):
-            have = [a for a in rubric.ASPECTS if annotations[c][a]["Rating"] is not None]
-            critique = critiques.get((r, c))
-            if len(have) < len(rubric.ASPECTS) or (with_critique and critique is None):
-                incomplete += 1
-                continue
-            if permute:  # the unrounded means, not the rounded ratings of the public fields
-                ratings = [m for m in debiased[c]["mean"].values() if m is not None]
-            else:
-                ratings = [int(annotations[c][a]["Rating"]) for a in rubric.ASPECTS
-                           if annotations[c][a]["Rating"] != "N/A"]
-            feedback, score = critique if critique is not None else ("", None)
-            completions.append({
-                **{k: completion.get(k) for k in ("custom_system_prompt", "model", "principle", "response")},
-                "annotations": annotations[c],
-                "critique": feedback,
-                "overall_score": float(score) if score is not None else None,
-                "fine-grained_score": sum(ratings) / len(ratings) if ratings else None,
-                **({"position_debias": debiased[c]} if permute else {}),
-            })
-        if completions:
-            out_rows.append({
-                "prompt_id": row["prompt_id"], "source": row["source"], "instruction": row["instruction"],
-                "models": [c["model"] for c in completions], "completions": completions,
-                "correct_answers": row["correct_answers"], "incorrect_answers": row["incorrect_answers"],
-                "reference": row["reference"],
-            })
-    return out_rows, failures, incomplete
+            critiques[item.completion] = outcome.value
+    n = len(row["completions"])
+    annotations = [empty_annotations() for _ in range(n)]
+    debiased = [_empty_position_record() for _ in range(n)] if permute else []
+    asked = orders_asked(ann, n)
+    if not permute:  # one order per question: each answer maps straight back (the common case, kept cheap)
+        for item in items:
+            outcome = outcomes[item]
+            if item.kind != "critique" and outcome.status == "ok":
+                order = requests.order(item)
+                for position, shown in enumerate(_per_position(item, outcome.value)):
+                    annotations[order[position]].update(shown)
+    for group in (rated_groups(items).values() if permute else ()):
+        shown = shown_by_completion(requests, group, outcomes, range(asked))
+        if shown is None:  # an order without a usable answer: its failure is recorded above
+            continue
+        extra = shown_by_completion(requests, group, outcomes, [asked]) if asked in group else None
+        for c in range(n):
+            for aspect, per_order in shown[c].items():
+                ratings = [a["Rating"] for a in per_order]
+                consistent = positions.all_agree(ratings, ann.max_position_gap)
+                if not consistent:
+                    if extra is not None:
+                        ratings.append(extra[c][aspect][0]["Rating"])
+                    consistent = positions.majority_agrees(ratings, ann.max_position_gap)
+                combined = positions.combine(ratings)
+                # Rationales and types are the first order's (the order `shuffle` shows).
+                annotations[c][aspect] = {**per_order[0], "Rating": combined["rating"]}
+                record = debiased[c]
+                record["ratings"][aspect] = ratings
+                record["mean"][aspect] = combined["mean"]
+                record["spread"][aspect] = combined["spread"]
+                if not consistent:
+                    record["inconsistent"].append(aspect)
+                    failures.append({
+                        "prompt_id": row["prompt_id"], "kind": group[0].kind, "aspect": aspect,
+                        "completion": c, "status": "inconsistent", "ratings": ratings,
+                        "reason": f"ratings {ratings} in {len(ratings)} orders: no majority of them lies "
+                                  f"within max_position_gap={ann.max_position_gap:g}; kept as their mean"})
+    completions = []
+    incomplete = 0
+    for c, completion in enumerate(row["completions"]):
+        have = [a for a in rubric.ASPECTS if annotations[c][a]["Rating"] is not None]
+        critique = critiques.get(c)
+        if len(have) < len(rubric.ASPECTS) or (with_critique and critique is None):
+            incomplete += 1
+            continue
+        if permute:  # the unrounded means, not the rounded ratings of the public fields
+            ratings = [m for m in debiased[c]["mean"].values() if m is not None]
+        else:
+            ratings = [int(annotations[c][a]["Rating"]) for a in rubric.ASPECTS
+                       if annotations[c][a]["Rating"] != "N/A"]
+        feedback, score = critique if critique is not None else ("", None)
+        completions.append({
+            **{k: completion.get(k) for k in ("custom_system_prompt", "model", "principle", "response")},
+            "annotations": annotations[c],
+            "critique": feedback,
+            "overall_score": float(score) if score is not None else None,
+            "fine-grained_score": sum(ratings) / len(ratings) if ratings else None,
+            **({"position_debias": debiased[c]} if permute else {}),
+        })
+    if not completions:
+        return None, failures, incomplete
+    return ({"prompt_id": row["prompt_id"], "source": row["source"], "instruction": row["instruction"],
+             "models": [c["model"] for c in completions], "completions": completions,
+             "correct_answers": row["correct_answers"], "incorrect_answers": row["incorrect_answers"],
+             "reference": row["reference"]}, failures, incomplete)
 
 
 def item_failure(rows: list[dict], item: Item, outcome: Outcome) -> dict:

@@ -33,8 +33,16 @@ still missing (failed lines, expired stragglers, re-asks).
 
 Shards, as in generate: rows by position (`row % num_shards`), each shard in
 `shard-<i>-of-<n>/` with its own ledger, failures.jsonl, batch manifest and `_SUCCESS`, reading
-every ledger of the stage; the merge (all shards done, else an error naming the others) replays
-the ledgers, sends nothing, and so writes the dataset an unsharded run (shard 0 of 1) writes.
+every ledger of the stage; the merge (all shards done, else an error naming the others) gathers
+the shards' rows in input order, sends nothing, and so writes the dataset an unsharded run
+(shard 0 of 1) writes.
+
+Memory and rebuilds. A row is assembled and written (pipeline.shardrows: Arrow parts in a hidden
+folder, renamed to `shard-*/rows/` when the shard finishes) as soon as its last item is resolved,
+and forgotten, so memory does not grow with the outcomes of the run. Each resolved item is also
+kept in the shard's parse cache (`parsed.jsonl`, pipeline.judge.parsecache), so a rebuild takes
+its parsed answer from there instead of rendering, keying and parsing it again, as long as the
+ledger still holds the answer and the parser version is unchanged.
 
 Outputs: `dataset/` (openbmb/UltraFeedback rows, annotated), `failures.jsonl` (every item that
 failed, with its reason), `summary.json`, `report/*.png`, `_SUCCESS` last. The raw answers are
@@ -44,12 +52,13 @@ kept in the shards' `ledger.jsonl`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import random
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Literal
@@ -60,27 +69,28 @@ from pipeline import records
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict
 from pipeline.judge import rubric
 from pipeline.judge.batch import batch_collect, batch_submit
+from pipeline.judge.parsecache import ParseCache
 from pipeline.judge.session import (
     JudgeRun,
-    Outcome,
-    assemble,
+    Requests,
+    assemble_row,
     item_failure,
+    item_sort_key,
     dry_run,
     extra_items,
     ledger_tokens,
     plan,
-    spent_so_far,
 )
 from pipeline.ledger import Ledger
 from pipeline.llm.fleet import add_counts
 from pipeline.llm.openai_backend import api_key
 from pipeline.records import check_rows, prompt_id, saved_rows
 from pipeline.report import figure
+from pipeline.shardrows import RowWriter, gather
 from pipeline.runs import (
     DATASET,
     RunOptions,
     StageFailed,
-    atomic_dir,
     atomic_write_text,
     done_shards,
     clear_done,
@@ -182,6 +192,8 @@ class Recipe(Strict):
 
 LEDGER = "ledger.jsonl"
 FAILURES = "failures.jsonl"
+PARSED = "parsed.jsonl"  # per shard: the parse cache (pipeline.judge.parsecache)
+ROWS = "rows"  # per shard: its annotated rows (pipeline.shardrows), written as its prompts finish
 
 
 # Sources of the public UltraFeedback rows and of our prompts stage; anything else is a typo
@@ -249,8 +261,12 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 # ---------------------------------------------------------------- report
 
 
-def write_report(rows: list[dict], report_dir: Path) -> dict:
-    """PNG plots of the annotated rows; returns a few figures for the summary."""
+SCATTER_POINTS = 5_000
+
+
+def write_report(rows, report_dir: Path) -> dict:
+    """PNG plots of the annotated rows (any iterable of rows, read once); returns a few figures
+    for the summary."""
     ratings = {a: Counter() for a in rubric.ASPECTS}
     per_model: dict[str, dict[str, list[int]]] = {}
     overall, fine = [], []
@@ -287,8 +303,11 @@ def write_report(rows: list[dict], report_dir: Path) -> dict:
     rho = spearman(overall, fine)
     with figure(report_dir / "overall_vs_fine_grained.png", dpi=110, figsize=(4.5, 4)) as (_, ax):
         jitter = random.Random(0)
-        ax.scatter([x + jitter.uniform(-0.15, 0.15) for x in fine],
-                   [y + jitter.uniform(-0.15, 0.15) for y in overall], s=8, alpha=0.5)
+        # at most SCATTER_POINTS drawn (a seeded sample): more only cost time, the cloud looks the same
+        shown = sorted(jitter.sample(range(len(fine)), SCATTER_POINTS)) if len(fine) > SCATTER_POINTS \
+            else range(len(fine))
+        ax.scatter([fine[i] + jitter.uniform(-0.15, 0.15) for i in shown],
+                   [overall[i] + jitter.uniform(-0.15, 0.15) for i in shown], s=8, alpha=0.5)
         ax.set_xlabel("fine-grained score (mean aspect rating)")
         ax.set_ylabel("overall score (critique)")
         ax.set_title(f"agreement: Spearman {rho:.2f} (n={len(overall)})")
@@ -343,120 +362,253 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict | None:
     stage_path.mkdir(parents=True, exist_ok=True)
     clear_done(stage_path)
     save_config(stage_path, recipe)
-    ran, known = [], {}
+    requests = Requests(rows, recipe)
+    ran, tokens = [], None
     if not opts.merge_only:
         for index in ([opts.shard] if opts.shard is not None else range(num_shards)):
-            info, outcomes = run_shard(recipe, rows, items, index, num_shards, opts)
+            info, tokens = run_shard(recipe, rows, items, index, num_shards, opts, requests)
             ran.append(info)
-            known.update(outcomes)
     if opts.batch == "submit":  # no merge: the dataset comes with --batch collect
         return {key: sum(r[key] for r in ran) for key in ("submitted", "batches")}
     if opts.shard is not None:
         return None  # array tasks: the merge is its own job, after all shards
-    return merge(recipe, rows, items, num_shards, opts.retry_failed, known)
+    # every shard ran here, one after another: the last one's ledger saw all the others' answers
+    return merge(recipe, rows, requests, num_shards, tokens)
+
+
+def rows_digest(recipe: Recipe, requests: Requests, shard: int, num_shards: int) -> str:
+    """What a shard's rows were judged from: its rows' request digests and the settings that
+    decide how answers become rows. Saved in the shard's `_SUCCESS`; a merge refuses a shard whose
+    digest differs from what the current inputs and recipe give (its rows would be stale)."""
+    ann = recipe.annotation
+    digest = hashlib.sha256(json.dumps([ann.critique, ann.max_position_gap, ann.max_reasks]).encode())
+    for r in range(shard, len(requests.rows), num_shards):
+        digest.update(requests.context(r).encode())
+    return digest.hexdigest()
+
+
+def row_features(recipe: Recipe):
+    return (records.PERMUTED_COMPLETION_SET_FEATURES if recipe.annotation.position_debias == "permute"
+            else records.COMPLETION_SET_FEATURES)
+
+
+class RowStream:
+    """One shard's outcomes, row by row. When the last item of a row is resolved the row is
+    assembled, handed to the writer and its outcomes dropped (permute: unless its orders
+    disagree, when its extra orders are asked first), so what is held is the rows in progress,
+    not the run. Kept whole: the failed items (few; the failure fraction bounds them) and the
+    failure records of the rows written."""
+
+    def __init__(self, judge: JudgeRun, items: list, writer: RowWriter):
+        self.judge, self.writer = judge, writer
+        self.left = Counter(item.row for item in items)  # items of each row not resolved yet
+        self.outcomes: dict[int, dict] = {}
+        self.asked_extras: set[int] = set()
+        self.items = len(items)
+        self.extras = self.stopped = 0
+        self.failed: list[tuple] = []  # (item, outcome)
+        self.failures: list[tuple[int, dict]] = []  # (row, record): lost items and inconsistent ratings
+        self.rows_out = self.annotated = self.incomplete = 0
+
+    def add(self, item, outcome) -> list:
+        """Record one outcome; returns the items to ask next (a row's extra orders)."""
+        r = item.row
+        outcomes = self.outcomes.setdefault(r, {})
+        outcomes[item] = outcome
+        if outcome.status == "failed":
+            self.failed.append((item, outcome))
+        elif outcome.status == "stopped":
+            self.stopped += 1
+        self.left[r] -= 1
+        if self.left[r]:
+            return []
+        if r not in self.asked_extras:
+            # permute: decided from this row's answers alone, so a resumed run asks the same ones
+            extras = extra_items(self.judge.requests, list(outcomes), outcomes)
+            if extras:
+                self.asked_extras.add(r)
+                self.left[r] += len(extras)
+                self.items += len(extras)
+                self.extras += len(extras)
+                return extras
+        self.asked_extras.discard(r)
+        del self.left[r]
+        self._write(r, self.outcomes.pop(r))
+        return []
+
+    def _write(self, r: int, outcomes: dict) -> None:
+        if any(o.status == "stopped" for o in outcomes.values()):
+            return  # the budget stopped the shard: nothing of it is written
+        judge = self.judge
+        items = sorted(outcomes, key=item_sort_key)
+        row, failures, incomplete = assemble_row(r, judge.rows[r], items, outcomes, judge.requests,
+                                                 judge.ann.critique)
+        self.failures += [(r, f) for f in failures]
+        self.incomplete += incomplete
+        if row is not None:
+            self.writer.write(r, row)
+            self.rows_out += 1
+            self.annotated += len(row["completions"])
+
+
+async def _replay(judge: JudgeRun, items: list, stream: RowStream) -> list:
+    """Each item from the parse cache or the ledger, in order; the ones still to send."""
+    queue, pending = deque(items), []
+    while queue:
+        item = queue.popleft()
+        outcome = await judge.resolve(None, item)
+        if outcome.status == "pending":
+            pending.append(item)
+        else:
+            queue.extend(stream.add(item, outcome))
+    return pending
+
+
+def settle(judge: JudgeRun, items: list, stream: RowStream) -> None:
+    """Every item's outcome into `stream`: first everything the cache or the ledger already
+    answers (no client, no event-loop traffic), then only what is still to send, so a rerun of
+    a finished run never opens a connection."""
+    from tqdm import tqdm
+
+    judge.keep_pending = False
+    judge.count_replays = True
+    pending = asyncio.run(_replay(judge, items, stream))
+    if pending:
+        bar = tqdm(total=stream.items, initial=stream.items - len(pending), desc="annotate", unit="item",
+                   dynamic_ncols=True, mininterval=0.5)
+        judge.count_replays = False  # the replay pass above counted them
+
+        def on_outcome(item, outcome) -> list:
+            follow = stream.add(item, outcome)
+            if follow:
+                bar.total += len(follow)
+            return follow
+
+        try:
+            asyncio.run(judge.run_all(pending, bar, len(stream.failed), on_outcome))
+        finally:
+            bar.close()
 
 
 def run_shard(recipe: Recipe, rows: list[dict], items: list, shard: int, num_shards: int,
-              opts: RunOptions) -> tuple[dict, dict]:
-    """Judge one shard's items: send what the ledgers do not answer yet, check the failure
-    fraction, write the shard's failures.jsonl and its `_SUCCESS` (with this run's tally).
-    Returns that tally and the items' outcomes (--batch submit: what it submitted, no outcomes).
-    A shard already done is judged again all the same: that only replays its ledger (nothing
-    is sent) and gives this run's figures."""
+              opts: RunOptions, requests: Requests) -> tuple[dict, dict | None]:
+    """Judge one shard's items: send what the ledgers do not answer yet, writing each row to
+    `shard-*/rows/` as its items finish; check the failure fraction, write the shard's
+    failures.jsonl and its `_SUCCESS` (with this run's tally). Returns that tally and the token
+    sums of every ledger of the stage (--batch submit: what it submitted, no tokens).
+    A shard already done is judged again all the same: that only replays (nothing is sent) and
+    gives this run's figures."""
     stage_path = stage_dir(recipe)
     path = shard_dir(stage_path, shard, num_shards)
     path.mkdir(parents=True, exist_ok=True)
     clear_done(path)
     where = f"annotate shard {shard} of {num_shards}"
     mine = shard_items(items, shard, num_shards)
-    with open_ledger(stage_path, path / LEDGER) as ledger:
-        judge = JudgeRun(recipe, rows, ledger, opts.retry_failed)
+    cache_files = [p for p in sorted(stage_path.glob(f"shard-*-of-*/{PARSED}")) if p != path / PARSED]
+    with open_ledger(stage_path, path / LEDGER) as ledger, ParseCache(path / PARSED, cache_files) as cache:
+        judge = JudgeRun(recipe, rows, ledger, opts.retry_failed, cache=cache, requests=requests)
         if opts.batch == "submit":
-            return batch_submit(judge, mine, path), {}
+            return batch_submit(judge, mine, path), None
         if opts.batch == "collect":
             batch_collect(judge, path, recipe.annotation.batch_poll_s)
         # the budget covers every run and every shard: what the ledgers show spent when this one starts
-        judge.spent_before = spent_so_far(ledger, judge.price) - judge.tally.cost_usd
+        judge.spent_before = spent_from(ledger_tokens(ledger), judge.price) - judge.tally.cost_usd
         started = time.monotonic()
-        outcomes = settle(judge, mine)
-        # permute: questions whose orders disagree get one extra order, decided from the answers
-        # (so a resumed run derives the same ones and replays what it already bought).
-        extras = extra_items(judge.requests, mine, outcomes)
-        if extras:
-            outcomes.update(settle(judge, extras))
-            mine = mine + extras
+        writer = RowWriter(path / ROWS, row_features(recipe))
+        stream = RowStream(judge, mine, writer)
+        try:
+            settle(judge, mine, stream)
+        except BaseException:
+            writer.discard()
+            raise
         elapsed = time.monotonic() - started
+        tokens = ledger_tokens(ledger)
 
     tally = judge.tally
-    stopped = [i for i in mine if outcomes[i].status == "stopped"]
-    failed = [i for i in mine if outcomes[i].status == "failed"]
-    if stopped:
+    failed = sorted(stream.failed, key=lambda pair: (pair[0].row, item_sort_key(pair[0])))
+    total = stream.items
+    if stream.stopped:
+        writer.discard()
         raise StageFailed(
             f"{where}: budget_usd={recipe.annotation.budget_usd} reached (${judge.spent_before + tally.cost_usd:.4f} "
-            f"spent in all runs); {len(mine) - len(stopped)} of {len(mine)} items done and kept in the ledger. "
+            f"spent in all runs); {total - stream.stopped} of {total} items done and kept in the ledger. "
             "Raise annotation.budget_usd and rerun to continue.")
-    failures = [item_failure(rows, item, outcomes[item]) for item in failed]
+    failures = [item_failure(rows, item, outcome) for item, outcome in failed]
     atomic_write_text(path / FAILURES, "".join(json.dumps(f) + "\n" for f in failures))
     limit = recipe.annotation.max_failure_fraction
-    if mine and len(failed) / len(mine) > limit:
-        reasons = Counter(outcomes[i].reason.split(":")[0] for i in failed).most_common(3)
+    if total and len(failed) / total > limit:
+        writer.discard()
+        reasons = Counter(outcome.reason.split(":")[0] for _, outcome in failed).most_common(3)
         raise StageFailed(
-            f"{where}: {len(failed)} of {len(mine)} judge items failed (more than "
+            f"{where}: {len(failed)} of {total} judge items failed (more than "
             f"max_failure_fraction={limit}); see {path / FAILURES}; commonest: "
             + "; ".join(f"{n}x {r}" for r, n in reasons) + ". Fix the cause and rerun with --retry-failed.")
-    info = {"shard": shard, "num_shards": num_shards, "items": len(mine), "items_failed": len(failed),
-            "extra_orders": len(extras), "requests_sent": tally.sent, "requests_replayed": tally.replayed,
+    # the rows' failure records go with the rows, for the merge's failures.jsonl
+    (writer.tmp / FAILURES).write_text("".join(json.dumps([r, f]) + "\n" for r, f in stream.failures))
+    writer.commit()
+    info = {"shard": shard, "num_shards": num_shards, "items": total, "items_failed": len(failed),
+            "extra_orders": stream.extras, "requests_sent": tally.sent, "requests_replayed": tally.replayed,
             "failed_requests": tally.failed_requests, "reasks": tally.reasks,
             "parse_failures": dict(tally.parse_failures), "servers": judge.fleet.counts(),
-            "seconds": round(elapsed, 2)}
+            "rows_out": stream.rows_out, "completions_annotated": stream.annotated,
+            "completions_incomplete": stream.incomplete, "parse_cache_hits": cache.hits,
+            "rows_digest": rows_digest(recipe, requests, shard, num_shards), "seconds": round(elapsed, 2)}
     mark_done(path, info)
-    return info, outcomes
+    return info, tokens
 
 
-def merge(recipe: Recipe, rows: list[dict], items: list, num_shards: int, retry_failed: bool = False,
-          known: dict | None = None) -> dict:
-    """The dataset from the ledgers, once every shard is done: every item replayed (nothing is
-    sent), so it is the same dataset whatever the number of shards. `known`: outcomes of the
-    shards this process has just run, which a replay would only repeat (for a large stage, the
-    replay's parsing is most of a rerun's time)."""
-    from datasets import Dataset
+def spent_from(tokens: dict, price) -> float:
+    if price is None:
+        return 0.0
+    return (tokens["prompt"] * price.input_per_mtok + tokens["completion"] * price.output_per_mtok) / 1e6
+
+
+def merge(recipe: Recipe, rows: list[dict], requests: Requests, num_shards: int, tokens: dict | None = None) -> dict:
+    """The dataset from the shards' rows, once every shard is done: their rows in input order
+    (so it is the same dataset whatever the number of shards), and nothing sent. `tokens`: the
+    stage's ledger totals when the shards have just run in this process (else read here)."""
+    from datasets import load_from_disk
 
     stage_path = stage_dir(recipe)
     shards = done_shards(stage_path, num_shards, "annotate")
-    with reading_ledgers(stage_path) as ledger:
-        # retry_failed as the shards had it: it decides how a chain of re-asks replays
-        judge = JudgeRun(recipe, rows, ledger, retry_failed)
-        known = known or {}
-        outcomes = {**known, **replayed(judge, [i for i in items if i not in known])}
-        extras = extra_items(judge.requests, items, outcomes)
-        outcomes.update(replayed(judge, [i for i in extras if i not in outcomes]))
-        items = items + extras
-        tokens = ledger_tokens(ledger)
-        spent_total = spent_so_far(ledger, judge.price)
+    folders = []
+    for i, info in enumerate(shards):
+        folder = shard_dir(stage_path, i, num_shards) / ROWS
+        if not folder.is_dir() or info.get("rows_digest") != rows_digest(recipe, requests, i, num_shards):
+            raise StageFailed(
+                f"annotate: cannot merge: shard {i} of {num_shards} was judged from other inputs or settings than "
+                f"these (or by an older version of annotate, without {ROWS}/). Run it again (--shard {i} "
+                f"--num-shards {num_shards}; nothing already answered is paid again), then --merge.")
+        folders.append(folder)
+    if tokens is None:
+        with reading_ledgers(stage_path) as ledger:
+            tokens = ledger_tokens(ledger)
 
-    failed = [i for i in items if outcomes[i].status == "failed"]
-    out_rows, failures, incomplete = assemble(rows, items, outcomes, judge.requests, recipe.annotation.critique)
+    keyed = [json.loads(line) for folder in folders for line in (folder / FAILURES).read_text().splitlines() if line]
+    failures = [f for _, f in sorted(keyed, key=lambda pair: pair[0])]  # by row; within a row as assembled
     atomic_write_text(stage_path / FAILURES, "".join(json.dumps(f) + "\n" for f in failures))
-    if not out_rows:
-        raise StageFailed(f"annotate: no completion set was fully annotated ({len(failed)} of {len(items)} judge "
-                          f"items failed); see {stage_path / FAILURES}")
-    with atomic_dir(stage_path / DATASET) as tmp:
-        features = (records.PERMUTED_COMPLETION_SET_FEATURES if recipe.annotation.position_debias == "permute"
-                    else records.COMPLETION_SET_FEATURES)
-        Dataset.from_list(out_rows, features=features).save_to_disk(str(tmp))
-    report = write_report(out_rows, stage_path / "report")
-    annotated = sum(len(r["completions"]) for r in out_rows)
-    total = lambda key: sum(s[key] for s in shards)  # noqa: E731
+    total = lambda key: sum(s.get(key, 0) for s in shards)  # noqa: E731
+    if not total("rows_out"):
+        raise StageFailed(f"annotate: no completion set was fully annotated ({total('items_failed')} of "
+                          f"{total('items')} judge items failed); see {stage_path / FAILURES}")
+    rows_out = gather(folders, stage_path / DATASET, row_features(recipe))
+    written = load_from_disk(str(stage_path / DATASET)).select_columns(["completions"])
+    report = write_report(({"completions": c} for batch in written.iter(batch_size=512) for c in batch["completions"]),
+                          stage_path / "report")
+    annotated = total("completions_annotated")
     parse_failures, servers = Counter(), {}
     for s in shards:
         parse_failures.update(s["parse_failures"])
         servers = add_counts(servers, s.get("servers", {}))
+    price = recipe.annotation.price
     summary = {
         "mode": recipe.annotation.mode, "judge_model": recipe.annotation.judge_model,
-        "template_version": judge.requests.version, "seed": recipe.annotation.seed,
-        "position_debias": recipe.annotation.position_debias, **position_summary(recipe, extras, failures),
-        "rows_in": len(rows), "rows_out": len(out_rows), "completions_annotated": annotated,
-        "completions_incomplete": incomplete, "items": len(items), "items_failed": len(failed),
+        "template_version": requests.version, "seed": recipe.annotation.seed,
+        "position_debias": recipe.annotation.position_debias,
+        **position_summary(recipe, total("extra_orders"), failures),
+        "rows_in": len(rows), "rows_out": rows_out, "completions_annotated": annotated,
+        "completions_incomplete": total("completions_incomplete"), "items": total("items"),
+        "items_failed": total("items_failed"),
         # "this run": each shard's latest run (its _SUCCESS), summed
         "requests_sent_this_run": total("requests_sent"), "requests_replayed": total("requests_replayed"),
         "failed_requests_this_run": total("failed_requests"),
@@ -464,59 +616,24 @@ def merge(recipe: Recipe, rows: list[dict], items: list, num_shards: int, retry_
         # per judge server: requests sent (they add up to requests_sent_this_run), failed, set aside
         "servers_this_run": servers,
         "tokens": tokens,
-        "cost_usd_all_runs": round(spent_total, 6) if judge.price is not None else None,
+        "cost_usd_all_runs": round(spent_from(tokens, price), 6) if price is not None else None,
         "seconds": round(max(s["seconds"] for s in shards), 2),  # the slowest shard
         "num_shards": num_shards,
         "report": report,
     }
     summary["tokens_per_prompt"] = round(summary["tokens"]["total"] / max(len(rows), 1), 1)
     write_json(stage_path / "summary.json", summary)
-    mark_done(stage_path, {"rows": len(out_rows), "completions": annotated})
+    mark_done(stage_path, {"rows": rows_out, "completions": annotated})
     print_summary(summary, stage_path)
     return summary
 
 
-def replayed(judge: JudgeRun, items: list) -> dict:
-    """Every item's outcome from the ledgers alone. With retry_failed a recorded failure (or an
-    unusable answer whose next re-ask was never sent) replays as still to send: once every shard
-    is done, that is a failure."""
-    outcomes = dict(zip(items, judge.replay_all(items)))
-    for item, outcome in outcomes.items():
-        if outcome.status == "pending":
-            failure = judge.ledger.failure(judge.requests.key(*outcome.value)) or {}
-            outcomes[item] = Outcome("failed", reason=failure.get("reason", "unusable answer; no further re-ask "
-                                                                  "was sent"), reasks=outcome.reasks)
-    return outcomes
-
-
-def settle(judge: JudgeRun, items: list) -> dict:
-    """Every item's outcome: first everything the ledger already answers (no client, no
-    event-loop traffic), then only what is still to send, so a rerun of a finished run never
-    opens a connection."""
-    from tqdm import tqdm
-
-    judge.keep_pending = False
-    judge.count_replays = True
-    outcomes = dict(zip(items, judge.replay_all(items)))
-    pending = [item for item in items if outcomes[item].status == "pending"]
-    if pending:
-        failed_before = sum(outcome.status == "failed" for outcome in outcomes.values())
-        bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="annotate", unit="item",
-                   dynamic_ncols=True, mininterval=0.5)
-        judge.count_replays = False  # the replay pass above counted them
-        try:
-            outcomes.update(asyncio.run(judge.run_all(pending, bar, failed_before)))
-        finally:
-            bar.close()
-    return outcomes
-
-
-def position_summary(recipe: Recipe, extras: list, failures: list[dict]) -> dict:
+def position_summary(recipe: Recipe, extras: int, failures: list[dict]) -> dict:
     ann = recipe.annotation
     if ann.position_debias != "permute":
         return {}
     return {"position_orders": ann.position_orders, "max_position_gap": ann.max_position_gap,
-            "extra_orders": len(extras),
+            "extra_orders": extras,
             "inconsistent_ratings": sum(f["status"] == "inconsistent" for f in failures)}
 
 

@@ -671,3 +671,147 @@ def test_a_resumed_or_resharded_shard_never_pays_twice(tmp_path, standin):
     run_stage(path, num_shards=3)  # done shards replay; nothing is sent
     assert standin.stats()["requests_total"] == 0
     assert len(dataset(tmp_path)) == 6
+
+
+# --- rebuild from the parse cache; rows streamed as prompts finish ----------------------------
+
+
+class Calls:
+    """Counts the calls of a method while still running it (a spy, not a stand-in)."""
+
+    def __init__(self, monkeypatch, owner, name):
+        self.count = 0
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+def test_force_rebuild_sends_nothing_and_neither_renders_nor_parses(tmp_path, standin, monkeypatch):
+    from pipeline.judge.session import Requests
+
+    sets = write_sets(tmp_path / "sets.jsonl", 5)
+    path = recipe_file(tmp_path, standin, sets)
+    first_summary = run_stage(path)
+    first = dataset(tmp_path)
+    rendered, parsed = Calls(monkeypatch, Requests, "first"), Calls(monkeypatch, Requests, "parse")
+    standin.reset()
+    summary = run_stage(path)  # what `rlhf annotate --force` runs on a finished stage
+    assert standin.stats()["requests_total"] == 0
+    assert rendered.count == 0 and parsed.count == 0
+    assert dataset(tmp_path) == first
+    assert summary["requests_replayed"] == 5 * 8
+    for key in ("items", "rows_out", "completions_annotated", "tokens", "cost_usd_all_runs", "report"):
+        assert summary[key] == first_summary[key], key
+    shard = json.loads((out_dir(tmp_path) / "shard-0-of-1" / "_SUCCESS").read_text())
+    assert shard["parse_cache_hits"] == 5 * 8
+
+    # A changed completion misses the cache for its whole row (all 8 items rendered and parsed
+    # again); the row's 4 aspect calls and that completion's critique are new requests, the other
+    # 3 critiques are the same requests and come from the ledger.
+    lines = sets.read_text().splitlines()
+    changed = json.loads(lines[2])
+    changed["completions"][1]["response"] = "Sugar, made from light."
+    sets.write_text("\n".join([*lines[:2], json.dumps(changed), *lines[3:]]) + "\n")
+    summary = run_stage(path)
+    # (rendered: each of the 8 to look it up in the ledger; the 5 sent may be rendered again to send)
+    assert summary["requests_sent_this_run"] == 5 and parsed.count == 8 and rendered.count >= 8
+
+    # The ledger is the source of truth: without it, a cached answer is not used but bought again.
+    ledger_path(tmp_path).unlink()
+    standin.reset()
+    parsed.count = 0
+    summary = run_stage(path)
+    assert summary["requests_sent_this_run"] == 5 * 8 == standin.stats()["requests_total"]
+    assert parsed.count == 5 * 8
+
+
+def test_a_parser_version_bump_parses_every_answer_again_from_the_ledger(tmp_path, standin, monkeypatch):
+    from pipeline.judge import parse
+    from pipeline.judge.session import Requests
+
+    sets = write_sets(tmp_path / "sets.jsonl", 4)
+    path = recipe_file(tmp_path, standin, sets)
+    run_stage(path)
+    first = dataset(tmp_path)
+    parsed = Calls(monkeypatch, Requests, "parse")
+    monkeypatch.setattr(parse, "PARSER_VERSION", parse.PARSER_VERSION + 1)
+    standin.reset()
+    run_stage(path)
+    assert parsed.count == 4 * 8 and standin.stats()["requests_total"] == 0
+    assert dataset(tmp_path) == first
+    run_stage(path)  # and the answers parsed under the new version are cached in turn
+    assert parsed.count == 4 * 8
+
+
+def _rows_on_disk(stage: Path) -> list[dict]:
+    """Rows in the part files of a shard's unfinished row folder (whole record batches only)."""
+    import pyarrow as pa
+
+    rows = []
+    for part in sorted(stage.glob("shard-*/.rows.tmp-*/part-*.arrow")):
+        try:
+            with pa.memory_map(str(part)) as source:
+                reader = pa.ipc.open_stream(source)
+                while True:
+                    rows += reader.read_next_batch().to_pylist()
+        except (StopIteration, pa.ArrowInvalid, OSError):
+            pass
+    return rows
+
+
+def test_rows_reach_disk_as_prompts_finish_and_a_kill_leaves_no_dataset(tmp_path, standin):
+    sets = write_sets(tmp_path / "sets.jsonl", 40)
+    run_stage(recipe_file(tmp_path / "clean", standin, sets))
+    reference = dataset(tmp_path / "clean")
+
+    standin.configure(latency_s=0.02)
+    path = recipe_file(tmp_path / "killed", standin, sets, judge={"max_concurrency": 2})
+    stage = out_dir(tmp_path / "killed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RLHF_LOG": "WARNING", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "annotate", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = []
+    while proc.poll() is None and not seen:
+        seen = _rows_on_disk(stage)
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before any row reached a part file"
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run, with a part file open for writing
+    proc.wait(timeout=60)
+    answered = len(_ok_keys(ledger_path(tmp_path / "killed")))
+    assert 0 < answered < 40 * 8
+    by_id = {r["prompt_id"]: r for r in reference}
+    for row in seen:  # whole annotated rows, written while the run went on
+        assert {k: v for k, v in row.items() if k != "__row__"} == by_id[row["prompt_id"]]
+    assert not (stage / "dataset").exists() and not is_done(stage)
+    assert not (stage / "shard-0-of-1" / "rows").exists() and not is_done(stage / "shard-0-of-1")
+
+    standin.reset()
+    run_stage(path)
+    assert dataset(tmp_path / "killed") == reference
+    keys = _ok_keys(ledger_path(tmp_path / "killed"))
+    assert len(keys) == len(set(keys)) == 40 * 8  # each request paid for once
+    assert not list(stage.glob("shard-*/.rows.tmp-*")) and not list(stage.glob(".dataset.tmp-*"))
+
+
+def test_merge_refuses_a_shard_judged_from_other_inputs(tmp_path, standin):
+    sets = write_sets(tmp_path / "sets.jsonl", 4)
+    path = recipe_file(tmp_path, standin, sets)
+    for shard in (0, 1):
+        run_stage(path, shard=shard, num_shards=2)
+    lines = sets.read_text().splitlines()
+    changed = json.loads(lines[1])  # row 1: shard 1 of 2
+    changed["completions"][0]["response"] = "Plants make sugar out of light, water and air."
+    sets.write_text("\n".join([lines[0], json.dumps(changed), *lines[2:]]) + "\n")
+    with pytest.raises(StageFailed, match=r"shard 1 of 2 was judged from other inputs"):
+        run_stage(path, merge_only=True, num_shards=2)
+    assert not (out_dir(tmp_path) / "dataset").exists()
+    standin.reset()
+    run_stage(path, shard=1, num_shards=2)
+    assert standin.stats()["requests_total"] == 5  # the changed row's aspect calls and one critique
+    summary = run_stage(path, merge_only=True, num_shards=2)
+    assert summary["rows_out"] == 4
+    assert dataset(tmp_path)[1]["completions"][0]["response"] == changed["completions"][0]["response"]
