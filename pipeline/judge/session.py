@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -332,6 +333,8 @@ class JudgeRun:
         for item in items:
             queue.put_nowait(item)
 
+        next_postfix = [0.0]
+
         async def worker(fleet: Fleet) -> None:
             while not queue.empty():
                 item = queue.get_nowait()
@@ -339,6 +342,10 @@ class JudgeRun:
                 outcomes[item] = outcome
                 failed[0] += outcome.status == "failed"
                 bar.update()
+                now = time.monotonic()
+                if now < next_postfix[0]:  # built for every item, the postfix cost as much as parsing
+                    continue
+                next_postfix[0] = now + 0.5
                 postfix = {"sent": self.tally.sent, "reasks": self.tally.reasks, "failed": failed[0]}
                 if self.price is not None:
                     postfix["spent"] = f"${self.spent_before + self.tally.cost_usd:.4f}"

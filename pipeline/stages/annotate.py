@@ -490,25 +490,18 @@ def replayed(judge: JudgeRun, items: list) -> dict:
 
 
 def settle(judge: JudgeRun, items: list) -> dict:
-    """Every item's outcome: first everything the ledger already answers (no client, no
-    event-loop traffic), then only what is still to send, so a rerun of a finished run never
-    opens a connection."""
+    """Every item's outcome, in one pass: each item's request is rendered once, answered from
+    the ledger where it can be and sent otherwise. A rerun of a finished run sends nothing, so
+    it never opens a connection (the clients connect on their first request)."""
     from tqdm import tqdm
 
     judge.keep_pending = False
     judge.count_replays = True
-    outcomes = dict(zip(items, judge.replay_all(items)))
-    pending = [item for item in items if outcomes[item].status == "pending"]
-    if pending:
-        failed_before = sum(outcome.status == "failed" for outcome in outcomes.values())
-        bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="annotate", unit="item",
-                   dynamic_ncols=True, mininterval=0.5)
-        judge.count_replays = False  # the replay pass above counted them
-        try:
-            outcomes.update(asyncio.run(judge.run_all(pending, bar, failed_before)))
-        finally:
-            bar.close()
-    return outcomes
+    bar = tqdm(total=len(items), desc="annotate", unit="item", dynamic_ncols=True, mininterval=0.5)
+    try:
+        return asyncio.run(judge.run_all(items, bar))
+    finally:
+        bar.close()
 
 
 def position_summary(recipe: Recipe, extras: list, failures: list[dict]) -> dict:
