@@ -127,17 +127,21 @@ class ChatClient:
         self._session = None
 
     async def __aenter__(self) -> "ChatClient":
-        import aiohttp
-
-        # limit=0: the callers' workers bound the requests in flight; no second queue here
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                              timeout=aiohttp.ClientTimeout(total=self.timeout_s))
-        return self
+        return self  # the pool is made on the first request: a run that sends nothing opens nothing
 
     async def __aexit__(self, *exc) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def _pool(self):
+        import aiohttp
+
+        if self._session is None:
+            # limit=0: the callers' workers bound the requests in flight; no second queue here
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                                  timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        return self._session
 
     async def chat(self, body: bytes, key: str | None = None) -> dict:
         """POST one encoded body (`key`: our ledger key, sent as X-Request-Key); the parsed answer."""
@@ -145,7 +149,7 @@ class ChatClient:
 
         headers = self.headers if key is None else {**self.headers, "X-Request-Key": key}
         try:
-            async with self._session.post(self.url, data=body, headers=headers) as response:
+            async with self._pool().post(self.url, data=body, headers=headers) as response:
                 data = await response.read()
                 status = response.status
                 if status >= 400:
