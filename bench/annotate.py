@@ -1,8 +1,17 @@
 """Benchmark: the annotate stage against the stand-in judge. Prints figures; asserts nothing.
 
-1. throughput: `--requests` judge requests (default 20,000) at `--concurrency` (64) against a
-   stand-in answering after `--latency` seconds (0.1). The server-bound ideal is
-   concurrency / latency requests per second; the figure is achieved / ideal (goal >= 0.95).
+1. throughput: `--requests` judge requests (default 10,000) at each `--concurrency` (64 and
+   256) against a stand-in answering after `--latency` seconds (0.1), `--repeats` times (3;
+   medians printed), each client a fresh process against a fresh stand-in:
+   - reference: the smallest raw client (aiohttp, bodies ready, answers read and dropped: no
+     SDK, no ledger, no parsing) sending annotate's very requests (same bodies, same headers):
+     the limit of this machine for this server;
+   - annotate in one process (`rlhf annotate`), and in two (`--shard i --num-shards 2`, half
+     the concurrency each, then `--merge`, timed apart).
+   Printed: requests/s over the sending loop and over the whole command (start to exit:
+   imports, dataset, report), client and server CPU per request (the processes' own
+   rusage, /proc/<pid>/stat for the server), the ideal min(concurrency / latency, 1 / server
+   CPU per request), and annotate / reference (goal >= 0.95; client CPU <= 1.5 ms a request).
 2. rerun: a finished run of `--rerun-requests` (100,000) requests, run again with --force,
    `--repeats` (3) times, each a fresh `rlhf annotate --force` process: the command's seconds
    and the requests the stand-in received (goal < 10 s, 0 sent). The ledger of that run is
@@ -21,7 +30,7 @@
    add CPU contention.
 
     python bench/annotate.py                  # everything, about ten minutes on 2 cores
-    python bench/annotate.py --only throughput,modes --requests 4000
+    python bench/annotate.py --only throughput,modes --requests 4000 --repeats 1
     python bench/annotate.py --only fleet --fleet-requests 800
 """
 
@@ -85,23 +94,157 @@ def quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def bench_throughput(tmp: Path, requests: int, concurrency: int, latency: float) -> None:
+def pipeline_root() -> Path:
+    """The checkout whose `pipeline` package is imported: client processes run from it."""
+    import pipeline
+
+    return Path(pipeline.__file__).resolve().parent.parent
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reference_requests(r) -> list[tuple[str, bytes]]:
+    """(ledger key, body) of every first request annotate sends for recipe `r`: its own plan,
+    templates and encoding, so the reference client sends byte for byte the same bodies."""
+    from pipeline.judge import session
+    from pipeline.llm import transport
     from pipeline.stages import annotate
+
+    rows = annotate.load_rows(r)
+    requests = session.Requests(rows, r)
+    out = []
+    for item in session.plan(rows, r):
+        messages, params = requests.first(item)
+        body = transport.chat_body(r.annotation.judge_model, messages, params)
+        out.append((requests.key(messages, params), transport.encode(body)))
+    return out
+
+
+async def reference_client(base_url: str, requests: list[tuple[str, bytes]], concurrency: int) -> None:
+    """The smallest client: `concurrency` workers posting ready bodies, answers read and dropped."""
+    import asyncio
+
+    import aiohttp
+
+    url = base_url.rstrip("/") + "/chat/completions"
+    pending = iter(requests)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def worker():
+            for key, body in pending:
+                async with session.post(url, data=body, headers={
+                        "Authorization": "Bearer EMPTY", "Content-Type": "application/json",
+                        "Accept": "application/json", "X-Request-Key": key}) as response:
+                    await response.read()
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def reference_main(path: str, base_url: str, concurrency: int) -> None:
+    """`--reference-client FILE`: the reference client as its own process; prints its loop time."""
+    import asyncio
+
+    requests = []
+    with open(path, "rb") as handle:
+        for line in handle:
+            key, body = line.rstrip(b"\n").split(b"\t", 1)
+            requests.append((key.decode(), body))
+    started = time.monotonic()
+    asyncio.run(reference_client(base_url, requests, concurrency))
+    print(json.dumps({"loop_s": time.monotonic() - started}))
+
+
+def run_processes(commands: list[list[str]], cwd: Path, env: dict, server) -> dict:
+    """Run client processes at once; wall seconds until the last exits, their CPU seconds
+    (rusage), the server's CPU seconds meanwhile, and each one's stdout."""
+    outs = [tempfile.TemporaryFile() for _ in commands]
+    server_before = process_cpu_s(server.process.pid)
+    started = time.monotonic()
+    procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=out, stderr=subprocess.DEVNULL) for c, out in zip(commands, outs)]
+    cpu = 0.0
+    for proc in procs:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        cpu += usage.ru_utime + usage.ru_stime
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(proc.args)} exited with {proc.returncode}")
+    wall = time.monotonic() - started
+    texts = []
+    for out in outs:
+        out.seek(0)
+        texts.append(out.read().decode())
+        out.close()
+    return {"wall_s": wall, "cpu_s": cpu, "server_cpu_s": process_cpu_s(server.process.pid) - server_before,
+            "stdout": texts}
+
+
+def throughput_once(tmp: Path, sets: Path, requests: int, concurrency: int, latency: float, tag: str) -> dict:
+    """One run of each client against its own fresh stand-in: figures by client name."""
     from pipeline.standin import start_standin
 
-    prompts = max(1, requests // 8)
-    sets = write_sets(tmp / "throughput.jsonl", prompts)
-    with start_standin(tmp / "s1", latency_s=latency, max_concurrency=100_000) as server:
-        r = recipe(tmp, sets, server.base_url, "throughput", concurrency)
-        started = time.monotonic()
-        summary = quiet(annotate.run, r)
-        elapsed = time.monotonic() - started
-        sent = server.stats()["requests_total"]
-    ideal = concurrency / latency
-    achieved = sent / elapsed
-    print(f"throughput: {sent} requests in {elapsed:.1f} s = {achieved:.0f} req/s; server-bound ideal "
-          f"{ideal:.0f} req/s (concurrency {concurrency} / latency {latency:g} s) -> {achieved / ideal:.2f} of ideal"
-          f" (stage total incl. load, report: {summary['seconds']:.1f} s in the loop)")
+    root = pipeline_root()
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "HF_HUB_OFFLINE": "1"}
+    out = {}
+    for client in ("reference", "annotate x1", "annotate x2"):
+        with start_standin(tmp / f"s-{tag}-{client[-2:]}", latency_s=latency, max_concurrency=100_000) as server:
+            if client == "reference":
+                r = recipe(tmp, sets, server.base_url, f"ref-{tag}", concurrency)
+                bodies = tmp / f"ref-{tag}.tsv"
+                with open(bodies, "wb") as handle:
+                    for key, body in reference_requests(r):
+                        handle.write(key.encode() + b"\t" + body + b"\n")
+                ran = run_processes([[sys.executable, str(Path(__file__).resolve()), "--reference-client", str(bodies),
+                                      "--url", server.base_url, "--concurrency", str(concurrency)]], root, env, server)
+                loop = json.loads(ran["stdout"][0])["loop_s"]
+            else:
+                n = int(client[-1])
+                name = f"{client[-2:]}-{tag}"
+                recipe(tmp, sets, server.base_url, name, concurrency // n)
+                cli = [sys.executable, "-m", "pipeline", "annotate", str(tmp / f"{name}.yaml")]
+                shards = [[] if n == 1 else ["--shard", str(i), "--num-shards", str(n)] for i in range(n)]
+                ran = run_processes([cli + extra for extra in shards], root, env, server)
+                stage = tmp / "runs" / name / "annotate"
+                loop = max(json.loads(p.read_text())["seconds"] for p in stage.glob("shard-*/_SUCCESS"))
+                if n > 1:
+                    merged = run_processes([cli + ["--merge", "--num-shards", str(n)]], root, env, server)
+                    ran["merge_s"] = merged["wall_s"]
+            sent = server.stats()["requests_total"]
+        out[client] = {"sent": sent, "loop_rps": sent / loop, "whole_rps": sent / ran["wall_s"],
+                       "client_ms": 1e3 * ran["cpu_s"] / sent, "server_ms": 1e3 * ran["server_cpu_s"] / sent,
+                       "merge_s": ran.get("merge_s")}
+    return out
+
+
+def bench_throughput(tmp: Path, requests: int, concurrencies: list[int], latency: float, repeats: int) -> None:
+    from statistics import median
+
+    sets = write_sets(tmp / "throughput.jsonl", max(1, requests // 8))
+    for concurrency in concurrencies:
+        loads = [os.getloadavg()[0]]
+        runs = []
+        for i in range(repeats):
+            runs.append(throughput_once(tmp, sets, requests, concurrency, latency, f"c{concurrency}-{i}"))
+            loads.append(os.getloadavg()[0])
+        med = {client: {k: median(r[client][k] for r in runs) if runs[0][client][k] is not None else None
+                        for k in runs[0][client]} for client in runs[0]}
+        server_rps = 1e3 / med["reference"]["server_ms"]
+        ideal = min(concurrency / latency, server_rps)
+        print(f"throughput: {med['reference']['sent']:.0f} requests at concurrency {concurrency}, latency {latency:g} s; "
+              f"medians of {repeats}; load average {', '.join(f'{x:.1f}' for x in loads)} on {os.cpu_count()} cores")
+        print(f"  {'client':<16}{'req/s loop':>12}{'req/s whole':>13}{'/ reference':>13}{'client ms/req':>15}"
+              f"{'server ms/req':>15}")
+        for client, m in med.items():
+            ratio = m["loop_rps"] / med["reference"]["loop_rps"]
+            merge = f"  (then --merge: {m['merge_s']:.1f} s)" if m["merge_s"] is not None else ""
+            print(f"  {client:<16}{m['loop_rps']:>12.0f}{m['whole_rps']:>13.0f}{ratio:>13.2f}{m['client_ms']:>15.2f}"
+                  f"{m['server_ms']:>15.2f}{merge}")
+        print(f"  ideal: min({concurrency} / {latency:g} s = {concurrency / latency:.0f}, server CPU "
+              f"1 / {med['reference']['server_ms']:.2f} ms = {server_rps:.0f}) = {ideal:.0f} req/s; reference "
+              f"{med['reference']['loop_rps'] / ideal:.2f} of it, annotate x1 {med['annotate x1']['loop_rps'] / ideal:.2f}")
 
 
 def fill_ledger(r, rows_path: Path) -> int:
@@ -314,22 +457,29 @@ def bench_fleet(tmp: Path, requests: int, per_server: int, latency: float) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="throughput,rerun,memory,modes,fleet")
-    parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--concurrency", default="64,256", help="throughput: one or more, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per throughput figure, of the rerun and of each memory phase (medians printed)")
+    parser.add_argument("--reference-client", help=argparse.SUPPRESS)  # FILE: run the reference client only
+    parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--rerun-requests", type=int, default=100_000)
     parser.add_argument("--memory-requests", default="20000,100000",
                         help="request counts of the memory phases, each run in a fresh process")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of the rerun and of each memory phase")
     parser.add_argument("--profile-rerun", type=Path, help="also run one --force under cProfile, saved here")
     parser.add_argument("--fleet-requests", type=int, default=1_600)
     parser.add_argument("--fleet-server-concurrency", type=int, default=8)
     args = parser.parse_args()
+    if args.reference_client:
+        reference_main(args.reference_client, args.url, int(args.concurrency))
+        return
     parts = args.only.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "throughput" in parts:
-            bench_throughput(tmp, args.requests, args.concurrency, args.latency)
+            bench_throughput(tmp, args.requests, [int(c) for c in args.concurrency.split(",")], args.latency,
+                             args.repeats)
         if "rerun" in parts:
             bench_rerun(tmp, args.rerun_requests, args.repeats, args.profile_rerun)
         if "memory" in parts:

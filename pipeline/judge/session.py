@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -20,7 +21,8 @@ from pipeline.judge import positions, rubric
 from pipeline.judge.parse import ParseError, parse_aspect, parse_compact, parse_critique
 from pipeline.ledger import Ledger, request_key
 from pipeline.llm.fleet import Fleet
-from pipeline.llm.openai_backend import api_key, async_client, error_reason
+from pipeline.llm import transport
+from pipeline.llm.openai_backend import api_key, chat_client, error_reason
 from pipeline.llm.throttle import Throttle
 from pipeline.llm.workers import run_workers
 from pipeline.records import empty_annotations
@@ -260,7 +262,7 @@ class JudgeRun:
     async def open_clients(self):
         """One client per server of the judge's fleet; the returned stack closes them."""
         key = self.api_key()
-        return await self.fleet.open(lambda url: async_client(self.ann.judge, key, url))
+        return await self.fleet.open(lambda url: chat_client(self.ann.judge, key, url))
 
     def over_budget(self) -> bool:
         budget = self.ann.budget_usd
@@ -270,12 +272,7 @@ class JudgeRun:
         """One request with our retries; the outcome is in the ledger before this returns. Every
         attempt goes through the fleet, which sends it again on another server when the first
         one is down; whichever server answers, the record is the same (the key names none)."""
-        import openai
-
-        body = {"model": self.ann.judge_model, "messages": messages, "temperature": params["temperature"],
-                "max_tokens": params["max_new_tokens"]}
-        if "response_format" in params:
-            body["response_format"] = params["response_format"]
+        body = transport.encode(transport.chat_body(self.ann.judge_model, messages, params))
         spec = self.ann.judge
         reason = "no attempt made"
         for attempt in range(spec.max_retries + 1):
@@ -286,11 +283,7 @@ class JudgeRun:
 
             def post(client):
                 self.tally.sent += 1  # each HTTP request, on whichever server
-                # The client's low-level post: same auth, errors and connection pool as
-                # chat.completions.create, without its per-request parameter transform and
-                # response models, which cost more CPU than everything else here together.
-                return client.post("/chat/completions", cast_to=object, body=body,
-                                   options={"headers": {"X-Request-Key": key}})
+                return client.chat(body, key)
 
             try:
                 data = await fleet.call(post)
@@ -298,17 +291,16 @@ class JudgeRun:
                 text = (choice.get("message") or {}).get("content")
                 if text is None:
                     raise ValueError(f"the server returned no text (finish_reason={choice.get('finish_reason')})")
-            except openai.RateLimitError as err:
+            except (transport.APIError, ValueError, IndexError, KeyError, TypeError, AttributeError) as err:
                 reason = error_reason(err)
-                self.throttle.pause(_retry_after(err) or _backoff(attempt))
+                delay = transport.retry_delay(err, attempt)
+                if delay is None:  # 4xx other than 429, or an answer without the chat shape: final
+                    break
+                if isinstance(err, transport.RateLimitError):
+                    self.throttle.pause(delay)  # every worker waits, not only this one
+                else:
+                    await asyncio.sleep(delay)
                 continue
-            except (openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError) as err:
-                reason = error_reason(err)
-                await asyncio.sleep(_backoff(attempt))
-                continue
-            except (openai.APIStatusError, ValueError, IndexError, KeyError, TypeError, AttributeError) as err:
-                reason = error_reason(err)  # 4xx other than 429, or an answer without the chat shape: final
-                break
             usage = data.get("usage") or {}
             result = {"text": text,
                       "prompt_tokens": int(usage.get("prompt_tokens") or 0),
@@ -392,6 +384,8 @@ class JudgeRun:
         for item in items:
             queue.put_nowait(item)
 
+        next_postfix = [0.0]
+
         async def worker(fleet: Fleet) -> None:
             while not queue.empty():
                 item = queue.get_nowait()
@@ -403,6 +397,10 @@ class JudgeRun:
                         queue.put_nowait(follow)
                 failed[0] += outcome.status == "failed"
                 bar.update()
+                now = time.monotonic()
+                if now < next_postfix[0]:  # built for every item, the postfix cost as much as parsing
+                    continue
+                next_postfix[0] = now + 0.5
                 postfix = {"sent": self.tally.sent, "reasks": self.tally.reasks, "failed": failed[0]}
                 if self.price is not None:
                     postfix["spent"] = f"${self.spent_before + self.tally.cost_usd:.4f}"
@@ -411,18 +409,6 @@ class JudgeRun:
         async with await self.open_clients():
             await run_workers(max(1, min(self.ann.judge.max_concurrency, len(items))), lambda: worker(self.fleet))
         return outcomes
-
-
-def _retry_after(err) -> float | None:
-    try:
-        value = err.response.headers.get("retry-after")
-        return float(value) if value is not None else None
-    except (AttributeError, ValueError):
-        return None
-
-
-def _backoff(attempt: int) -> float:
-    return min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
 
 
 def _reason_kind(reason: str) -> str:

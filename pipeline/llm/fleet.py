@@ -13,8 +13,8 @@ list, in a model spec; one server is a fleet of one).
   ledger key that does not name the server.
 - Any other answer (4xx, 429) comes from a live server and is the caller's business.
 
-Each server has its own `openai` client (the one way we talk to a server); the fleet only
-chooses among them and counts, per server, the requests sent and those that failed.
+Each server has its own chat client (pipeline.llm.transport, the one way we send a chat request);
+the fleet only chooses among them and counts, per server, the requests sent and those that failed.
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ T = TypeVar("T")
 
 def server_failures() -> tuple[type[BaseException], ...]:
     """The errors that say a server is down or sick (not that the request was wrong)."""
-    import openai
+    from pipeline.llm import transport
 
-    return (openai.APIConnectionError, openai.InternalServerError)  # APITimeoutError is a connection error
+    return (transport.APIConnectionError, transport.InternalServerError)  # a timeout is a connection error
 
 
 @dataclass
 class Server:
     url: str | None  # None: api.openai.com
-    client: object = None  # an (Async)OpenAI client, while the fleet is open
+    client: object = None  # a transport.ChatClient, while the fleet is open
     in_flight: int = 0
     requests: int = 0
     failures: int = 0

@@ -1,5 +1,8 @@
 """Generation through any OpenAI-compatible chat API (`backend: openai` in a pool or a judge).
 
+Requests go out through pipeline.llm.transport (one small aiohttp client: the SDK's per-request
+cost capped a 2-core machine below what a server allows; see there), the same way the judge's do.
+
 `OpenAIBackend(spec)` follows `pipeline.llm.base.Backend`. It works against api.openai.com and
 against local servers (vLLM, SGLang, TGI, Ollama, our stand-in): set `base_url`, or `base_urls`
 for several servers of the same model (pipeline.llm.fleet picks one per request and moves a
@@ -7,8 +10,8 @@ request off a server that is down).
 
 - Concurrency is bounded by `spec.max_concurrency`: that many workers pull requests from one
   queue, so a million-request run never holds a million tasks.
-- Retries and timeouts are the client's own (`max_retries`, `timeout_s`): it backs off on 429,
-  5xx and connection errors and honours Retry-After. A request that still fails is reported
+- Retries and timeouts are ours (`max_retries`, `timeout_s`): back off on 429, 5xx and
+  connection errors, honouring Retry-After. A request that still fails is reported
   through `on_error` with a one-line reason; the others go on.
 - The API key comes from the environment variable `spec.api_key_env`. Without a `base_url`
   (the real OpenAI API) a missing key is a configuration error; a local server gets "EMPTY".
@@ -28,12 +31,10 @@ import os
 from typing import Sequence
 
 from pipeline.config import ConfigError, redact
+from pipeline.llm import transport
 from pipeline.llm.base import GenRequest, GenResult, OnDone, OnError
 from pipeline.llm.fleet import Fleet
 from pipeline.llm.workers import run_workers
-
-_PASSED_PARAMS = {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_tokens",
-                  "seed": "seed", "response_format": "response_format", "stop": "stop"}
 
 
 def error_reason(err: BaseException) -> str:
@@ -55,15 +56,10 @@ def api_key(spec, where: str) -> str:
     return key
 
 
-def async_client(spec, key: str, base_url: str | None):
-    """An AsyncOpenAI client for one server (`base_url`, one of `spec.servers`) without the SDK's
-    retries (the caller retries, so that a 429's Retry-After pauses every worker, not one), on
-    the SDK's aiohttp transport: the default httpx one spends about 2.5 ms of CPU per request,
-    which caps a 2-core machine well below what the server allows."""
-    from openai import AsyncOpenAI, DefaultAioHttpClient
-
-    return AsyncOpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=spec.timeout_s,
-                       http_client=DefaultAioHttpClient(timeout=spec.timeout_s))
+def chat_client(spec, key: str, base_url: str | None) -> transport.ChatClient:
+    """The chat client for one server (`base_url`, one of `spec.servers`); it never retries
+    (the caller does, so that a 429's Retry-After can pause every worker, not one)."""
+    return transport.ChatClient(base_url, key, spec.timeout_s)
 
 
 def sync_client(spec, key: str, where: str):
@@ -93,14 +89,6 @@ class OpenAIBackend:
     def close(self) -> None:
         pass  # one client per generate() call, closed there
 
-    def _client(self, base_url: str | None):
-        """A client for one server, with the SDK's own retries there; the fleet moves a request
-        to another server once they are spent."""
-        from openai import AsyncOpenAI
-
-        return AsyncOpenAI(api_key=self._api_key, base_url=base_url,
-                           max_retries=self.spec.max_retries, timeout=self.spec.timeout_s)
-
     def generate(self, requests: Sequence[GenRequest], on_done: OnDone, on_error: OnError) -> None:
         if requests:
             asyncio.run(self._run_all(list(requests), on_done, on_error))
@@ -109,36 +97,44 @@ class OpenAIBackend:
         queue: asyncio.Queue[GenRequest] = asyncio.Queue()
         for req in requests:
             queue.put_nowait(req)
-        async with await self.fleet.open(self._client):
+        async with await self.fleet.open(lambda url: chat_client(self.spec, self._api_key, url)):
             # A callback that raises (the ledger cannot write) stops every worker.
             await run_workers(min(self.spec.max_concurrency, len(requests)),
                               lambda: self._worker(queue, on_done, on_error))
 
     async def _worker(self, queue: asyncio.Queue, on_done: OnDone, on_error: OnError) -> None:
-        from openai import OpenAIError
-
         while True:
             try:
                 req = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            kwargs = {out: req.params[name] for name, out in _PASSED_PARAMS.items() if name in req.params}
+            body = transport.encode(transport.chat_body(self.model, req.messages, req.params))
             try:
-                response = await self.fleet.call(lambda client: client.chat.completions.create(
-                    model=self.model, messages=list(req.messages),
-                    extra_headers={"X-Request-Key": req.key}, **kwargs,
-                ))
-                choice = response.choices[0]
-                text = choice.message.content
+                data = await self._send(body, req.key)
+                choice = data["choices"][0]
+                text = choice["message"]["content"]
                 if text is None:
-                    raise ValueError(f"the server returned no text (finish_reason={choice.finish_reason})")
-            except (OpenAIError, ValueError, IndexError) as err:
+                    raise ValueError(f"the server returned no text (finish_reason={choice.get('finish_reason')})")
+            except (transport.APIError, ValueError, IndexError, KeyError, TypeError) as err:
                 on_error(req, error_reason(err))
                 continue
-            usage = response.usage
+            usage = data.get("usage") or {}
             on_done(req, GenResult(
                 text=text,
-                prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-                completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-                finish_reason=str(choice.finish_reason or "stop"),
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                finish_reason=str(choice.get("finish_reason") or "stop"),
             ))
+
+    async def _send(self, body: bytes, key: str) -> dict:
+        """One request, through the fleet, tried again (after a pause) while that can help."""
+        attempt = 0
+        while True:
+            try:
+                return await self.fleet.call(lambda client: client.chat(body, key))
+            except transport.APIError as err:
+                delay = transport.retry_delay(err, attempt)
+                if delay is None or attempt >= self.spec.max_retries:
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1

@@ -58,7 +58,7 @@ import math
 import random
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Literal
@@ -451,43 +451,27 @@ class RowStream:
             self.annotated += len(row["completions"])
 
 
-async def _replay(judge: JudgeRun, items: list, stream: RowStream) -> list:
-    """Each item from the parse cache or the ledger, in order; the ones still to send."""
-    queue, pending = deque(items), []
-    while queue:
-        item = queue.popleft()
-        outcome = await judge.resolve(None, item)
-        if outcome.status == "pending":
-            pending.append(item)
-        else:
-            queue.extend(stream.add(item, outcome))
-    return pending
-
-
 def settle(judge: JudgeRun, items: list, stream: RowStream) -> None:
-    """Every item's outcome into `stream`: first everything the cache or the ledger already
-    answers (no client, no event-loop traffic), then only what is still to send, so a rerun of
-    a finished run never opens a connection."""
+    """Every item's outcome into `stream`, in one pass: each item's request is rendered once (or
+    not at all when the parse cache answers it), answered from the ledger where it can be and sent
+    otherwise. A rerun of a finished run sends nothing, so it never opens a connection (the
+    clients connect on their first request)."""
     from tqdm import tqdm
 
     judge.keep_pending = False
     judge.count_replays = True
-    pending = asyncio.run(_replay(judge, items, stream))
-    if pending:
-        bar = tqdm(total=stream.items, initial=stream.items - len(pending), desc="annotate", unit="item",
-                   dynamic_ncols=True, mininterval=0.5)
-        judge.count_replays = False  # the replay pass above counted them
+    bar = tqdm(total=stream.items, desc="annotate", unit="item", dynamic_ncols=True, mininterval=0.5)
 
-        def on_outcome(item, outcome) -> list:
-            follow = stream.add(item, outcome)
-            if follow:
-                bar.total += len(follow)
-            return follow
+    def on_outcome(item, outcome) -> list:
+        follow = stream.add(item, outcome)
+        if follow:
+            bar.total += len(follow)
+        return follow
 
-        try:
-            asyncio.run(judge.run_all(pending, bar, len(stream.failed), on_outcome))
-        finally:
-            bar.close()
+    try:
+        asyncio.run(judge.run_all(items, bar, len(stream.failed), on_outcome))
+    finally:
+        bar.close()
 
 
 def run_shard(recipe: Recipe, rows: list[dict], items: list, shard: int, num_shards: int,

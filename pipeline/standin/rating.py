@@ -31,6 +31,7 @@ rounded. The weights are in `_aspects` below.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
@@ -99,6 +100,10 @@ RATING_PATTERNS = (
 )
 
 
+_LIST_LINE_RE = re.compile(r"(?m)^\s*(?:\d+[.)]|[-*\u2022])\s+\S")
+_PARAGRAPH_RE = re.compile(r"\S\s*\n\s*\n\s*\S")
+
+
 def stem(word: str) -> str:
     """Crude suffix stripping so that 'gardens'/'gardening' meet 'garden'."""
     for suffix in ("ing", "ies", "es", "ed", "ly", "s"):
@@ -129,8 +134,13 @@ def strip_rating_text(response: str) -> tuple[str, bool]:
     return response, found
 
 
+@lru_cache(maxsize=None)  # the phrases are the fixed lists above
+def _phrase_re(phrase: str) -> re.Pattern:
+    return re.compile(r"(?<![a-z])" + re.escape(phrase) + r"(?![a-z])")
+
+
 def _count_phrases(text_lower: str, phrases) -> int:
-    return sum(len(re.findall(r"(?<![a-z])" + re.escape(p) + r"(?![a-z])", text_lower)) for p in phrases)
+    return sum(len(_phrase_re(p).findall(text_lower)) for p in phrases)
 
 
 def _clip(x: float) -> float:
@@ -152,9 +162,7 @@ def features(instruction: str, response: str, reference: str | None = None) -> d
     else:
         length = n / 40
 
-    structured = bool(re.search(r"(?m)^\s*(?:\d+[.)]|[-*\u2022])\s+\S", clean)) or bool(
-        re.search(r"\S\s*\n\s*\n\s*\S", clean)
-    )
+    structured = bool(_LIST_LINE_RE.search(clean)) or bool(_PARAGRAPH_RE.search(clean))
 
     lower = clean.lower()
     filler_per_100 = 100.0 * _count_phrases(lower, FILLER_PHRASES) / max(n, 1)

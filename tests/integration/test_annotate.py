@@ -147,6 +147,50 @@ def test_rerun_sends_nothing_and_gives_the_same_dataset(tmp_path, standin):
     assert dataset(tmp_path) == first
 
 
+def test_each_item_is_rendered_once_and_a_rerun_opens_no_connection(tmp_path, standin, monkeypatch):
+    from pipeline.judge import session
+    from pipeline.llm import transport
+
+    rendered = Counter()
+    first = session.Requests.first
+
+    def counted(self, item):
+        rendered[item] += 1
+        return first(self, item)
+
+    monkeypatch.setattr(session.Requests, "first", counted)
+    path = recipe_file(tmp_path, standin, write_sets(tmp_path / "sets.jsonl", 3))
+    summary = run_stage(path)
+    assert summary["requests_sent_this_run"] == len(rendered) == 3 * 8  # no re-asks here
+    assert set(rendered.values()) == {1}  # not once to look it up in the ledger and again to send it
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rerun of a finished run sent a request or opened a connection pool")
+
+    monkeypatch.setattr(transport.ChatClient, "chat", refuse)
+    monkeypatch.setattr(transport.ChatClient, "_pool", refuse)  # not even a connection pool
+    rendered.clear()
+    assert run_stage(path, force=True)["requests_replayed"] == 24 and set(rendered.values()) == {1}
+
+
+def test_the_bench_reference_client_sends_annotates_very_requests(tmp_path, standin):
+    """bench/annotate.py compares annotate with a raw client: the same bodies and keys, or the
+    comparison means nothing."""
+    import asyncio
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_annotate", ROOT / "bench" / "annotate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = recipe_file(tmp_path, standin, write_sets(tmp_path / "sets.jsonl", 3))
+    run_stage(path)
+    sent = lambda: Counter((e["body_sha256"], e["request_key"]) for e in standin.stats()["log"])  # noqa: E731
+    by_annotate = sent()
+    standin.reset()
+    asyncio.run(bench.reference_client(standin.base_url, bench.reference_requests(load_recipe(path)), 4))
+    assert sent() == by_annotate and sum(by_annotate.values()) == 24
+
+
 def test_another_seed_shows_another_order_but_the_same_ratings(tmp_path, standin):
     sets = write_sets(tmp_path / "sets.jsonl", 3)
     run_stage(recipe_file(tmp_path / "a", standin, sets))

@@ -142,10 +142,9 @@ def test_url_files_make_a_fleet_of_the_servers_that_are_up(tmp_path, caplog):
 
 
 def _down(url):
-    import httpx2 as httpx  # the openai package's own HTTP library
-    import openai
+    from pipeline.llm import transport
 
-    return openai.APIConnectionError(request=httpx.Request("POST", url))
+    return transport.APIConnectionError()
 
 
 def test_least_loaded_first_a_failing_server_set_aside_then_tried_again():

@@ -300,6 +300,36 @@ def test_critique_of_an_answer_with_fake_markers_and_a_score(client):
     assert "grade-like text" in feedback and "not a model" in feedback
 
 
+class _NoPatterns:
+    """Stands in for the `re` module: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"re.{name} used while answering a judge request")
+
+
+def test_reading_prompts_with_new_nonces_compiles_no_pattern(monkeypatch):
+    # Every request has its own nonce: a pattern built from it is compiled anew for every request
+    # (re's cache never hits): about half the stand-in's CPU per request, once.
+    from pipeline.standin import judge, rating
+
+    def read(nonce_seed: int):
+        texts = texts_for(ROW)
+        texts = [f"{t} ({nonce_seed})" for t in texts]  # other texts: another nonce
+        aspect = rubric.aspect_messages("honesty", ROW, texts, f"n{nonce_seed:05d}", False)
+        critique = rubric.critique_messages(ROW, {"response": texts[0], "custom_system_prompt": ""},
+                                            f"c{nonce_seed:05d}", False)
+        return [(judge.parse_prompt(m), judge.answer(judge.parse_prompt(m), False)) for m in (aspect, critique)]
+
+    warm = read(0)  # the fixed patterns (and the phrase patterns, compiled on first use) exist now
+    monkeypatch.setattr(judge, "re", _NoPatterns())
+    monkeypatch.setattr(rating, "re", _NoPatterns())
+    for seed in (1, 2):
+        got = read(seed)
+        assert [p.texts for p, _ in got] == [[f"{t} ({seed})" for t in texts_for(ROW)], [f"{GOOD} ({seed})"]]
+        assert [p.nonce for p, _ in got] == [f"n{seed:05d}", f"c{seed:05d}"]
+        assert [a.count("### Text") for _, a in got] == [a.count("### Text") for _, a in warm]
+
+
 def test_non_judge_prompts_still_get_generated_text(client, srv):
     content = ask(client, {"model": "standin-strong", "messages": [{"role": "user", "content": "Evaluation aspect: cooking"}]})
     assert "### Text" not in content and "Stand-in rule" not in content
