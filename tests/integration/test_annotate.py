@@ -170,7 +170,8 @@ def test_each_item_is_rendered_once_and_a_rerun_opens_no_connection(tmp_path, st
     monkeypatch.setattr(transport.ChatClient, "chat", refuse)
     monkeypatch.setattr(transport.ChatClient, "_pool", refuse)  # not even a connection pool
     rendered.clear()
-    assert run_stage(path, force=True)["requests_replayed"] == 24 and set(rendered.values()) == {1}
+    # a rebuild takes every answer from the parse cache: nothing is rendered at all
+    assert run_stage(path, force=True)["requests_replayed"] == 24 and not rendered
 
 
 def test_the_bench_reference_client_sends_annotates_very_requests(tmp_path, standin):
