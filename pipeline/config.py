@@ -97,6 +97,13 @@ def slurm_time_limit(value: Any) -> Any:
     return value
 
 
+class PriceSpec(Strict):
+    """Dollars per million tokens, as price lists state them."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
 class ModelSpec(Strict):
     """One model: an in-process transformers model or a model behind an OpenAI-compatible API."""
 
@@ -135,9 +142,26 @@ class ModelSpec(Strict):
                                  "this many times in a row (connection error, timeout, 5xx) is set aside")
     set_aside_s: float = Field(30.0, gt=0, description="openai, several servers: how long a server set aside "
                                "gets no requests before it is tried again")
+    # openai spending controls (pipeline.llm.spend): the same in every stage that sends paid calls
+    requests_per_minute: float | None = Field(None, gt=0, description="openai: client-side request throttle")
+    tokens_per_minute: float | None = Field(None, gt=0, description="openai: client-side token throttle "
+                                            "(prompt estimate + max_new_tokens per request)")
+    price: PriceSpec | None = Field(None, description="openai: dollars per million prompt / completion tokens; "
+                                    "needed for cost and budget_usd")
+    budget_usd: float | None = Field(None, gt=0, description="openai: stop cleanly before this model's spend in "
+                                     "this stage (all runs, from its ledger) would pass this many dollars")
 
     @model_validator(mode="after")
     def _backend_fields(self) -> "ModelSpec":
+        if self.backend == "hf":
+            paid = [k for k in ("requests_per_minute", "tokens_per_minute", "price", "budget_usd")
+                    if getattr(self, k) is not None]
+            if paid:
+                raise ValueError(f"model {self.name!r}: {', '.join(paid)}: spending controls apply to backend "
+                                 "'openai' only (an hf model runs here, unpaid)")
+        if self.budget_usd is not None and self.price is None:
+            raise ValueError(f"model {self.name!r}: budget_usd is set but price is not (give price.input_per_mtok "
+                             "and price.output_per_mtok)")
         if self.backend == "hf" and not self.path:
             raise ValueError(f"model {self.name!r}: backend 'hf' needs `path` (a local model folder or a hub id)")
         if self.base_urls is not None and self.base_url is not None:

@@ -12,6 +12,10 @@ simply made again. Later records win: a success after a failure clears it.
 A damaged whole line elsewhere (not JSON, not UTF-8, not a record) is skipped and left in
 place; the records around it still count.
 
+A record written for a paid model carries `billed_to` (the model's name in the recipe): its
+usage, a success's or a rejected answer's (`raw`), is what that call cost, so the spend of every
+run so far can be read back (`Ledger.billed`, `billed_tokens`) and a budget covers them all.
+
 Several shards of a stage each append to their own file, and every shard reads all of them,
 so a stage re-sharded between runs still never pays twice.
 """
@@ -127,6 +131,36 @@ def outcomes(paths: Iterable[Path]) -> tuple[set[str], dict[str, dict]]:
     return ok, failed
 
 
+def _bill(rec: dict) -> tuple[str, int, int] | None:
+    """(billed_to, prompt tokens, completion tokens) of a paid call's record, else None."""
+    name = rec.get("billed_to")
+    if not isinstance(name, str):
+        return None
+    usage = rec.get("result") if rec["status"] == "ok" else rec.get("raw")
+    if not isinstance(usage, dict):
+        return (name, 0, 0)  # failed without an answer: nothing billed
+    return (name, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+def billed_tokens(paths: Iterable[Path]) -> dict[str, dict[str, int]]:
+    """Per `billed_to`: {calls, prompt, completion} over ledger files, read only (--dry-run)."""
+    out: dict[str, dict[str, int]] = {}
+    for path in paths:
+        for rec, _, _ in _read_records(Path(path), repair=False):
+            _add_bill(out, rec)
+    return out
+
+
+def _add_bill(into: dict, rec: dict) -> None:
+    bill = _bill(rec)
+    if bill is not None:
+        entry = into.setdefault(bill[0], {"calls": 0, "prompt": 0, "completion": 0})
+        if (rec.get("result") if rec["status"] == "ok" else rec.get("raw")) is not None:
+            entry["calls"] += 1
+        entry["prompt"] += bill[1]
+        entry["completion"] += bill[2]
+
+
 class Ledger:
     """Outcomes by key, from `path` (written) and `also_read` (other shards' files, read only).
 
@@ -142,6 +176,7 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._ok: dict[bytes | str, int] = {}  # _packed(file no., offset, length, tokens in, tokens out)
         self._failed: dict[str, dict] = {}
+        self._billed: dict[str, dict[str, int]] = {}
         self._files: list = []
         for other in also_read:
             if Path(other) != self.path and Path(other).is_file():
@@ -162,6 +197,7 @@ class Ledger:
 
     def _apply(self, rec: dict, number: int, offset: int, length: int) -> None:
         key = rec["key"]
+        _add_bill(self._billed, rec)
         if rec["status"] == "ok":
             result = rec["result"]
             tokens = (result.get("prompt_tokens", 0), result.get("completion_tokens", 0)) \
@@ -200,6 +236,10 @@ class Ledger:
     def token_counts(self) -> Iterator[tuple[int, int]]:
         """(prompt tokens, completion tokens) of every success (all runs, re-asks included)."""
         return (_unpack(entry)[3:] for entry in self._ok.values())
+
+    def billed(self, name: str) -> dict[str, int]:
+        """{calls, prompt, completion}: what the ledger's files record as paid for model `name`."""
+        return dict(self._billed.get(name) or {"calls": 0, "prompt": 0, "completion": 0})
 
     def is_ok(self, key: str) -> bool:
         return _short(key) in self._ok

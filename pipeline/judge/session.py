@@ -23,6 +23,7 @@ from pipeline.ledger import Ledger, request_key
 from pipeline.llm.fleet import Fleet
 from pipeline.llm import transport
 from pipeline.llm.openai_backend import api_key, chat_client, error_reason
+from pipeline.llm.spend import estimate_tokens
 from pipeline.llm.throttle import Throttle
 from pipeline.llm.workers import run_workers
 from pipeline.records import empty_annotations
@@ -178,9 +179,6 @@ def reask(messages: list[dict], answer: str, reason: str, structured: bool) -> l
 # ---------------------------------------------------------------- spending
 
 
-def estimate_tokens(messages: list[dict]) -> int:
-    """A cheap upper-side estimate (about four characters a token) for throttling and --dry-run."""
-    return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
 
 
 

@@ -42,8 +42,9 @@ class Backend(Protocol):
         """Release the model (the hf backend keeps one model in memory at a time)."""
 
 
-def make_backend(spec) -> Backend:
-    """Build the backend a pool entry (pipeline.config.ModelSpec) asks for."""
+def make_backend(spec, where: str | None = None, dry_run: bool = False) -> Backend:
+    """Build the backend a pool entry (pipeline.config.ModelSpec) asks for. `where`: its recipe
+    key (named in messages); `dry_run`: an openai backend that only plans (no client, no key)."""
     if spec.backend == "hf":
         from pipeline.llm.hf import HFBackend
 
@@ -51,7 +52,7 @@ def make_backend(spec) -> Backend:
     if spec.backend == "openai":
         from pipeline.llm.openai_backend import OpenAIBackend
 
-        return OpenAIBackend(spec)
+        return OpenAIBackend(spec, where=where, dry_run=dry_run)
     raise ValueError(f"unknown backend {spec.backend!r}")
 
 
@@ -74,14 +75,24 @@ def generate_all(backend: Backend, requests: Sequence[GenRequest], what: str) ->
 
 def ledgered_generate(backend: Backend, requests: Sequence[GenRequest], ledger, desc: str, *, unit: str = "req",
                       tags: Callable[[GenRequest], dict] = lambda req: {},
-                      check: Callable[[str], object] | None = None, close: bool = True) -> dict:
+                      check: Callable[[str], object] | None = None, close: bool = True,
+                      stage: str | None = None) -> dict:
     """Send `requests` and record each outcome in `ledger` the moment it completes: ok (text, token
     counts, finish reason) or failure (reason), with `tags(req)` as extra ledger fields. `check(text)`
     raising ValueError turns an answer into a recorded failure that keeps the raw answer. A progress
-    bar shows failures and tokens/s. Returns {"failed": n, "tokens": completion tokens}."""
+    bar shows failures and tokens/s. Returns {"failed": n, "tokens": completion tokens}.
+
+    A paid backend (one with a `meter`, pipeline.llm.spend) has every record tagged `billed_to`
+    its name, starts from what the ledger shows it spent in earlier runs, and raises
+    BudgetReached (after the answers it did get are recorded) when its budget kept requests back."""
     import time
 
     from tqdm import tqdm
+
+    meter = getattr(backend, "meter", None)
+    if meter is not None:
+        meter.begin(ledger.billed(meter.name))
+        tags = (lambda req, _tags=tags, _name=meter.name: {**_tags(req), "billed_to": _name})
 
     bar = tqdm(total=len(requests), desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5)
     tally = {"failed": 0, "tokens": 0}
@@ -116,4 +127,8 @@ def ledgered_generate(backend: Backend, requests: Sequence[GenRequest], ledger, 
         if close:
             backend.close()  # one hf model in memory at a time
         bar.close()
+    if meter is not None and meter.stopped:
+        from pipeline.llm.spend import BudgetReached
+
+        raise BudgetReached(meter.stop_message(stage or desc.split()[0]))
     return tally

@@ -18,6 +18,12 @@ request off a server that is down).
 - Each request carries its ledger key in an `X-Request-Key` header, so a server-side log (the
   stand-in's, in tests) can tell a repeated request from a new one.
 
+Spending (pipeline.llm.spend): every attempt waits for the spec's throttle (`requests_per_minute`,
+`tokens_per_minute`); each answer's usage is counted and priced (`price`); a request whose worst
+case would pass `budget_usd` (with what the ledger shows spent in earlier runs, which
+`ledgered_generate` hands to `meter.begin`) is not sent, nor any after it. `dry_run=True` builds
+no client and needs no key: the stage only plans (`spend.dry_run_plan`).
+
 Request params: `temperature`, `top_p`, `max_new_tokens` (sent as `max_tokens`), `seed`, and,
 for the judge, `response_format` and `stop`. No server URL is part of `identity()`: the same
 served model behind another host or port (a new Slurm job, another server of a fleet) must
@@ -34,6 +40,7 @@ from pipeline.config import ConfigError, redact
 from pipeline.llm import transport
 from pipeline.llm.base import GenRequest, GenResult, OnDone, OnError
 from pipeline.llm.fleet import Fleet
+from pipeline.llm.spend import Meter
 from pipeline.llm.workers import run_workers
 
 
@@ -74,14 +81,18 @@ def sync_client(spec, key: str, where: str):
 
 
 class OpenAIBackend:
-    def __init__(self, spec):
+    def __init__(self, spec, where: str | None = None, dry_run: bool = False):
+        """`where`: the spec's recipe key (budget messages); `dry_run`: plan only, no key needed."""
         self.spec = spec
         if spec.model is not None and not isinstance(spec.model, str):
             raise ValueError(f"model {spec.name!r}: model {spec.model!r} names a stage; resolve it first "
                              "(pipeline.runs.resolve_model_paths, which the launcher calls)")
         self.model = spec.model or spec.name
-        self._api_key = api_key(spec, f"model {spec.name!r}")
+        self.where = where or f"model {spec.name!r}"
+        self.dry_run = dry_run
+        self._api_key = None if dry_run else api_key(spec, self.where)
         self.fleet = Fleet.for_spec(spec)  # one server, or several (base_urls)
+        self.meter = Meter(spec, self.where)
 
     def identity(self) -> dict:
         return {"backend": "openai", "model": self.model}
@@ -90,6 +101,8 @@ class OpenAIBackend:
         pass  # one client per generate() call, closed there
 
     def generate(self, requests: Sequence[GenRequest], on_done: OnDone, on_error: OnError) -> None:
+        if self.dry_run:
+            raise RuntimeError(f"{self.where}: a dry-run backend sends nothing")
         if requests:
             asyncio.run(self._run_all(list(requests), on_done, on_error))
 
@@ -108,33 +121,54 @@ class OpenAIBackend:
                 req = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
+            if self.meter.stopped:  # the budget: this one and the rest stay unsent, unrecorded
+                self.meter.unsent += 1
+                continue
             body = transport.encode(transport.chat_body(self.model, req.messages, req.params))
+            data = reserved = None
             try:
-                data = await self._send(body, req.key)
+                data, reserved = await self._send(body, req)
+                if data is None:
+                    self.meter.unsent += 1
+                    continue
                 choice = data["choices"][0]
                 text = choice["message"]["content"]
                 if text is None:
                     raise ValueError(f"the server returned no text (finish_reason={choice.get('finish_reason')})")
             except (transport.APIError, ValueError, IndexError, KeyError, TypeError) as err:
+                if reserved is not None:  # an answer came but is unusable: it may still be billed
+                    self.meter.settle(reserved, data.get("usage") if isinstance(data, dict) else None,
+                                      req.messages, None)
                 on_error(req, error_reason(err))
                 continue
-            usage = data.get("usage") or {}
+            prompt, completion = self.meter.settle(reserved, data.get("usage") or {}, req.messages, text)
             on_done(req, GenResult(
-                text=text,
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
+                text=text, prompt_tokens=prompt, completion_tokens=completion,
                 finish_reason=str(choice.get("finish_reason") or "stop"),
             ))
 
-    async def _send(self, body: bytes, key: str) -> dict:
-        """One request, through the fleet, tried again (after a pause) while that can help."""
+    async def _send(self, body: bytes, req: GenRequest) -> tuple[dict | None, float | None]:
+        """One request, through the fleet, tried again (after a pause) while that can help:
+        (answer, its reserved worst-case cost), or (None, None) when the budget keeps it back."""
         attempt = 0
+        meter = self.meter
         while True:
+            reserved = await meter.admit(req.messages, req.params)
+            if reserved is None:
+                return None, None
+
+            def post(client):
+                meter.sent += 1  # each HTTP request, on whichever server
+                return client.chat(body, req.key)
+
             try:
-                return await self.fleet.call(lambda client: client.chat(body, key))
+                return await self.fleet.call(post), reserved
             except transport.APIError as err:
+                meter.settle(reserved, None, req.messages, None)
                 delay = transport.retry_delay(err, attempt)
                 if delay is None or attempt >= self.spec.max_retries:
                     raise
+                if isinstance(err, transport.RateLimitError):
+                    meter.throttle.pause(delay)  # every worker waits, not only this one
             await asyncio.sleep(delay)
             attempt += 1

@@ -1,30 +1,41 @@
-"""A client-side throttle: requests and tokens per minute, and a shared pause for Retry-After."""
+"""A client-side throttle: requests and tokens per minute, and a shared pause for Retry-After.
+
+`clock` and `sleep` are class attributes so that a test can run a throttle on a clock of its own
+(and count what it let through, `grants`) instead of waiting out real minutes."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 
 
 class Throttle:
     """Requests and tokens per minute as two token buckets, and a shared pause for Retry-After."""
 
+    clock = staticmethod(time.monotonic)
+    sleep = staticmethod(asyncio.sleep)
+
     def __init__(self, rpm: float | None, tpm: float | None):
         self.rpm, self.tpm = rpm, tpm
-        now = time.monotonic()
+        now = self.clock()
+        self.granted = 0  # acquire() calls let through
+        self.grants: deque[float] = deque(maxlen=4096)  # when the latest were let through (clock time)
+        self.waits = 0  # acquire() calls that had to wait for the buckets
         self.requests = (rpm or 0) / 6  # start with ten seconds' worth, not a full minute's burst
         self.tokens = (tpm or 0) / 6
         self.updated = now
         self.paused_until = 0.0
 
     def pause(self, seconds: float) -> None:
-        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        self.paused_until = max(self.paused_until, self.clock() + seconds)
 
     async def acquire(self, tokens: int) -> None:
+        waited = False
         while True:
-            now = time.monotonic()
+            now = self.clock()
             if now < self.paused_until:
-                await asyncio.sleep(self.paused_until - now)
+                await self.sleep(self.paused_until - now)
                 continue
             elapsed, self.updated = now - self.updated, now
             wait = 0.0
@@ -42,5 +53,9 @@ class Throttle:
                     self.requests -= 1
                 if self.tpm:
                     self.tokens -= tokens
+                self.granted += 1
+                self.grants.append(now)
+                self.waits += waited
                 return
-            await asyncio.sleep(wait)
+            waited = True
+            await self.sleep(wait)

@@ -66,7 +66,7 @@ from typing import Iterator, Literal
 from pydantic import Field, model_validator
 
 from pipeline import records
-from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict
+from pipeline.config import ConfigError, LaunchSection, ModelSpec, PriceSpec, RunSection, StageRef, Strict
 from pipeline.judge import rubric
 from pipeline.judge.batch import batch_collect, batch_submit
 from pipeline.judge.parsecache import ParseCache
@@ -101,13 +101,6 @@ from pipeline.runs import (
     stage_dir,
     write_json,
 )
-
-
-class PriceSpec(Strict):
-    """Dollars per million tokens, as price lists state them."""
-
-    input_per_mtok: float = Field(ge=0)
-    output_per_mtok: float = Field(ge=0)
 
 
 class AnnotateInputs(Strict):
@@ -165,6 +158,12 @@ class AnnotationSection(Strict):
                 if getattr(self, key) != type(self).model_fields[key].default:
                     raise ValueError(f"{key} applies only to position_debias: permute "
                                      f"(position_debias is {self.position_debias!r})")
+        # the judge path keeps its own controls (pipeline.judge.session); a field set on the
+        # judge spec would be silently ignored there
+        for key in ("requests_per_minute", "tokens_per_minute", "price", "budget_usd"):
+            if getattr(self.judge, key) is not None:
+                raise ValueError(f"judge.{key}: set the judge's spending controls on annotation "
+                                 "(requests_per_minute, tokens_per_minute, prices, budget_usd)")
         if self.budget_usd is not None and self.price is None:
             raise ValueError(f"budget_usd is set but `prices` has no entry for judge model "
                              f"{self.judge_model!r}: the spend cannot be counted")

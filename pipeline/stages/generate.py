@@ -20,6 +20,13 @@ stay under `max_failure_fraction`; `--retry-failed` sends the failed ones again.
 builds the dataset in the `openbmb/UltraFeedback` row shape from the ledgers once every shard is
 done. A completion that failed is left out of its row (never an empty response); a prompt with no
 completion at all is left out and counted.
+
+Spending: an `openai` pool model honours its spec's `requests_per_minute`, `tokens_per_minute`,
+`price` and `budget_usd` (pipeline.llm.spend; the budget counts that model's spend in every shard's
+ledger, all runs). A budget that would be passed stops the shard (exit 1, no `_SUCCESS`, no dataset);
+a rerun with a higher budget sends only what the ledgers lack. `--dry-run` prints, per model, the
+calls still to send with estimated tokens and dollars, and needs no API key. `summary.json` holds
+`spend` per paid model (this run and all runs).
 """
 
 from __future__ import annotations
@@ -37,9 +44,10 @@ from pydantic import Field, model_validator
 
 from pipeline import records
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict
-from pipeline.ledger import Ledger, request_key
+from pipeline.ledger import Ledger, billed_tokens, outcomes, request_key
 from pipeline.llm.base import GenRequest, ledgered_generate, make_backend
 from pipeline.llm.fleet import add_counts
+from pipeline.llm.spend import dry_run_plan, spend_summary
 from pipeline.methods.principles import (
     DEFAULT_PRINCIPLE_MIX,
     FALLBACK_PRINCIPLE_MIX,
@@ -229,14 +237,14 @@ def _load_prompts(recipe: Recipe) -> list[dict]:
 class _Work:
     """Everything a shard or the merge needs: prompts, plan, backends, request per completion."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, dry_run: bool = False):
         self.recipe = recipe
         self.prompts = _load_prompts(recipe)
         self.plan = make_plan(self.prompts, recipe)
         self.backends = {}
-        for spec in recipe.generation.pool:
+        for i, spec in enumerate(recipe.generation.pool):
             try:
-                self.backends[spec.name] = make_backend(spec)
+                self.backends[spec.name] = make_backend(spec, where=f"generation.pool[{i}]", dry_run=dry_run)
             except ValueError as err:  # a model path that does not exist, and such
                 raise ConfigError(f"generation.pool: {err}") from None
         self.requests = {
@@ -275,7 +283,7 @@ def run_shard(work: _Work, shard: int, num_shards: int, retry_failed: bool = Fal
                 continue
             by_key = {req.key: item for req, item in todo}
             ledgered_generate(work.backends[spec.name], [req for req, _ in todo], ledger,
-                              f"shard {shard}/{num_shards} {spec.name}",
+                              f"shard {shard}/{num_shards} {spec.name}", stage="generate",
                               tags=lambda req, _name=spec.name: {
                                   "model": _name, "prompt_id": work.prompts[by_key[req.key].prompt_index]["prompt_id"]})
 
@@ -345,6 +353,7 @@ def merge(work: _Work, num_shards: int) -> dict:
                 "incorrect_answers": prompt.get("incorrect_answers") or [],
                 "reference": prompt.get("reference") or "",
             })
+        spend = spend_summary(work.backends, ledger)
     if not rows:
         raise StageFailed("generate: no completion succeeded; nothing to write")
     with atomic_dir(stage_path / DATASET) as tmp:
@@ -356,6 +365,7 @@ def merge(work: _Work, num_shards: int) -> dict:
         "principles_per_source": {s: dict(sorted(c.items())) for s, c in sorted(per_principle.items())},
         "tokens": dict(tokens), "num_shards": num_shards,
         "servers_per_model": servers,  # each shard's latest run
+        "spend": spend,  # per paid model: this process's calls, tokens, dollars; all runs' from the ledgers
     }
     write_json(stage_path / "summary.json", summary)
     mark_done(stage_path, {"rows": len(rows), "completions": summary["completions"]})
@@ -369,6 +379,24 @@ def print_summary(summary: dict, stage_path: Path) -> None:
         print(f"  {model:<24} {count:>7}")
     for source, mix in summary["principles_per_source"].items():
         print(f"  {source:<24} " + ", ".join(f"{p} {n}" for p, n in mix.items()))
+    for model, spent in summary.get("spend", {}).items():
+        cost = spent["cost_usd_all_runs"]
+        print(f"  {model:<24} {spent['prompt_tokens_all_runs']:,} prompt + {spent['completion_tokens_all_runs']:,} "
+              "completion tokens in all runs" + (f", ${cost:.4f}" if cost is not None else ""))
+
+
+def dry_run(work: _Work, retry_failed: bool) -> dict:
+    """The calls every shard still has to send (read from the ledgers; nothing opened for writing)."""
+    files = sorted(stage_dir(work.recipe).glob(f"shard-*-of-*/{LEDGER}"))
+    ok, failed = outcomes(files)
+    todo: dict[str, list[GenRequest]] = {spec.name: [] for spec in work.recipe.generation.pool}
+    for row in work.plan:
+        for item in row:
+            req = work.requests[(item.prompt_index, item.slot)]
+            if req.key not in ok and (retry_failed or req.key not in failed):
+                todo[item.model].append(req)
+    return dry_run_plan("generate", [(spec, todo[spec.name]) for spec in work.recipe.generation.pool],
+                        billed_tokens(files))
 
 
 def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict | None:
@@ -376,7 +404,9 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict | None:
     num_shards = opts.num_shards or recipe.launch.num_shards
     if opts.shard is not None and not 0 <= opts.shard < num_shards:
         raise ConfigError(f"--shard {opts.shard}: must be between 0 and {num_shards - 1} (--num-shards {num_shards})")
-    work = _Work(recipe)
+    work = _Work(recipe, dry_run=opts.dry_run)
+    if opts.dry_run:
+        return dry_run(work, opts.retry_failed)
     stage_path = stage_dir(recipe)
     stage_path.mkdir(parents=True, exist_ok=True)
     clear_done(stage_path)

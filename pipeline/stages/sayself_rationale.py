@@ -25,7 +25,13 @@ but mostly wrongly: the sentence sits next to a low confidence, so it must not c
 
 Output: `dataset/` (DatasetDict, split `train`: the cluster columns + `rationale` and
 `rationale_source` "judge" or "fixed"), `ledger.jsonl`, `failures.jsonl`, `summary.json` (calls,
-fixed, failed, tokens, judge name), `config.yaml`, `_SUCCESS` last.
+fixed, failed, tokens, `spend`: tokens and dollars this run and all runs, judge name), `config.yaml`,
+`_SUCCESS` last.
+
+Spending (pipeline.llm.spend): `rationale.judge.requests_per_minute`, `.tokens_per_minute`, `.price`,
+`.budget_usd` (a budget that would be passed stops the stage, exit 1, with nothing but the ledger
+written; a rerun with a higher one sends only what the ledger lacks). `--dry-run` prints the calls
+still to send with estimated tokens and dollars; no API key, nothing written.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict, local_paths
-from pipeline.ledger import Ledger, request_key
+from pipeline.ledger import Ledger, billed_tokens, outcomes, request_key
 from pipeline.llm.base import GenRequest, ledgered_generate, make_backend
+from pipeline.llm.spend import dry_run_plan, spend_summary
 from pipeline.methods.sayself import SPLIT
 from pipeline.records import QA_COLUMNS
 from pipeline.runs import (
@@ -152,7 +159,8 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     for i, row in enumerate(rows):
         if not row["clusters"] or not row["total"]:
             raise ConfigError(f"inputs.clusters: row {i} (qid {row['qid'][:12]}) has no clusters")
-    backend = make_backend(section.judge)  # ConfigError when the API key is missing
+    # ConfigError when the API key is missing (not with --dry-run, which builds no client)
+    backend = make_backend(section.judge, where="rationale.judge", dry_run=opts.dry_run)
     identity = backend.identity()
     params = {"temperature": section.temperature, "max_new_tokens": section.max_new_tokens}
     requests: dict[int, GenRequest] = {}
@@ -162,6 +170,11 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
             requests[i] = GenRequest(key=request_key(identity, RATIONALE_VERSION, messages, params),
                                      messages=messages, params=params)
     path = stage_dir(recipe)
+    if opts.dry_run:
+        ok, failed = outcomes([path / LEDGER])
+        todo = [req for req in requests.values()
+                if req.key not in ok and (opts.retry_failed or req.key not in failed)]
+        return dry_run_plan("sayself-rationale", [(section.judge, todo)], billed_tokens([path / LEDGER]))
     clear_done(path)
     path.mkdir(parents=True, exist_ok=True)
     save_config(path, recipe)
@@ -175,7 +188,9 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
               "with one cluster (fixed rationale, no call)")
         if todo:
             ledgered_generate(backend, todo, ledger, f"sayself-rationale {section.judge.name}",
-                              tags=lambda req: {"qid": qid_of[req.key]}, check=clean_rationale)
+                              tags=lambda req: {"qid": qid_of[req.key]}, check=clean_rationale,
+                              stage="sayself-rationale")
+        spend = spend_summary({section.judge.name: backend}, ledger)
 
         out, failures = [], []
         tokens = Counter()
@@ -209,7 +224,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         "template": RATIONALE_VERSION, "questions": len(rows), "rows": len(out),
         "judge_questions": len(requests), "sent_this_run": len(todo), "fixed": len(rows) - len(requests),
         "failed": len(failures), "failure_reasons": dict(Counter(f["reason"] for f in failures)),
-        "tokens": dict(tokens), "seconds": round(time.time() - started, 1),
+        "tokens": dict(tokens), "spend": spend, "seconds": round(time.time() - started, 1),
     }
     write_json(path / "summary.json", summary)
     mark_done(path, {"rows": len(out), "failed": len(failures)})

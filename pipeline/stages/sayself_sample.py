@@ -21,7 +21,13 @@ line). `correct` is `pipeline.methods.sayself.item_correct` (gold substring; the
 
 Output (`data/runs/<run>/sayself-sample/`): `dataset/` (DatasetDict, split `train`: the item's QA
 columns + `chains` [{text, answer, correct}] + `asked`, `unparsable`, `failed` (counts of this
-question's chains)), `ledger.jsonl`, `failures.jsonl`, `summary.json`, `config.yaml`, `_SUCCESS` last.
+question's chains)), `ledger.jsonl`, `failures.jsonl`, `summary.json` (with `spend`: tokens and dollars of an
+openai model, this run and all runs), `config.yaml`, `_SUCCESS` last.
+
+Spending (an openai model, pipeline.llm.spend): `model.requests_per_minute`, `model.tokens_per_minute`,
+`model.price`, `model.budget_usd` (a budget that would be passed stops the stage, exit 1, with nothing
+but the ledger written; a rerun with a higher one sends only the chains the ledger lacks). `--dry-run`
+prints the chains still to send, their estimated tokens and dollars; no API key, nothing written.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict, local_paths
-from pipeline.ledger import Ledger, request_key
+from pipeline.ledger import Ledger, billed_tokens, outcomes, request_key
 from pipeline.llm.base import GenRequest, ledgered_generate, make_backend
+from pipeline.llm.spend import dry_run_plan, spend_summary
 from pipeline.methods.rtuning import check_item, question_text
 from pipeline.methods.sayself import CHAIN_INSTRUCTION, SPLIT, item_answer, item_correct, parse_answer
 from pipeline.records import QA_COLUMNS
@@ -154,11 +161,16 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     started = time.time()
     items, skipped, items_path = load_items(recipe)
     try:
-        backend = make_backend(recipe.model)
+        backend = make_backend(recipe.model, where="model", dry_run=opts.dry_run)
     except ValueError as err:  # a model folder that is not one
         raise ConfigError(f"model: {err}") from None
     plan = plan_requests(items, recipe, backend.identity())
     path = stage_dir(recipe)
+    if opts.dry_run:
+        ok, failed = outcomes([path / LEDGER])
+        todo = [req for row in plan for req in row
+                if req.key not in ok and (opts.retry_failed or req.key not in failed)]
+        return dry_run_plan("sayself-sample", [(recipe.model, todo)], billed_tokens([path / LEDGER]))
     clear_done(path)
     path.mkdir(parents=True, exist_ok=True)
     save_config(path, recipe)
@@ -172,7 +184,8 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
               f"{planned - len(todo)} in the ledger, {len(todo)} to send")
         if todo:
             ledgered_generate(backend, todo, ledger, f"sayself-sample {recipe.model.name}", unit="chain",
-                              tags=lambda req: {"qid": qid_of[req.key]})
+                              tags=lambda req: {"qid": qid_of[req.key]}, stage="sayself-sample")
+        spend = spend_summary({recipe.model.name: backend}, ledger)
 
         rows, failures = [], []
         totals = Counter()
@@ -218,6 +231,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         "unparsable_fraction": round(totals["unparsable"] / parsed, 4) if parsed else None,
         "questions_without_parsable_chain": totals["no_parsable_chain"],
         "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
+        "spend": spend,
         "seconds": round(time.time() - started, 1),
     }
     write_json(path / "summary.json", summary)

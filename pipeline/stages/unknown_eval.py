@@ -56,8 +56,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.config import ConfigError, LaunchSection, ModelSpec, RunSection, StageRef, Strict
-from pipeline.ledger import Ledger, request_key
+from pipeline.ledger import Ledger, billed_tokens, outcomes, request_key
 from pipeline.llm.base import GenRequest, ledgered_generate, make_backend
+from pipeline.llm.spend import dry_run_plan, spend_summary
 from pipeline.methods.refusal import detect_refusal
 from pipeline.records import QA_KINDS, check_qa_rows, split_rows
 from pipeline.report import figure
@@ -358,13 +359,25 @@ def plot_report(summary: dict, out: Path) -> Path:
 # --- run -------------------------------------------------------------------------------------
 
 
+def dry_run(models: list, plan: list, ledger_path: Path) -> dict:
+    """Per model, the requests the ledger lacks (failed ones included: this stage sends them again)."""
+    ok, _ = outcomes([ledger_path])
+    todo: dict[str, dict[str, GenRequest]] = {spec.name: {} for spec in models}
+    for model, _, _, conf, ans in plan:
+        for req in (conf, ans):
+            if req.key not in ok:
+                todo[model].setdefault(req.key, req)
+    return dry_run_plan("unknown-eval", [(spec, list(todo[spec.name].values())) for spec in models],
+                        billed_tokens([ledger_path]))
+
+
 def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     ev = recipe.evaluation
     items = load_items(recipe)  # every input problem stops here, before anything is written
     backends = {}
-    for spec in ev.models:
+    for i, spec in enumerate(ev.models):
         try:
-            backends[spec.name] = make_backend(spec)
+            backends[spec.name] = make_backend(spec, where=f"evaluation.models[{i}]", dry_run=opts.dry_run)
         except ValueError as err:  # a model path that does not exist, and such
             raise ConfigError(f"evaluation.models: {err}") from None
     plan = []  # (model, split, item, confidence request, answer request)
@@ -375,6 +388,8 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
                 plan.append((spec.name, split, item, *_requests(item, recipe, identity)))
 
     stage_path = stage_dir(recipe)
+    if opts.dry_run:
+        return dry_run(ev.models, plan, stage_path / LEDGER)
     stage_path.mkdir(parents=True, exist_ok=True)
     clear_done(stage_path)
     save_config(stage_path, recipe)
@@ -393,7 +408,8 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
             log.info("unknown-eval: %s: %d request(s) to send", spec.name, len(todo))
 
             ledgered_generate(backends[spec.name], list(todo.values()), ledger, f"unknown-eval {spec.name}",
-                              tags=lambda req, _name=spec.name: {"model": _name})
+                              tags=lambda req, _name=spec.name: {"model": _name}, stage="unknown-eval")
+        spend = spend_summary(backends, ledger)
 
         records, failures = [], []
         for model, split, item, conf, ans in plan:
@@ -431,6 +447,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         "splits": list(items), "items_per_split": {s: len(r) for s, r in items.items()},
         "requests_planned": planned, "requests_sent_this_run": sent, "requests_failed": len(failures),
         "models": summarize(records, models, list(items)),
+        "spend": spend,  # per openai model: calls, tokens, dollars (this run, all runs)
     }
     write_json(stage_path / "eval.json", records)
     write_json(stage_path / "summary.json", summary)
