@@ -111,6 +111,10 @@ class GradeJudgeSection(Strict):
     def _judge_is_remote(self) -> "GradeJudgeSection":
         if self.judge.backend != "openai":
             raise ValueError("judge: the judge must use backend 'openai' (any OpenAI-compatible server)")
+        for key in ("requests_per_minute", "tokens_per_minute", "price", "budget_usd"):
+            if getattr(self.judge, key) is not None:  # the judge session reads this section's, not the spec's
+                raise ValueError(f"judge.{key}: set the judge's spending controls on this section "
+                                 "(requests_per_minute, tokens_per_minute, prices, budget_usd)")
         if self.budget_usd is not None and self.price is None:
             raise ValueError(f"budget_usd is set but `prices` has no entry for judge model {self.judge_model!r}")
         return self

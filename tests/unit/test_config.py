@@ -514,3 +514,27 @@ def test_a_url_credential_never_reaches_config_yaml_or_logs(tmp_path, capsys):
         logging.getLogger().removeHandler(handler)
     err = capsys.readouterr().err
     assert "connecting to http://<redacted>@host/v1" in err and "SECRET" not in err
+
+
+def test_spending_controls_belong_to_openai_models_and_a_budget_needs_a_price():
+    from pydantic import ValidationError
+
+    from pipeline.config import ModelSpec
+
+    with pytest.raises(ValidationError, match="budget_usd.*apply to backend 'openai' only"):
+        ModelSpec(name="m", backend="hf", path="x", budget_usd=1.0)
+    with pytest.raises(ValidationError, match="budget_usd is set but price is not"):
+        ModelSpec(name="m", backend="openai", budget_usd=1.0)
+    spec = ModelSpec(name="m", backend="openai", requests_per_minute=60,
+                     price={"input_per_mtok": 1, "output_per_mtok": 2}, budget_usd=1.0)
+    assert spec.price.output_per_mtok == 2
+
+
+def test_the_annotate_judge_spec_refuses_spending_fields_it_would_ignore():
+    from pydantic import ValidationError
+
+    from pipeline.stages.annotate import AnnotationSection
+
+    judge = {"name": "j", "backend": "openai", "base_url": "http://127.0.0.1:1", "requests_per_minute": 5}
+    with pytest.raises(ValidationError, match="judge.requests_per_minute: set the judge's spending controls"):
+        AnnotationSection.model_validate({"judge": judge})
