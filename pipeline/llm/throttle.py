@@ -13,8 +13,13 @@ from collections import deque
 class Throttle:
     """Requests and tokens per minute as two token buckets, and a shared pause for Retry-After."""
 
-    clock = staticmethod(time.monotonic)
-    sleep = staticmethod(asyncio.sleep)
+    @staticmethod
+    def clock() -> float:
+        return time.monotonic()  # looked up per call, so patching the module's time works too
+
+    @staticmethod
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
     def __init__(self, rpm: float | None, tpm: float | None):
         self.rpm, self.tpm = rpm, tpm
