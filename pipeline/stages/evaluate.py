@@ -51,7 +51,16 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import ConfigError, LaunchSection, ModelRef, ModelSpec, RunSection, Strict, local_paths
+from pipeline.config import (
+    ConfigError,
+    LaunchSection,
+    ModelRef,
+    ModelSpec,
+    PriceSpec,
+    RunSection,
+    Strict,
+    local_paths,
+)
 from pipeline.judge.grade import GRADE_VERSION, grade_messages, parse_grade
 from pipeline.judge.session import Item, JudgeRun, ledger_tokens, spent_so_far
 from pipeline.ledger import Ledger, request_key
@@ -69,13 +78,6 @@ from pipeline.runs import (
     stage_dir,
     write_json,
 )
-
-
-class PriceSpec(Strict):
-    """Dollars per million tokens (as annotate's `prices`)."""
-
-    input_per_mtok: float = Field(ge=0)
-    output_per_mtok: float = Field(ge=0)
 
 
 class BestOfNSpec(Strict):
