@@ -721,7 +721,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         "eval_prompts": after["n"], "reward_before": round(before["mean_reward"], 4),
         "reward_after": round(after["mean_reward"], 4),
         # Exact KL to the starting policy and entropy, in nats per response token (see sample_and_score).
-        "kl_per_token_after": round(after["kl_per_token"], 5), "kl_per_response_after": round(after["kl_per_response"], 4),
+        "kl_per_token_after": round(after["kl_per_token"], 8), "kl_per_response_after": round(after["kl_per_response"], 6),
         "entropy_per_token_before": round(before["entropy_per_token"], 4),
         "entropy_per_token_after": round(after["entropy_per_token"], 4),
         "train_scores": [round(r["reward_model_score"], 4) for r in history if r.get("reward_model_score") is not None],
