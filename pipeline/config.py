@@ -183,6 +183,22 @@ class ModelSpec(Strict):
         return list(self.base_urls) if self.base_urls else [self.base_url]
 
 
+def check_judge_section(section, where: str) -> None:
+    """The checks every judge section (annotate's `annotation`, evaluate's grading judge) shares:
+    an openai-backend judge, spending controls set on the section and not on the judge's spec (the
+    judge session reads the section's; the spec's would be silently ignored), and a price for the
+    judge model when a budget is set. `section` has `judge`, `budget_usd` and `price`."""
+    if section.judge.backend != "openai":
+        raise ValueError("judge: the judge must use backend 'openai' (any OpenAI-compatible server)")
+    for key in ("requests_per_minute", "tokens_per_minute", "price", "budget_usd"):
+        if getattr(section.judge, key) is not None:
+            raise ValueError(f"judge.{key}: set the judge's spending controls on {where} "
+                             "(requests_per_minute, tokens_per_minute, prices, budget_usd)")
+    if section.budget_usd is not None and section.price is None:
+        raise ValueError(f"budget_usd is set but `prices` has no entry for judge model "
+                         f"{section.judge.model or section.judge.name!r}: the spend cannot be counted")
+
+
 # --- stage configs ---------------------------------------------------------------------------
 
 

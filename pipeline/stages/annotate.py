@@ -66,7 +66,16 @@ from typing import Iterator, Literal
 from pydantic import Field, model_validator
 
 from pipeline import records
-from pipeline.config import ConfigError, LaunchSection, ModelSpec, PriceSpec, RunSection, StageRef, Strict
+from pipeline.config import (
+    ConfigError,
+    LaunchSection,
+    ModelSpec,
+    PriceSpec,
+    RunSection,
+    StageRef,
+    Strict,
+    check_judge_section,
+)
 from pipeline.judge import rubric
 from pipeline.judge.batch import batch_collect, batch_submit
 from pipeline.judge.parsecache import ParseCache
@@ -149,8 +158,7 @@ class AnnotationSection(Strict):
 
     @model_validator(mode="after")
     def _judge_is_remote(self) -> "AnnotationSection":
-        if self.judge.backend != "openai":
-            raise ValueError("judge: the judge must use backend 'openai' (any OpenAI-compatible server)")
+        check_judge_section(self, "annotation")
         if self.position_debias != "permute":
             # A value other than the default would be silently ignored: say so. (Defaults pass,
             # since the saved resolved copy of every recipe spells them out.)
@@ -158,15 +166,6 @@ class AnnotationSection(Strict):
                 if getattr(self, key) != type(self).model_fields[key].default:
                     raise ValueError(f"{key} applies only to position_debias: permute "
                                      f"(position_debias is {self.position_debias!r})")
-        # the judge path keeps its own controls (pipeline.judge.session); a field set on the
-        # judge spec would be silently ignored there
-        for key in ("requests_per_minute", "tokens_per_minute", "price", "budget_usd"):
-            if getattr(self.judge, key) is not None:
-                raise ValueError(f"judge.{key}: set the judge's spending controls on annotation "
-                                 "(requests_per_minute, tokens_per_minute, prices, budget_usd)")
-        if self.budget_usd is not None and self.price is None:
-            raise ValueError(f"budget_usd is set but `prices` has no entry for judge model "
-                             f"{self.judge_model!r}: the spend cannot be counted")
         return self
 
     @property

@@ -59,6 +59,7 @@ from pipeline.config import (
     PriceSpec,
     RunSection,
     Strict,
+    check_judge_section,
     local_paths,
 )
 from pipeline.judge.grade import GRADE_VERSION, grade_messages, parse_grade
@@ -111,14 +112,7 @@ class GradeJudgeSection(Strict):
 
     @model_validator(mode="after")
     def _judge_is_remote(self) -> "GradeJudgeSection":
-        if self.judge.backend != "openai":
-            raise ValueError("judge: the judge must use backend 'openai' (any OpenAI-compatible server)")
-        for key in ("requests_per_minute", "tokens_per_minute", "price", "budget_usd"):
-            if getattr(self.judge, key) is not None:  # the judge session reads this section's, not the spec's
-                raise ValueError(f"judge.{key}: set the judge's spending controls on this section "
-                                 "(requests_per_minute, tokens_per_minute, prices, budget_usd)")
-        if self.budget_usd is not None and self.price is None:
-            raise ValueError(f"budget_usd is set but `prices` has no entry for judge model {self.judge_model!r}")
+        check_judge_section(self, "this section")
         return self
 
     @property
