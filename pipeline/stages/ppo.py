@@ -24,7 +24,9 @@ iterator at zero). So an iteration here is:
    mini-batch of `ppo.mini_batch_size` (gradient accumulation = mini-batch / (processes x
    train.per_device_batch_size)): clipped policy loss (`ppo.clip_range`) plus `ppo.value_coef` x
    the clipped value loss (`ppo.value_clip_range`). With 512 samples and mini-batches of 64 that
-   is 8 optimizer steps per epoch, as in the paper.
+   is 8 optimizer steps per epoch, as in the paper. The value model is trained whole, except
+   under `train.lora.top_layers`, where only its top layers (and score head) are, as the policy's
+   LoRA covers only those.
 
 TRL's pieces used: masked_mean / masked_whiten, first_true_indices, selective_log_softmax,
 PolicyAndValueWrapper (one module to prepare), unwrap_model_for_generation and prepare_deepspeed
@@ -415,6 +417,20 @@ def iteration_metrics(accelerator, batch: dict, iteration: int, episodes: int, u
     }
 
 
+def train_top_layers_only(value_model, top_layers: int) -> None:
+    """Freeze the value model below its top `top_layers` decoder layers (its embeddings too), as
+    `train.lora.top_layers` stops the policy's LoRA there: backpropagating through every layer of
+    the value model cost most of an iteration's time and memory on a CPU."""
+    import re
+
+    total = value_model.config.num_hidden_layers
+    embeddings = {id(p) for p in value_model.get_input_embeddings().parameters()}
+    for name, param in value_model.named_parameters():
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        if id(param) in embeddings or (layer is not None and int(layer.group(1)) < total - top_layers):
+            param.requires_grad_(False)
+
+
 def latest_checkpoint(path: Path) -> tuple[Path, dict] | None:
     """The newest complete `iteration-N` checkpoint (its progress.json, the last file, whole)."""
     found = []
@@ -479,6 +495,8 @@ def train_ppo(recipe: Recipe, path: Path, policy, reference, reward_model, value
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     for module in (policy, reference, reward_model, value_model):
         disable_dropout_in_model(module)
+    if train.lora is not None and train.lora.top_layers is not None:
+        train_top_layers_only(value_model, train.lora.top_layers)
     peft = lora_config(train, "CAUSAL_LM", policy)
     if peft is not None:
         from peft import get_peft_model

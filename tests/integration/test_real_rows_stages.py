@@ -29,8 +29,25 @@ def public(request):
     mp = pytest.MonkeyPatch()
     mp.delenv(fetch.CACHE_ENV, raising=False)
     request.addfinalizer(mp.undo)
-    return {"hhh": public_file("bigbench", "hhh_alignment"), "truthful_qa": public_file("bigbench", "truthful_qa"),
-            "mt_bench": public_file("mtbench", "questions"), "freshqa": public_file("freshqa", "questions")}
+    parts = {"hhh": ("bigbench", "hhh_alignment"), "truthful_qa": ("bigbench", "truthful_qa"),
+             "mt_bench": ("mtbench", "questions"), "freshqa": ("freshqa", "questions")}
+    found = _Parts()
+    for key, (name, part) in parts.items():
+        try:
+            found[key] = public_file(name, part)
+        except fetch.SourceWithdrawn as err:  # only a test that reads this part is skipped
+            found[key] = f"public rows unavailable: {err}"
+    return found
+
+
+class _Parts(dict):
+    """Paths by part; reading a part whose source the registry no longer serves skips the test."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if isinstance(value, str):
+            pytest.skip(value)
+        return value
 
 
 def _rows(path: Path) -> list[tuple[str, dict]]:
@@ -44,10 +61,12 @@ def _tree(name: str, tmp_path: Path) -> dict:
 
 
 def test_second_fetch_is_a_no_op(public, capsys):
-    for name in fetch.SOURCES:
+    names = [n for n in fetch.SOURCES if fetch.is_complete(n)]  # a withdrawn source was never fetched
+    assert {"mtbench", "freshqa"} <= set(names)
+    for name in names:
         fetch.fetch(name)
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"fetch: {n}: cache complete at {fetch.source_dir(n)}, nothing to download" for n in fetch.SOURCES]
+    assert out == [f"fetch: {n}: cache complete at {fetch.source_dir(n)}, nothing to download" for n in names]
 
 
 def test_hhh_has_221_pairs_over_four_subsets(public):
@@ -77,6 +96,7 @@ def test_freshqa_has_600_questions(public):
 
 
 def test_prompts_stage_on_mt_bench_and_truthful_qa(public, tmp_path, monkeypatch):
+    assert public["truthful_qa"].is_file()  # the recipe reads it from the default cache
     monkeypatch.chdir(REPO)
     summary = helpers.stage(tmp_path, "prompts", _tree("prompts.yaml", tmp_path))
     from datasets import load_from_disk

@@ -33,13 +33,14 @@ REPO = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("RLHF_METHOD_SEED", "0"))
 SUBSETS = ("harmless", "helpful", "honest", "other")
 RM_STEPS = 24
+HHH_UNAVAILABLE = "hhh-unavailable.txt"  # written by `judged` when the registry no longer serves BIG-bench
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 @pytest.fixture(scope="module")
 def judged(smollm2, tiny_pool, tmp_path_factory):
     """Our judged pairs and critiques (see the module docstring); returns the root of the runs."""
-    from pipeline.formats.fetch import public_file
+    from pipeline.formats.fetch import SourceWithdrawn, public_file
     from pipeline.standin import start_standin
 
     root = tmp_path_factory.mktemp("smollm2-ultrafeedback")
@@ -61,7 +62,11 @@ def judged(smollm2, tiny_pool, tmp_path_factory):
                           "pairs": {"strategy": "h4", "score": "overall", "remove_truthful_qa": False,
                                     "test_fraction": 0.2, "seed": SEED, "critique_export": True}})
     # HHH split in half per subset (seeded): one half may be trained on, the other is the test.
-    rows = [json.loads(line) for line in public_file("bigbench", "hhh_alignment").read_text().splitlines()]
+    try:
+        rows = [json.loads(line) for line in public_file("bigbench", "hhh_alignment").read_text().splitlines()]
+    except SourceWithdrawn as err:  # UltraRM's HHH check is then skipped; PPO/RLOO use the RM on our pairs
+        (root / HHH_UNAVAILABLE).write_text(str(err))
+        return root
     rng = random.Random(SEED)
     train, test = [], []
     for subset in SUBSETS:
@@ -97,8 +102,14 @@ def untrained_head_accuracy(model_path: Path, hhh_file: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def reward_models(judged, smollm2):
-    """{arm: accuracy table} for the untrained head, our pairs only, and the mixture."""
+    """{arm: accuracy table} for the untrained head, our pairs only, and the mixture; without HHH
+    (see HHH_UNAVAILABLE) only the RM on our pairs, which PPO and RLOO then use."""
     root = judged
+    if (root / HHH_UNAVAILABLE).exists():
+        stage(root, "reward", {"run": {"name": "rm-ours"}, "model": str(smollm2),
+                               "reward": {"sources": [{"name": "ours", "dataset": {"stage": "pairs", "run": "t"}}]},
+                               "train": lora_train(RM_STEPS, 3e-4, 256, SEED, batch=4, logging_steps=10)})
+        return {"unavailable": (root / HHH_UNAVAILABLE).read_text()}
     hhh_test = {"name": "hhh", "dataset": str(root / "hhh-test.jsonl"), "format": "bigbench-hhh", "eval_only": True}
     ours = {"name": "ours", "dataset": {"stage": "pairs", "run": "t"}}
     # The reward stage holds out a tenth of an unsplit file (for its own accuracy row): 11 of the 110.
@@ -121,6 +132,8 @@ def hhh_table(results: dict) -> str:
 
 
 def test_ultrarm_beats_the_untrained_head_on_held_out_hhh(reward_models, record_property):
+    if "unavailable" in reward_models:
+        pytest.skip(f"held-out HHH pairs unavailable: {reward_models['unavailable']}")
     record_property("table", f"\nUltraRM on SmolLM2, seed {SEED}: held-out pair accuracy\n{hhh_table(reward_models)}")
     untrained, ours, mixture = (reward_models[a]["hhh"]["accuracy"] for a in ("untrained", "ours", "mixture"))
     # On 112 held-out pairs (one standard error about 0.047), seeds 0 / 1 / 2: untrained 0.357 /
@@ -140,7 +153,8 @@ def policy_gradient(root, smollm2, algorithm: str) -> dict:
         "train": {"learning_rate": 1e-4, "lr_scheduler": "constant", "per_device_batch_size": 8, "max_length": 256,
                   "logging_steps": 1, "report_to": [], "seed": SEED,
                   "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 8}},
-        "ppo": {"algorithm": algorithm, "reward_model": {"stage": "reward", "run": "rm-mixture"},
+        "ppo": {"algorithm": algorithm, "reward_model": {"stage": "reward", "run": "rm-ours" if (
+                    root / HHH_UNAVAILABLE).exists() else "rm-mixture"},
                 "samples_per_iteration": 16, "mini_batch_size": 8, "iterations": PPO_ITERATIONS, "ppo_epochs": 2,
                 "kl_coef": 0.05, "rloo_k": 4, "max_new_tokens": 32, "temperature": 0.7, "eval_prompts": 16}})
 

@@ -22,18 +22,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 @pytest.fixture(scope="module")
 def unknown(smollm2, tmp_path_factory):
-    from pipeline.formats.fetch import public_file
+    from pipeline.formats.fetch import SourceWithdrawn, public_file
 
     root = tmp_path_factory.mktemp("smollm2-unknown")
-    stage(root, "qa-data", {"inputs": {"sources": [
-        {"path": str(public_file("bigbench", "truthful_qa")), "format": "truthfulqa", "role": "test_ood",
-         "sample": 100, "seed": 0},
-        {"path": str(QA / "real_facts_test.jsonl"), "format": "qa", "role": "test_id"},
-        {"path": str(QA / "real_facts_unanswerable.jsonl"), "format": "qa", "role": "unanswerable"}]}})
+    sources = [{"path": str(QA / "real_facts_test.jsonl"), "format": "qa", "role": "test_id"},
+               {"path": str(QA / "real_facts_unanswerable.jsonl"), "format": "qa", "role": "unanswerable"}]
+    try:
+        sources.append({"path": str(public_file("bigbench", "truthful_qa")), "format": "truthfulqa",
+                        "role": "test_ood", "sample": 100, "seed": 0})
+    except SourceWithdrawn as err:  # TruthfulQA's row is then left out of the table; nothing asserted rests on it
+        print(f"TruthfulQA left out: {err}")
+    stage(root, "qa-data", {"inputs": {"sources": sources}})
+    splits = ["test_id", "unanswerable"] + (["test_ood"] if len(sources) == 3 else [])
     return stage(root, "unknown-eval", {
         "inputs": {"items": {"stage": "qa-data"}},
         "evaluation": {"models": [{"name": "smollm2-135m", "backend": "hf", "path": str(smollm2), "batch_size": 32}],
-                       "splits": ["test_id", "test_ood", "unanswerable"], "temperature": 0.0,
+                       "splits": splits, "temperature": 0.0,
                        "answer_max_tokens": 32, "confidence_max_tokens": 8, "seed": 0}})
 
 
@@ -43,6 +47,9 @@ def test_smollm2_as_shipped_answers_unanswerable_questions_instead_of_refusing(u
              f"{'split':<28} {'items':>5} {'refusal':>7} {'confidence':>10} {'parsed':>6} {'accuracy':>8}"]
     for split, label in (("test_id", "real facts (answerable)"), ("test_ood", "TruthfulQA (answerable)"),
                          ("unanswerable", "unanswerable (ours)")):
+        if split not in per_split:
+            lines.append(f"{label:<28} left out: the registry no longer serves BIG-bench's archive")
+            continue
         r = per_split[split]["groups"]["unanswerable" if split == "unanswerable" else "answerable"]
         lines.append(f"{label:<28} {r['items']:5d} {r['refusal_rate']:7.2f} {r['mean_confidence'] or 0:10.2f} "
                      f"{r['confidence_parse_rate']:6.2f} "
