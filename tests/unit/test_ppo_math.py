@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pipeline.stages.ppo import gae, iteration_prompts, kl_and_entropy
+from pipeline.stages.ppo import gae, iteration_prompts, kl_and_entropy, train_top_layers_only
 
 
 def test_gae_on_hand_worked_numbers():
@@ -45,3 +45,17 @@ def test_exact_kl_and_entropy():
     assert entropy.item() == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)))
     same, _ = kl_and_entropy(p.log()[None, None], p.log()[None, None])
     assert same.item() == 0.0
+
+
+def test_under_top_layers_the_value_model_trains_only_its_top_layers_and_head():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1))
+    train_top_layers_only(model, 1)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.layers.2.", "model.norm.", "score.")) for n in trainable)
+    assert "score.weight" in trainable and any(n.startswith("model.layers.2.") for n in trainable)
+    assert not any(n.startswith(("model.layers.0.", "model.layers.1.", "model.embed_tokens")) for n in trainable)

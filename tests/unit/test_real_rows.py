@@ -192,3 +192,44 @@ def test_a_complete_cache_is_not_downloaded_again_and_a_changed_file_is_named(tm
     (folder / "rows.jsonl").write_text('{"a": 2}\n')
     with pytest.raises(ConfigError, match=r"toy: .*rows\.jsonl: sha256 [0-9a-f]{64} does not match"):
         fetch.public_file("toy", "rows")
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """A package index on 127.0.0.1 (PEP 691 JSON) listing one file of the toy package, 2 MB, served
+    from tmp_path; yields a function that makes a Source asking for `archive` from it."""
+    import functools
+    import http.server
+    import json as _json
+    import threading
+
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy-0.1.tar.gz").write_bytes(b"x" * (2 << 20))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    base = f"http://127.0.0.1:{server.server_port}"
+    (tmp_path / "toy" / "index.html").write_text(_json.dumps(
+        {"files": [{"filename": "toy-0.1.tar.gz", "url": f"{base}/toy-0.1.tar.gz"}]}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv(fetch.INDEX_ENV, base)
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
+    yield lambda archive: fetch.Source(name="toy", package="toy", version="1", archive=archive,
+                                       archive_sha256="0" * 64, via="index", licence="unknown", members={},
+                                       parts={"rows": "rows.jsonl"}, checksums={"rows.jsonl": "0" * 64})
+    server.shutdown()
+
+
+def test_a_release_the_index_no_longer_lists_is_named_as_withdrawn(local_index, monkeypatch):
+    monkeypatch.setitem(fetch.SOURCES, "toy", local_index("toy-1.0.tar.gz"))
+    with pytest.raises(fetch.SourceWithdrawn, match=r"no longer serves toy-1\.0\.tar\.gz: .* lists only toy-0\.1\.tar\.gz"):
+        fetch.fetch("toy", log=lambda _: None)
+    assert not (fetch.cache_root() / "toy").exists()
+
+
+def test_a_download_past_its_deadline_stops_with_an_error_not_a_hang(local_index, monkeypatch):
+    monkeypatch.setitem(fetch.SOURCES, "toy", local_index("toy-0.1.tar.gz"))
+    monkeypatch.setenv(fetch.DEADLINE_ENV, "0")
+    with pytest.raises(fetch.FetchError, match=r"toy: downloading toy-0\.1\.tar\.gz took over 0 s") as err:
+        fetch.fetch("toy", log=lambda _: None)
+    assert not isinstance(err.value, fetch.SourceWithdrawn)
+    assert not (fetch.cache_root() / "toy").exists()
