@@ -16,7 +16,8 @@ is the whole rollout batch), and it has no resume (its loop restarts its counter
 iterator at zero). So an iteration here is:
 
 1. sample `ppo.samples_per_iteration` responses from the current policy (over all processes),
-   score them with the reward model, value them with the value model;
+   score them with the reward model (prompt, response and the chat template's end of turn, as
+   the reward stage scores a pair; `reward_scores`), value them with the value model;
 2. per-token rewards: -kl_coef x the KL estimate (`ppo.kl_estimator`, k3 by default, never
    negative) at every response token, plus the reward model's score at the last one
    (optionally whitened); advantages by GAE (`ppo.gamma`, `ppo.lam`), whitened by default;
@@ -220,8 +221,38 @@ def kl_and_entropy(logits, ref_logits):
     return kl, -(probs * logp).sum(-1)
 
 
-def reward_scores(reward_model, ids, mask):
-    return reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, 0].float()
+def turn_suffix(tokenizer) -> list[int]:
+    """The token ids the chat template writes after an assistant message's text (ChatML: the
+    end-of-turn token and a newline); the end-of-turn token alone without a template."""
+    probe = "<<rlhf-end-of-answer>>"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": probe}],
+                                             tokenize=False)
+    except ValueError:  # no chat template
+        return [tokenizer.eos_token_id]
+    return tokenizer.encode(text[text.rindex(probe) + len(probe):], add_special_tokens=False)
+
+
+def reward_scores(reward_model, full, full_mask, keep, width: int, eos: int, pad: int, suffix: list[int]):
+    """The reward model's score of each sample, read as the reward stage trained and scored it:
+    prompt, the response's text, then the chat template's end of the assistant turn, right-padded
+    (the score head reads the last token that is not padding). The sampled ids alone would end at
+    the response's last word when the pad token is the end-of-turn token (SmolLM2): a position the
+    reward model never saw scored."""
+    import torch
+
+    rows = []
+    for i in range(full.shape[0]):
+        prompt = full[i, :width][full_mask[i, :width].bool()]
+        response = full[i, width:]
+        answer = response[keep[i].bool() & (response != eos)]
+        rows.append(torch.cat([prompt, answer, torch.tensor(suffix, dtype=full.dtype, device=full.device)]))
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad, dtype=full.dtype, device=full.device)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return reward_model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
 
 
 def token_values(value_model, ids, mask, width: int):
@@ -242,12 +273,13 @@ def sample_and_score(policy, reference, reward_model, tokenizer, prompts: list[l
     device = next(policy.parameters()).device
     rewards, kl_sums, entropy_sums, lengths = [], [], [], []
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    suffix = turn_suffix(tokenizer)
     for start in range(0, len(prompts), batch_size):
         ids, mask = (t.to(device) for t in left_pad(prompts[start:start + batch_size], pad))
         with torch.no_grad():
             full, full_mask, keep = sample(policy, ids, mask, max_new_tokens, temperature, pad, eos)
-            rewards += reward_scores(reward_model, full, full_mask).tolist()
             width = ids.shape[1]
+            rewards += reward_scores(reward_model, full, full_mask, keep, width, eos, pad, suffix).tolist()
             kl, entropy = kl_and_entropy(response_logits(policy, full, full_mask, width, temperature),
                                          response_logits(reference, full, full_mask, width, temperature))
             weight = keep.float()
@@ -295,7 +327,7 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 
 
 def roll_out(accelerator, model, reference, reward_model, prompts, cfg: PpoSection, pad: int, eos: int,
-             micro: int) -> dict:
+             micro: int, suffix: list[int]) -> dict:
     """Sample, score and value this process's share of an iteration; the per-token rewards,
     advantages and returns for the PPO epochs."""
     import torch
@@ -322,7 +354,7 @@ def roll_out(accelerator, model, reference, reward_model, prompts, cfg: PpoSecti
             parts["ref_logprobs"].append(selective_log_softmax(ref_logits, response))
             del logits, ref_logits
             parts["values"].append(token_values(unwrapped.value_model, full, full_mask, width))
-            parts["scores"].append(reward_scores(reward_model, full, full_mask))
+            parts["scores"].append(reward_scores(reward_model, full, full_mask, keep, width, eos, pad, suffix))
             for key, value in (("full", full), ("full_mask", full_mask), ("keep", keep), ("kl", kl),
                                ("entropy", entropy)):
                 parts[key].append(value)
@@ -536,6 +568,7 @@ def train_ppo(recipe: Recipe, path: Path, policy, reference, reward_model, value
         write_log(path, history)  # lines logged after the checkpoint by the killed run are dropped
 
     rank, pad, eos = accelerator.process_index, tokenizer.pad_token_id, tokenizer.eos_token_id
+    suffix = turn_suffix(tokenizer)
     began = time.monotonic()
     bar = tqdm(total=cfg.iterations, initial=start, desc="ppo", unit="iteration",
                disable=not accelerator.is_main_process)
@@ -545,7 +578,7 @@ def train_ppo(recipe: Recipe, path: Path, policy, reference, reward_model, value
                                    processes)
         model.eval()  # dropout is off either way; eval for generation caches
         batch = roll_out(accelerator, model, reference, reward_model, [train_prompts[i] for i in picked], cfg,
-                         pad, eos, micro)
+                         pad, eos, micro, suffix)
         model.train()
         generator = torch.Generator().manual_seed(train.seed + 31 * (iteration + 1) + rank)
         update = ppo_epochs(accelerator, model, optimizer, scheduler, batch, cfg, micro, local_mini, generator,

@@ -59,3 +59,40 @@ def test_under_top_layers_the_value_model_trains_only_its_top_layers_and_head():
     assert trainable and all(n.startswith(("model.layers.2.", "model.norm.", "score.")) for n in trainable)
     assert "score.weight" in trainable and any(n.startswith("model.layers.2.") for n in trainable)
     assert not any(n.startswith(("model.layers.0.", "model.layers.1.", "model.embed_tokens")) for n in trainable)
+
+
+def test_rollout_rewards_are_read_where_the_reward_stage_reads_them(tiny_pool):
+    """A sampled response scored by the PPO loop gets the score the reward stage gives the same
+    prompt and answer (through the chat template, ending with its end of turn), whatever padding
+    and end-of-turn tokens surround it in the rollout."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.stages.ppo import left_pad, reward_scores, turn_suffix
+    from pipeline.stages.reward import score_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_pool[0]), padding_side="left")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_pool[0]), num_labels=1).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompts = [[{"role": "user", "content": "Name a colour."}], [{"role": "user", "content": "Say hello to the reader."}]]
+    answers = ["Blue is a colour.", "Hello"]
+    prompt_ids = [list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True)["input_ids"])
+                  for p in prompts]
+    ids, mask = left_pad(prompt_ids, pad)
+    width, new_tokens = ids.shape[1], 12
+    responses, keeps = [], []
+    for answer in answers:  # the answer, its end of turn, then padding up to the sampled width
+        tokens = tokenizer.encode(answer, add_special_tokens=False) + [eos]
+        responses.append(tokens + [pad] * (new_tokens - len(tokens)))
+        keeps.append([1] * len(tokens) + [0] * (new_tokens - len(tokens)))
+    full = torch.cat([ids, torch.tensor(responses)], dim=1)
+    keep = torch.tensor(keeps)
+    full_mask = torch.cat([mask, keep], dim=1)
+    with torch.no_grad():
+        ours = reward_scores(model, full, full_mask, keep, width, eos, pad, turn_suffix(tokenizer)).tolist()
+    rows = [{"prompt": p, "chosen": [{"role": "assistant", "content": a}], "rejected": [{"role": "assistant", "content": "No."}]}
+            for p, a in zip(prompts, answers)]
+    stage = [chosen for chosen, _ in score_pairs(model, tokenizer, rows, 256)]
+    assert ours == pytest.approx(stage, abs=1e-4)
+    assert turn_suffix(tokenizer)[0] == tokenizer.convert_tokens_to_ids("<|im_end|>")
