@@ -223,7 +223,8 @@ def kl_and_entropy(logits, ref_logits):
 
 def turn_suffix(tokenizer) -> list[int]:
     """The token ids the chat template writes after an assistant message's text (ChatML: the
-    end-of-turn token and a newline); the end-of-turn token alone without a template."""
+    end-of-turn token and a newline; none for a template that ends with the text); the
+    end-of-turn token alone without a template."""
     probe = "<<rlhf-end-of-answer>>"
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": probe}],
@@ -263,7 +264,7 @@ def token_values(value_model, ids, mask, width: int):
 
 
 def sample_and_score(policy, reference, reward_model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                     temperature: float, seed: int, batch_size: int = 8) -> dict:
+                     temperature: float, seed: int, suffix: list[int], batch_size: int = 8) -> dict:
     """Sampled responses' mean reward; the exact KL(policy || reference) and the policy's entropy at
     each response token, from the full next-token distributions (so neither can be negative, unlike
     a sampled log-ratio), as nats per token and per response."""
@@ -273,7 +274,6 @@ def sample_and_score(policy, reference, reward_model, tokenizer, prompts: list[l
     device = next(policy.parameters()).device
     rewards, kl_sums, entropy_sums, lengths = [], [], [], []
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    suffix = turn_suffix(tokenizer)
     for start in range(0, len(prompts), batch_size):
         ids, mask = (t.to(device) for t in left_pad(prompts[start:start + batch_size], pad))
         with torch.no_grad():
@@ -503,7 +503,7 @@ def write_log(path: Path, history: list[dict]) -> None:
 
 
 def train_ppo(recipe: Recipe, path: Path, policy, reference, reward_model, value_model, tokenizer,
-              train_prompts: list[list[int]]) -> tuple[object, object, list[dict], str | None]:
+              train_prompts: list[list[int]], suffix: list[int]) -> tuple[object, object, list[dict], str | None]:
     """Run (or continue) the PPO iterations; (the accelerator, the trained policy, one log line per
     iteration, the checkpoint resumed from)."""
     import torch
@@ -568,7 +568,6 @@ def train_ppo(recipe: Recipe, path: Path, policy, reference, reward_model, value
         write_log(path, history)  # lines logged after the checkpoint by the killed run are dropped
 
     rank, pad, eos = accelerator.process_index, tokenizer.pad_token_id, tokenizer.eos_token_id
-    suffix = turn_suffix(tokenizer)
     began = time.monotonic()
     bar = tqdm(total=cfg.iterations, initial=start, desc="ppo", unit="iteration",
                disable=not accelerator.is_main_process)
@@ -745,13 +744,15 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
         model.config.pad_token_id = tokenizer.pad_token_id
     reference.eval()
     reward_model.eval()
+    # rewards are read as the reward stage read its pairs: through the reward model's own template
+    suffix = turn_suffix(reward_tokenizer)
     before = sample_and_score(policy, reference, reward_model, tokenizer, eval_prompts, cfg.max_new_tokens,
-                              cfg.temperature, train.seed)
+                              cfg.temperature, train.seed, suffix)
     started = time.monotonic()
     if cfg.algorithm == "ppo":
         value_model = copy.deepcopy(reward_model)  # the value model starts as the reward model
         accelerator, trained, history, resumed = train_ppo(recipe, path, policy, reference, reward_model,
-                                                           value_model, tokenizer, train_prompts)
+                                                           value_model, tokenizer, train_prompts, suffix)
         save_policy(accelerator, trained, tokenizer, path)
         steps = sum(line["optimizer_steps"] for line in history)
     else:
@@ -763,7 +764,7 @@ def run(recipe: Recipe, opts: RunOptions = RunOptions()) -> dict:
     # The saved policy (LoRA merged in) is what later stages load, so it is what is evaluated.
     trained = AutoModelForCausalLM.from_pretrained(str(path / MODEL)).to(device).eval()
     after = sample_and_score(trained, reference.to(device), reward_model.to(device), tokenizer, eval_prompts,
-                             cfg.max_new_tokens, cfg.temperature, train.seed)
+                             cfg.max_new_tokens, cfg.temperature, train.seed, suffix)
     summary = {
         "algorithm": cfg.algorithm, "iterations": cfg.iterations, "samples_per_iteration": cfg.samples_per_iteration,
         "mini_batch_size": cfg.mini_batch_size, "ppo_epochs": cfg.ppo_epochs, "processes": world_size(),

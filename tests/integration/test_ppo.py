@@ -212,7 +212,9 @@ def test_rloo_runs_as_the_same_stage(setup):
 @pytest.fixture(scope="module")
 def token_reward(tiny_pool, tmp_path_factory):
     """A reward model whose score is the base model's logit for " the" after the response: which
-    one-token response a policy picks decides the reward, so there is something to learn."""
+    one-token response a policy picks decides the reward, so there is something to learn. Its
+    chat template ends an answer with the answer's text (no end-of-turn after it), so the score is
+    read at the response's own token, by our PPO loop and by TRL's RLOO alike."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -224,6 +226,10 @@ def token_reward(tiny_pool, tmp_path_factory):
     with torch.no_grad():
         model.score.weight.copy_(head[target][None] * 20.0)
     model.save_pretrained(folder)
+    tokenizer.chat_template = ("{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}"
+                               "{{ '<|im_start|>assistant\n' + message['content'] }}{%- else -%}"
+                               "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+                               "{%- endif -%}{%- endfor -%}")
     tokenizer.save_pretrained(folder)
     return folder
 
