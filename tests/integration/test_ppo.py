@@ -123,7 +123,7 @@ def stage_command(path: Path) -> tuple[list[str], dict]:
     return [sys.executable, "-m", "pipeline", "ppo", str(path)], env
 
 
-def test_a_killed_run_continues_from_its_last_checkpoint_as_if_never_stopped(setup):
+def test_a_killed_run_continues_from_its_last_checkpoint_as_if_never_stopped(setup, record_property):
     tmp, policy, reward = setup
     fields = dict(iterations=12, samples_per_iteration=16, mini_batch_size=8, max_new_tokens=12)
     whole, env = stage_command(write_recipe(tmp, "whole", policy, reward, **fields))
@@ -151,6 +151,12 @@ def test_a_killed_run_continues_from_its_last_checkpoint_as_if_never_stopped(set
     assert [line["iteration"] for line in resumed["log"]] == list(range(1, 13))
     log = [json.loads(line) for line in (tmp / "runs" / "killed" / "ppo" / "log.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in log] == list(range(1, 13))
+    gap = max(abs(a - b) for a, b in zip(resumed["train_scores"], reference["train_scores"]))
+    record_property("table", f"\nPPO killed (SIGKILL) after its first checkpoint, rerun: resumed from "
+                    f"{resumed['resumed_from']}, iterations logged {len(log)} of 12, optimizer steps "
+                    f"{resumed['optimizer_steps']} (uninterrupted {reference['optimizer_steps']}), largest "
+                    f"per-iteration reward difference {gap:.2e}, held-out reward {resumed['reward_after']:.4f} "
+                    f"(uninterrupted {reference['reward_after']:.4f})")
     # fixed seed: the resumed run sampled and scored what the uninterrupted one did
     assert resumed["train_scores"] == pytest.approx(reference["train_scores"], abs=1e-4)
     assert resumed["reward_after"] == pytest.approx(reference["reward_after"], abs=1e-4)
