@@ -172,7 +172,7 @@ sayself-eval: $(STAMP)  ## SaySelf: accuracy, ECE, AUROC, Brier per split (RECIP
 unknown-eval: $(STAMP)  ## UnknownBench-style refusal and elicited confidence (RECIPE=recipes/demo/unknown-eval.yaml)
 	$(PY) -m pipeline unknown-eval $(or $(RECIPE),recipes/demo/unknown-eval.yaml) $(RUN_ARG) $(ARGS)
 
-real-data: $(STAMP)  ## fetch public rows (BIG-bench HHH + TruthfulQA, MT-bench, FreshQA) through PyPI into data/cache/public/
+real-data: $(STAMP)  ## fetch public rows (MT-bench, FreshQA; BIG-bench HHH + TruthfulQA if the registry serves them) through PyPI into data/cache/public/
 	$(PY) -m pipeline.formats.fetch
 
 serve-smollm2: $(STAMP)  ## SmolLM2 behind transformers serve in the foreground, URL in data/runs/smollm2.url (after make real-models)

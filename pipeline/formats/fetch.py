@@ -339,13 +339,18 @@ def public_file(name: str, part: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     names = list(sys.argv[1:] if argv is None else argv) or list(SOURCES)
+    withdrawn = []
     try:
         for name in names:
-            fetch(name)
+            try:
+                fetch(name)
+            except SourceWithdrawn as err:  # the others can still be fetched
+                print(f"fetch: error: {err}", file=sys.stderr)
+                withdrawn.append(name)
     except ConfigError as err:
         print(f"fetch: error: {err}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if withdrawn else 0
 
 
 if __name__ == "__main__":

@@ -233,3 +233,19 @@ def test_a_download_past_its_deadline_stops_with_an_error_not_a_hang(local_index
         fetch.fetch("toy", log=lambda _: None)
     assert not isinstance(err.value, fetch.SourceWithdrawn)
     assert not (fetch.cache_root() / "toy").exists()
+
+
+def test_a_withdrawn_source_does_not_stop_the_others_from_being_fetched(local_index, monkeypatch, capsys):
+    monkeypatch.setitem(fetch.SOURCES, "toy", local_index("toy-1.0.tar.gz"))
+    fetched = []
+    real_fetch = fetch.fetch
+
+    def fetch_or_record(name, **kwargs):
+        if name == "toy":
+            return real_fetch(name, **kwargs)  # the local index lists only toy-0.1: withdrawn
+        fetched.append(name)
+
+    monkeypatch.setattr(fetch, "fetch", fetch_or_record)
+    assert fetch.main(["toy", "mtbench"]) == 1
+    assert fetched == ["mtbench"]
+    assert "toy: the registry no longer serves toy-1.0.tar.gz" in capsys.readouterr().err
