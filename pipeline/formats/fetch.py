@@ -58,7 +58,7 @@ class FetchError(ConfigError):
 class SourceWithdrawn(FetchError):
     """The registry answered, and no longer serves the pinned archive (a release deleted upstream).
     Final until it comes back: a cache filled earlier still works, nothing else will. Tests that
-    need such a source skip with this message instead of failing (tests/helpers.public_or_skip)."""
+    need such a source skip with this message instead of failing; `main` fetches the others."""
 
 
 # ---------------------------------------------------------------- renderings as JSONL

@@ -151,16 +151,3 @@ def lora_train(steps: int, lr: float, max_length: int, seed: int, *, batch: int 
             "lr_scheduler": "constant", "max_length": max_length, "report_to": [], "logging_steps": logging_steps,
             "save_steps": 100_000, "seed": seed, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "top_layers": 8}}
 
-
-def public_or_skip(name: str, part: str) -> Path:
-    """`pipeline.formats.fetch.public_file`, or a skip naming the source when the registry no
-    longer serves its pinned archive (a deleted release cannot be had here; any other fetch
-    problem, a checksum mismatch included, still fails the test)."""
-    import pytest
-
-    from pipeline.formats.fetch import SourceWithdrawn, public_file
-
-    try:
-        return public_file(name, part)
-    except SourceWithdrawn as err:
-        pytest.skip(f"public rows unavailable: {err}")
