@@ -3,30 +3,91 @@
 A stage that makes rows one at a time (annotate: a row is done when its last judge answer is
 in) hands each to a `RowWriter` and forgets it, so its memory does not grow with the run. The
 writer buffers a few rows (at most `batch_rows`, or `batch_s` seconds' worth), then appends
-them as one Arrow record batch to `part-<n>.arrow` (Arrow IPC stream files, the format
-`datasets` memory-maps) in a hidden temporary folder beside the final one; a new part starts
+them as one Arrow record batch to `part-<n>.arrow` (Arrow IPC stream files, readable
+while they are written) in a hidden temporary folder beside the final one; a new part starts
 every `rows_per_part` rows. `commit()` renames the folder into place in one step; a process
 killed before that leaves only the hidden folder, which the next writer for the same place
 removes. Each row carries its position in the stage's input (column `__row__`), since rows
 finish out of order.
 
+`SpilledRows` is the other direction: a stage's input rows, kept in an unlinked temporary file
+and read back by position (a few hundred decoded rows cached), so a run over 100,000 prompts
+holds an offset per row instead of every row's text.
+
 `gather()` builds the final dataset from the parts of one or more committed folders: rows in
-input order, `__row__` dropped, saved with `save_to_disk` (read back with
-`datasets.load_from_disk`, as before) through `runs.atomic_dir`. The parts are memory-mapped and
-copied batch by batch, so that step's memory does not grow with the rows either.
+input order, `__row__` dropped, in the folder layout `save_to_disk` writes (read back with
+`datasets.load_from_disk`), through `runs.atomic_dir`. It reads the parts with plain reads, a
+chunk of rows at a time, never memory-mapped: a mapped copy counts every page of the dataset
+as resident memory of the process, so the merge's peak would grow with the run.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
+import tempfile
 import time
+from array import array
+from collections import OrderedDict
 from pathlib import Path
+from typing import Iterable
 
 from pipeline.runs import atomic_dir
 
 ROW = "__row__"
 PART_GLOB = "part-*.arrow"
+
+
+class SpilledRows:
+    """A sequence of rows (dicts) kept on disk: each appended row is pickled into a temporary
+    file that has no name (the OS frees it when the process ends, however it ends); `rows[i]`
+    reads row i back, with the last `cache_rows` decoded rows kept. Work goes through the rows
+    nearly in order, so a cache a few times the concurrency answers almost every read. A row
+    handed out is shared with the cache: read it, do not change it."""
+
+    def __init__(self, rows: Iterable[dict] = (), cache_rows: int = 512):
+        self._file = tempfile.TemporaryFile(prefix="rlhf-rows-")
+        self._ends = array("q")
+        self._unflushed = False
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self.cache_rows = cache_rows
+        for row in rows:
+            self.append(row)
+
+    def append(self, row: dict) -> None:
+        data = pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)
+        self._file.write(data)
+        self._ends.append((self._ends[-1] if self._ends else 0) + len(data))
+        self._unflushed = True
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int) -> dict:
+        if index < 0:
+            index += len(self._ends)
+        if not 0 <= index < len(self._ends):
+            raise IndexError(f"row {index} of {len(self._ends)}")
+        row = self._cache.get(index)
+        if row is not None:
+            self._cache.move_to_end(index)
+            return row
+        if self._unflushed:
+            self._file.flush()
+            self._unflushed = False
+        start = self._ends[index - 1] if index else 0
+        row = pickle.loads(os.pread(self._file.fileno(), self._ends[index] - start, start))
+        self._cache[index] = row
+        if len(self._cache) > self.cache_rows:
+            self._cache.popitem(last=False)
+        return row
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self._ends)))
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -112,23 +173,120 @@ class RowWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def gather(folders: list[Path], final: Path, features) -> int:
-    """Every row of the committed `folders` into the dataset folder `final`, in input order
-    (atomically); the number of rows. Refuses a row position seen twice."""
-    import numpy as np
-    from datasets import Dataset, concatenate_datasets
+def _batches(part: Path) -> tuple[object, list[tuple[int, "np.ndarray"]]]:
+    """A part's schema and, for each record batch, its byte offset and row positions. Read
+    with plain reads, not a memory map, so the pages read are not counted in this process's
+    memory once each batch is dropped."""
+    import pyarrow as pa
 
-    parts = [Dataset.from_file(str(p)) for folder in folders for p in sorted(Path(folder).glob(PART_GLOB))]
-    if not parts:
-        with atomic_dir(final) as tmp:
-            Dataset.from_list([], features=features).save_to_disk(str(tmp))
-        return 0
-    data = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    positions = data.data.column(ROW).to_numpy()
-    order = np.argsort(positions, kind="stable")
+    out = []
+    with pa.OSFile(str(part), memory_pool=pa.system_memory_pool()) as source:
+        schema = pa.ipc.read_schema(pa.ipc.read_message(source))
+        while True:
+            offset = source.tell()
+            try:
+                message = pa.ipc.read_message(source)
+            except EOFError:
+                break
+            batch = pa.ipc.read_record_batch(message, schema)
+            # a copy: a view would keep the whole message body (every column) alive
+            out.append((offset, batch.column(ROW).to_numpy().copy()))
+    return schema, out
+
+
+class _BatchCache:
+    """Record batches read back by (part, byte offset), the last `size` of them kept: rows
+    finish nearly in input order, so a gathered chunk needs few batches, mostly the same ones
+    as the chunk before. Read into the system allocator's memory, which returns freed batches
+    to the OS; Arrow's default pool keeps tens of MiB of them mapped."""
+
+    def __init__(self, parts: list[Path], schemas: list, size: int = 4):
+        import pyarrow as pa
+
+        self.files = [pa.OSFile(str(p), memory_pool=pa.system_memory_pool()) for p in parts]
+        self.schemas, self.size = schemas, size
+        self.kept: dict[tuple[int, int], object] = {}
+
+    def get(self, part: int, offset: int):
+        import pyarrow as pa
+
+        key = (part, offset)
+        batch = self.kept.pop(key, None)
+        if batch is None:
+            self.files[part].seek(offset)
+            batch = pa.ipc.read_record_batch(pa.ipc.read_message(self.files[part]), self.schemas[part])
+            if len(self.kept) >= self.size:
+                del self.kept[next(iter(self.kept))]
+        self.kept[key] = batch  # most recently used last
+        return batch
+
+    def close(self) -> None:
+        for handle in self.files:
+            handle.close()
+
+
+def gather(folders: list[Path], final: Path, features, on_chunk=None, chunk_rows: int = 256) -> int:
+    """Every row of the committed `folders` into the dataset folder `final`, in input order
+    (atomically, read with `datasets.load_from_disk`); the number of rows. Refuses a row
+    position seen twice. `on_chunk(table)` sees each written chunk of rows (a pyarrow Table),
+    so a caller can tally them without reading the dataset again.
+
+    Memory stays flat: a first pass reads only each record batch's positions, then the rows are
+    written `chunk_rows` at a time from the few batches each chunk needs (plain reads; a
+    memory-mapped copy, as `save_to_disk` makes, would count every page of the dataset as this
+    process's resident memory). The folder is what `save_to_disk` writes: one Arrow stream file
+    carrying the features, `dataset_info.json` and `state.json`."""
+    import hashlib
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import DatasetInfo, Features
+
+    features = Features(features)
+    schema = features.arrow_schema
+    parts = [p for folder in folders for p in sorted(Path(folder).glob(PART_GLOB))]
+    where, positions, schemas = [], [], []  # per batch: (part, offset) and its rows' positions
+    for number, part in enumerate(parts):
+        part_schema, batches = _batches(part)
+        schemas.append(part_schema)
+        for offset, rows in batches:
+            where.append((number, offset))
+            positions.append(rows)
+    counts = np.array([len(rows) for rows in positions], dtype=np.int64)
+    positions = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
     if len(np.unique(positions)) != len(positions):
         raise ValueError(f"rows written twice among {', '.join(map(str, folders))}")
-    data = data.select(order).remove_columns(ROW)
-    with atomic_dir(final) as tmp:
-        data.save_to_disk(str(tmp))
-    return len(data)
+    batch_of = np.repeat(np.arange(len(counts)), counts)  # each row's batch, and its index there
+    index_in_batch = np.arange(len(positions)) - np.repeat(np.cumsum(counts) - counts, counts)
+    order = np.argsort(positions, kind="stable")
+    cache = _BatchCache(parts, schemas)
+    try:
+        with atomic_dir(final) as tmp:
+            tmp.mkdir(parents=True)
+            data_file = tmp / "data-00000-of-00001.arrow"
+            with pa.OSFile(str(data_file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+                for start in range(0, len(order), chunk_rows):
+                    rows = order[start:start + chunk_rows]
+                    needed, first_row = np.unique(batch_of[rows], return_inverse=True)
+                    table = pa.Table.from_batches([cache.get(*where[b]) for b in needed])
+                    base = np.cumsum(counts[needed]) - counts[needed]
+                    table = pc.take(table, pa.array(base[first_row] + index_in_batch[rows]),
+                                    memory_pool=pa.system_memory_pool())
+                    table = table.drop_columns(ROW).replace_schema_metadata(schema.metadata)
+                    writer.write_table(table)
+                    if on_chunk is not None:
+                        on_chunk(table)
+            digest = hashlib.sha256()
+            with open(data_file, "rb") as handle:
+                while block := handle.read(1 << 20):
+                    digest.update(block)
+            DatasetInfo(features=features).write_to_directory(str(tmp))
+            state = {"_data_files": [{"filename": data_file.name}], "_fingerprint": digest.hexdigest()[:16],
+                     "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+                     "_output_all_columns": False, "_split": None}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    finally:
+        cache.close()
+    return len(order)

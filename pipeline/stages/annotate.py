@@ -37,9 +37,12 @@ every ledger of the stage; the merge (all shards done, else an error naming the 
 the shards' rows in input order, sends nothing, and so writes the dataset an unsharded run
 (shard 0 of 1) writes.
 
-Memory and rebuilds. A row is assembled and written (pipeline.shardrows: Arrow parts in a hidden
+Memory and rebuilds. The input rows are kept on disk and read back by position (a few hundred
+cached, pipeline.shardrows.SpilledRows). A row is assembled and written (Arrow parts in a hidden
 folder, renamed to `shard-*/rows/` when the shard finishes) as soon as its last item is resolved,
-and forgotten, so memory does not grow with the outcomes of the run. Each resolved item is also
+and forgotten, so memory does not grow with the outcomes of the run; the merge copies the rows
+into the dataset a chunk at a time and tallies the report's figures from those chunks, without
+reading the dataset back. Each resolved item is also
 kept in the shard's parse cache (`parsed.jsonl`, pipeline.judge.parsecache), so a rebuild takes
 its parsed answer from there instead of rendering, keying and parsing it again, as long as the
 ledger still holds the answer and the parser version is unchanged.
@@ -95,7 +98,7 @@ from pipeline.llm.fleet import add_counts
 from pipeline.llm.openai_backend import api_key
 from pipeline.records import check_rows, prompt_id, saved_rows
 from pipeline.report import figure
-from pipeline.shardrows import RowWriter, gather
+from pipeline.shardrows import RowWriter, SpilledRows, gather
 from pipeline.runs import (
     DATASET,
     RunOptions,
@@ -232,15 +235,24 @@ def check_row(row: dict, where: str, allow_unknown_sources: bool) -> dict:
     return out
 
 
-def load_rows(recipe: Recipe) -> list[dict]:
+def load_rows(recipe: Recipe) -> SpilledRows:
+    """The completion sets, checked, kept on disk and read back by position (pipeline.shardrows):
+    a run's memory does not hold every completion's text."""
     path = resolve_input(recipe, recipe.inputs.completions, "inputs.completions")
     allow = recipe.annotation.allow_unknown_sources
-    checked = [(where, check_row(row, where, allow)) for where, row in saved_rows(path)]
-    if not checked:
-        raise ConfigError(f"inputs.completions: {path} holds no completion sets")
+    rows = SpilledRows()
+
+    def kept(pairs):
+        for where, row in pairs:
+            row = check_row(row, where, allow)
+            rows.append(row)
+            yield where, row
+
     # failures.jsonl and the ledger name a set by its prompt_id: it must be one set's
-    check_rows(checked, {"prompt_id": "text"}, "inputs.completions", unique=("prompt_id",))
-    return [row for _, row in checked]
+    check_rows(kept(saved_rows(path)), {"prompt_id": "text"}, "inputs.completions", unique=("prompt_id",))
+    if not len(rows):
+        raise ConfigError(f"inputs.completions: {path} holds no completion sets")
+    return rows
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -262,23 +274,38 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 SCATTER_POINTS = 5_000
 
 
-def write_report(rows, report_dir: Path) -> dict:
-    """PNG plots of the annotated rows (any iterable of rows, read once); returns a few figures
-    for the summary."""
-    ratings = {a: Counter() for a in rubric.ASPECTS}
-    per_model: dict[str, dict[str, list[int]]] = {}
-    overall, fine = [], []
-    for row in rows:
-        for c in row["completions"]:
+class RatingTally:
+    """What the report plots, gathered chunk by chunk as the dataset is written (so it is never
+    read back): rating counts per aspect, ratings per model, and the (fine-grained, overall)
+    score pairs, kept as C doubles."""
+
+    def __init__(self):
+        from array import array
+
+        self.ratings = {a: Counter() for a in rubric.ASPECTS}
+        self.per_model: dict[str, dict[str, list[int]]] = {}
+        self.overall, self.fine = array("d"), array("d")
+
+    def add(self, completions: list[dict]) -> None:
+        for c in completions:
             for aspect in rubric.ASPECTS:
                 value = c["annotations"][aspect]["Rating"]
-                ratings[aspect][value] += 1
+                self.ratings[aspect][value] += 1
                 if value != "N/A":
-                    per_model.setdefault(c["model"], {}).setdefault(aspect, []).append(int(value))
+                    self.per_model.setdefault(c["model"], {}).setdefault(aspect, Counter())[int(value)] += 1
             if c["overall_score"] is not None and c["fine-grained_score"] is not None:
-                overall.append(c["overall_score"])
-                fine.append(c["fine-grained_score"])
+                self.overall.append(c["overall_score"])
+                self.fine.append(c["fine-grained_score"])
 
+    def add_table(self, table) -> None:
+        """A chunk of written rows (pyarrow Table)."""
+        for completions in table.column("completions").to_pylist():
+            self.add(completions)
+
+
+def write_report(tally: RatingTally, report_dir: Path) -> dict:
+    """PNG plots of the annotated rows tallied in `tally`; returns a few figures for the summary."""
+    ratings, per_model, overall, fine = tally.ratings, tally.per_model, tally.overall, tally.fine
     labels = ["1", "2", "3", "4", "5", "N/A"]
     with figure(report_dir / "ratings_per_aspect.png", dpi=110, ncols=4, figsize=(14, 3.2), sharey=True) as (_, axes):
         for ax, aspect in zip(axes, rubric.ASPECTS):
@@ -291,7 +318,8 @@ def write_report(rows, report_dir: Path) -> dict:
     with figure(report_dir / "ratings_per_model.png", dpi=110, figsize=(max(6, 1.4 * len(models)), 3.5)) as (_, ax):
         width = 0.8 / len(rubric.ASPECTS)
         for k, aspect in enumerate(rubric.ASPECTS):
-            means = [sum(v) / len(v) if (v := per_model[m].get(aspect)) else 0 for m in models]
+            means = [sum(k * n for k, n in v.items()) / v.total() if (v := per_model[m].get(aspect)) else 0
+                     for m in models]
             ax.bar([i + k * width for i in range(len(models))], means, width, label=aspect.replace("_", " "))
         ax.set_xticks([i + 1.5 * width for i in range(len(models))], models, rotation=20)
         ax.set_ylabel("mean rating (1-5)")
@@ -472,7 +500,7 @@ def settle(judge: JudgeRun, items: list, stream: RowStream) -> None:
         bar.close()
 
 
-def run_shard(recipe: Recipe, rows: list[dict], items: list, shard: int, num_shards: int,
+def run_shard(recipe: Recipe, rows: SpilledRows, items: list, shard: int, num_shards: int,
               opts: RunOptions, requests: Requests) -> tuple[dict, dict | None]:
     """Judge one shard's items: send what the ledgers do not answer yet, writing each row to
     `shard-*/rows/` as its items finish; check the failure fraction, write the shard's
@@ -545,12 +573,10 @@ def spent_from(tokens: dict, price) -> float:
     return (tokens["prompt"] * price.input_per_mtok + tokens["completion"] * price.output_per_mtok) / 1e6
 
 
-def merge(recipe: Recipe, rows: list[dict], requests: Requests, num_shards: int, tokens: dict | None = None) -> dict:
+def merge(recipe: Recipe, rows: SpilledRows, requests: Requests, num_shards: int, tokens: dict | None = None) -> dict:
     """The dataset from the shards' rows, once every shard is done: their rows in input order
     (so it is the same dataset whatever the number of shards), and nothing sent. `tokens`: the
     stage's ledger totals when the shards have just run in this process (else read here)."""
-    from datasets import load_from_disk
-
     stage_path = stage_dir(recipe)
     shards = done_shards(stage_path, num_shards, "annotate")
     folders = []
@@ -573,10 +599,9 @@ def merge(recipe: Recipe, rows: list[dict], requests: Requests, num_shards: int,
     if not total("rows_out"):
         raise StageFailed(f"annotate: no completion set was fully annotated ({total('items_failed')} of "
                           f"{total('items')} judge items failed); see {stage_path / FAILURES}")
-    rows_out = gather(folders, stage_path / DATASET, row_features(recipe))
-    written = load_from_disk(str(stage_path / DATASET)).select_columns(["completions"])
-    report = write_report(({"completions": c} for batch in written.iter(batch_size=512) for c in batch["completions"]),
-                          stage_path / "report")
+    tally = RatingTally()
+    rows_out = gather(folders, stage_path / DATASET, row_features(recipe), on_chunk=tally.add_table)
+    report = write_report(tally, stage_path / "report")
     annotated = total("completions_annotated")
     parse_failures, servers = Counter(), {}
     for s in shards:
