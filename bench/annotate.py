@@ -19,7 +19,8 @@
    it. `--profile-rerun FILE` adds one --force under cProfile and prints its top functions.
 3. memory: for each count in `--memory-requests` (20,000 and 100,000), a fresh `rlhf annotate`
    process really sends that many requests (latency 0): its peak resident memory (the kernel's
-   high-water mark) and its RSS at each quarter, `--repeats` times; goal: the 100,000 peak
+   high-water mark, taken through a small launcher: see PEAK_LAUNCHER) and its RSS at each
+   quarter, `--repeats` times; goal: the 100,000 peak
    within 15 % of the 20,000 one, and under 512 MiB.
 4. tokens per annotated prompt in each mode (faithful, structured, compact) on 40 prompts.
 5. fleet: `--fleet-requests` (1,600) requests on 1, 2 and 4 stand-ins (`base_urls`), each
@@ -361,28 +362,45 @@ def rss_of(pid: int) -> float:
     return float("nan")
 
 
+# Runs a command and writes its peak RSS (kB) to a file. A process started straight from this
+# bench would not do: Python starts children with vfork, and exec folds the parent's high-water
+# mark into the child's, so after the rerun phase every child "peaked" at this process's size.
+# A small launcher in between leaves only its own few MiB to fold in.
+PEAK_LAUNCHER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
+                 "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
+                 "sys.exit(code)")
+
+
+def child_of(pid: int) -> int | None:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(kids[0]) if kids else None
+
+
 def memory_phase(tmp: Path, requests: int, tag: str) -> tuple[float, list[float], float]:
     """One `rlhf annotate` process that really sends `requests` requests (latency 0): its peak
-    resident memory (the kernel's high-water mark, from wait4), its RSS at each quarter of the
-    run (sampled every 0.5 s from here) and the seconds it took."""
+    resident memory (the kernel's high-water mark, from its launcher's RUSAGE_CHILDREN), its RSS
+    at each quarter of the run (sampled every 0.5 s from here) and the seconds it took."""
     from pipeline.standin import start_standin
 
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "RLHF_LOG": "WARNING"}
     sets = write_sets(tmp / f"memory-{tag}.jsonl", max(1, requests // 8))
+    peak_file = tmp / f"memory-{tag}.peak"
     with start_standin(tmp / f"s3-{tag}", max_concurrency=100_000) as server:
         recipe(tmp, sets, server.base_url, f"memory-{tag}", 64)
         started = time.monotonic()
-        proc = subprocess.Popen(cli(str(tmp / f"memory-{tag}.yaml")), cwd=root, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        samples = []
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            samples.append(rss_of(proc.pid))
+        proc = subprocess.Popen([sys.executable, "-c", PEAK_LAUNCHER, str(peak_file),
+                                 *cli(str(tmp / f"memory-{tag}.yaml"))],
+                                cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples, annotate_pid = [], None
+        while proc.poll() is None:
+            annotate_pid = annotate_pid or child_of(proc.pid)
+            if annotate_pid:
+                samples.append(rss_of(annotate_pid))
             time.sleep(0.5)
-        proc.returncode = os.waitstatus_to_exitcode(status)
         elapsed = time.monotonic() - started
         sent = server.stats()["requests_total"]
     if proc.returncode != 0 or sent < requests:
@@ -390,7 +408,7 @@ def memory_phase(tmp: Path, requests: int, tag: str) -> tuple[float, list[float]
     samples = [s for s in samples if s == s]  # NaN: the process had just ended
     quarters = [samples[min(len(samples) - 1, int(len(samples) * q))] for q in (0.25, 0.5, 0.75, 1.0)] \
         if samples else []
-    return usage.ru_maxrss / 1024, quarters, elapsed
+    return int(peak_file.read_text()) / 1024, quarters, elapsed
 
 
 def bench_memory(tmp: Path, sizes: list[int], repeats: int) -> None:
