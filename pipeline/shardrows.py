@@ -29,7 +29,6 @@ import shutil
 import tempfile
 import time
 from array import array
-from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
 
@@ -42,15 +41,15 @@ PART_GLOB = "part-*.arrow"
 class SpilledRows:
     """A sequence of rows (dicts) kept on disk: each appended row is pickled into a temporary
     file that has no name (the OS frees it when the process ends, however it ends); `rows[i]`
-    reads row i back, with the last `cache_rows` decoded rows kept. Work goes through the rows
-    nearly in order, so a cache a few times the concurrency answers almost every read. A row
+    reads row i back, with the last `cache_rows` decoded rows read kept. Work goes through the
+    rows nearly in order, so a cache a few times the concurrency answers almost every read. A row
     handed out is shared with the cache: read it, do not change it."""
 
     def __init__(self, rows: Iterable[dict] = (), cache_rows: int = 512):
         self._file = tempfile.TemporaryFile(prefix="rlhf-rows-")
         self._ends = array("q")
         self._unflushed = False
-        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._cache: dict[int, dict] = {}  # in the order read
         self.cache_rows = cache_rows
         for row in rows:
             self.append(row)
@@ -65,14 +64,13 @@ class SpilledRows:
         return len(self._ends)
 
     def __getitem__(self, index: int) -> dict:
+        row = self._cache.get(index)
+        if row is not None:
+            return row
         if index < 0:
             index += len(self._ends)
         if not 0 <= index < len(self._ends):
             raise IndexError(f"row {index} of {len(self._ends)}")
-        row = self._cache.get(index)
-        if row is not None:
-            self._cache.move_to_end(index)
-            return row
         if self._unflushed:
             self._file.flush()
             self._unflushed = False
@@ -80,7 +78,7 @@ class SpilledRows:
         row = pickle.loads(os.pread(self._file.fileno(), self._ends[index] - start, start))
         self._cache[index] = row
         if len(self._cache) > self.cache_rows:
-            self._cache.popitem(last=False)
+            del self._cache[next(iter(self._cache))]  # the oldest read: the work has moved past it
         return row
 
     def __iter__(self):
