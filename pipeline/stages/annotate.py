@@ -325,7 +325,7 @@ def write_report(tally: RatingTally, report_dir: Path) -> dict:
     with figure(report_dir / "ratings_per_model.png", dpi=110, figsize=(max(6, 1.4 * len(models)), 3.5)) as (_, ax):
         width = 0.8 / len(rubric.ASPECTS)
         for k, aspect in enumerate(rubric.ASPECTS):
-            means = [sum(k * n for k, n in v.items()) / v.total() if (v := per_model[m].get(aspect)) else 0
+            means = [sum(rating * n for rating, n in v.items()) / v.total() if (v := per_model[m].get(aspect)) else 0
                      for m in models]
             ax.bar([i + k * width for i in range(len(models))], means, width, label=aspect.replace("_", " "))
         ax.set_xticks([i + 1.5 * width for i in range(len(models))], models, rotation=20)
